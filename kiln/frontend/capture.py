@@ -1,0 +1,157 @@
+"""Capture a model as an ATen graph with torch.export.
+
+The model is wrapped so the exported program takes the flat tensor leaves of the user's call
+positionally and returns a flat tuple of tensors; the runtime restores both structures from
+pytree specs. This keeps every backend's interface the same (named flat tensors in and out)
+whatever the model's signature, and lets ModelOutput-style results come back as plain dicts
+that serialise without pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.errors import CaptureError
+from kiln.frontend.input_spec import build_spec, export_dynamic_shapes, leaf_names, normalize_call
+from kiln.types import Dim, InputSpec
+
+
+@dataclass
+class Captured:
+    gm: torch.fx.GraphModule  # parameters as get_attr nodes, flat tensor placeholders
+    input_spec: InputSpec
+    output_structure: str  # pytree spec (JSON) of the model's output, dict/list/tuple only
+    output_names: tuple[str, ...]
+    example_inputs: tuple[torch.Tensor, ...]  # flat, in spec order
+    example_outputs: tuple[torch.Tensor, ...]  # eager results on example_inputs, flat
+
+
+class _FlatCall(torch.nn.Module):
+    """Calls `model` from flat tensor leaves; returns flat output tensors."""
+
+    def __init__(self, model: torch.nn.Module, spec: InputSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, *tensors: torch.Tensor):
+        from kiln.frontend.input_spec import rebuild_call
+
+        args, kwargs = rebuild_call(self.spec, list(tensors))
+        out = plain_containers(self.model(*args, **kwargs))
+        return tuple(pytree.tree_leaves(out))
+
+
+def plain_containers(value: Any) -> Any:
+    """Mappings (transformers' ModelOutput included) become dicts, namedtuples tuples."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): plain_containers(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [plain_containers(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_containers(v) for v in value)
+    return value
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None,
+            dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None) -> Captured:
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model has type {type(model).__name__}", where="model",
+                           fix="pass a torch.nn.Module (wrap a plain function in a Module's forward)")
+    args, kwargs = normalize_call(example_inputs, example_kwargs)
+    flat, structure = pytree.tree_flatten((args, kwargs))
+    names = leaf_names(model, args, kwargs)
+    spec = build_spec(flat, names, structure, dynamic)
+    tensors = tuple(x for x in flat if isinstance(x, torch.Tensor))
+    if model.training:
+        model.eval()  # inference compiler: dropout and BatchNorm statistics in eval mode
+    wrapper = _FlatCall(model, spec).eval()
+    dynamic_shapes = export_dynamic_shapes(spec)
+    try:
+        with torch.no_grad():  # the wrapper takes *tensors: one dynamic_shapes entry holds them all
+            exported = torch.export.export(wrapper, tensors, strict=False,
+                                           dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,))
+    except Exception as exc:  # torch.export raises many types; all become one clear CaptureError
+        raise _capture_error(exc, model) from exc
+    gm = exported.module()
+    _drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
+    for param in gm.parameters():
+        param.requires_grad_(False)
+    # One eager call gives the output structure and the reference outputs verification reuses.
+    with torch.no_grad():
+        eager_leaves, out_structure = pytree.tree_flatten(plain_containers(model(*args, **kwargs)))
+    if any(not isinstance(x, torch.Tensor) for x in eager_leaves):
+        raise CaptureError("the model returns something other than tensors in dicts, lists and tuples",
+                           where="model output", fix="return tensors (or containers of tensors) from forward()")
+    output_names = _output_names(out_structure)
+    return Captured(gm, spec, pytree.treespec_dumps(out_structure), output_names, tensors, tuple(eager_leaves))
+
+
+def _output_names(structure: pytree.TreeSpec) -> tuple[str, ...]:
+    dummy = pytree.tree_unflatten(list(range(structure.num_leaves)), structure)
+    if structure.is_leaf():
+        return ("output",)
+    paths, _ = pytree.tree_flatten_with_path(dummy)
+    from kiln.frontend.input_spec import _key_text
+
+    return tuple("output" + "".join(_key_text(k) for k in path) for path, _ in paths)
+
+
+def _drop_guard_calls(gm: torch.fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    gm.recompile()
+
+
+def _capture_error(exc: Exception, model: torch.nn.Module) -> CaptureError:
+    """The exporter's reason, the user's source line, and what to try."""
+    message = str(exc).strip().split("\n")
+    reason = next((line for line in message if line.strip()), type(exc).__name__)
+    where = _user_frame(exc) or f"{type(model).__name__}.forward"
+    text = str(exc)
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__ or "Could not guard on data-dependent" in text:
+        fix = ("the model branches on a tensor's value; compute the branch with torch.where or torch.cond, "
+               "or move the check outside forward()")
+    elif "Constraints violated" in text or "specialized" in text or "ConstraintViolation" in type(exc).__name__:
+        fix = ("a dimension you marked dynamic is fixed by the model (or limited to a smaller range); "
+               "drop it from `dynamic` or narrow its min/max as the message says")
+    elif "Unsupported" in type(exc).__name__ or "not supported" in text.lower():
+        fix = "rewrite the unsupported construct named above, or capture a submodule that avoids it"
+    else:
+        fix = "check that model(*example_inputs) runs in eager mode; simplify the construct at the line named"
+    op = _op_in(text)
+    what = f"torch.export could not capture the model: {type(exc).__name__}: {reason[:400]}"
+    if op:
+        what += f" (op: {op})"
+    return CaptureError(what, where=where, fix=fix)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch, kiln and the standard library."""
+    torch_dir = os.path.dirname(torch.__file__)
+    kiln_dir = os.path.dirname(os.path.dirname(__file__))
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = frame.filename
+        if path.startswith((torch_dir, kiln_dir)) or "/lib/python3" in path and "site-packages" not in path:
+            continue
+        found = f"{path}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    return found
+
+
+def _op_in(text: str) -> str | None:
+    import re
+
+    match = re.search(r"(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
+    return match.group(1) if match else None

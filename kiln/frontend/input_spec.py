@@ -1,0 +1,201 @@
+"""Input specs: from example inputs and a `dynamic` mapping to kiln's InputSpec, and back to
+torch.export's `dynamic_shapes`; random draws of a spec for verification and benchmarks."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.errors import CaptureError, InputMismatch
+from kiln.types import Dim, InputSpec, TensorSpec
+
+
+def normalize_call(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple, dict]:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    kwargs = dict(example_kwargs or {})
+    if example_inputs is None:
+        args: tuple = ()
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), {**example_inputs, **kwargs}
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise CaptureError(f"example_inputs has type {type(example_inputs).__name__}",
+                           where="example_inputs", fix="pass a tensor, a tuple of tensors, or a dict of named tensors")
+    if not args and not kwargs:
+        raise CaptureError("no example inputs were given", where="example_inputs",
+                           fix="pass example_inputs=(tensor, ...) shaped like real calls")
+    return args, kwargs
+
+
+def leaf_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """A readable name per pytree leaf of (args, kwargs): the forward() parameter names."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names: list[str] = []
+    for index, arg in enumerate(args):
+        base = params[index] if index < len(params) else f"input_{index}"
+        names.extend(_sub_names(base, arg))
+    for key, value in kwargs.items():
+        names.extend(_sub_names(key, value))
+    return names
+
+
+def _sub_names(base: str, value: Any) -> list[str]:
+    leaves, spec = pytree.tree_flatten(value)
+    if spec.is_leaf():
+        return [base]
+    paths, _ = pytree.tree_flatten_with_path(value)
+    return [base + "".join(_key_text(k) for k in path) for path, _ in paths]
+
+
+def _key_text(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return f".{getattr(key, attr)}"
+    return f".{key}"
+
+
+def build_spec(flat: list[Any], names: list[str], structure: pytree.TreeSpec,
+               dynamic: Mapping[str, Mapping[int, Dim | str]] | None) -> InputSpec:
+    """InputSpec from flattened example leaves; non-tensor leaves become constants."""
+    dynamic = dict(dynamic or {})
+    unknown = set(dynamic) - set(names)
+    if unknown:
+        raise CaptureError(f"dynamic names unknown input(s) {sorted(unknown)}", where="dynamic",
+                           fix=f"use input names: {', '.join(names)}")
+    shared: dict[str, Dim] = {}
+    tensors, constants, positions = [], [], []
+    for position, (name, leaf) in enumerate(zip(names, flat)):
+        if not isinstance(leaf, torch.Tensor):
+            if not isinstance(leaf, (int, float, bool, str, type(None))):
+                raise CaptureError(f"input {name!r} has type {type(leaf).__name__}", where=f"input {name}",
+                                   fix="pass tensors, or plain int/float/bool/str/None settings")
+            constants.append(leaf)
+            positions.append(position)
+            continue
+        shape = list(leaf.shape)
+        for axis, dim in dict(dynamic.get(name, {})).items():
+            if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+                raise CaptureError(f"axis {axis!r} out of range for a {len(shape)}-d input", where=f"dynamic[{name!r}]",
+                                   fix=f"use axes 0..{len(shape) - 1}")
+            dim = Dim(dim) if isinstance(dim, str) else dim
+            if not isinstance(dim, Dim):
+                raise CaptureError(f"axis {axis} must be a name or kiln.Dim, got {type(dim).__name__}",
+                                   where=f"dynamic[{name!r}]", fix='write {0: "batch"} or {0: kiln.Dim("batch", min=1, max=64)}')
+            dim = shared.setdefault(dim.name, dim)
+            if not dim.min <= shape[axis] <= dim.max:
+                raise CaptureError(f"example size {shape[axis]} on axis {axis} lies outside {dim.name}[{dim.min}..{dim.max}]",
+                                   where=f"input {name}", fix="widen the Dim's range or change the example")
+            shape[axis] = dim
+        low = high = None
+        if not leaf.is_floating_point() and leaf.numel() > 0 and leaf.dtype != torch.bool:
+            low, high = int(leaf.min()), int(leaf.max())
+        tensors.append(TensorSpec(name, leaf.dtype, tuple(shape), low, high))
+    return InputSpec(tuple(tensors), pytree.treespec_dumps(structure), tuple(constants), tuple(positions))
+
+
+def export_dynamic_shapes(spec: InputSpec) -> tuple | None:
+    """The `dynamic_shapes` torch.export needs for a module taking the flat tensors as parameters."""
+    if not spec.dims():
+        return None
+    dims = {name: torch.export.Dim(name, min=d.min, max=d.max) for name, d in spec.dims().items()}
+    return tuple({axis: dims[d.name] for axis, d in enumerate(t.shape) if isinstance(d, Dim)} or None
+                 for t in spec.tensors)
+
+
+def check_call(spec: InputSpec, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Flatten a call and check it against the spec; return the flat tensors in spec order."""
+    flat, structure = pytree.tree_flatten((args, kwargs))
+    expected = pytree.treespec_loads(spec.call_structure)
+    if structure != expected:
+        got_n = sum(isinstance(x, torch.Tensor) for x in flat)
+        raise InputMismatch(f"the call's structure differs from the compiled one ({got_n} tensor input(s) given, "
+                            f"{len(spec.tensors)} expected)", where="call",
+                            fix=f"call with the same arguments as at compile time: {spec.describe()}")
+    tensors = []
+    constant_at = dict(zip(spec.constant_positions, spec.constants))
+    tensor_specs = iter(spec.tensors)
+    for position, leaf in enumerate(flat):
+        if position in constant_at:
+            if leaf != constant_at[position]:
+                raise InputMismatch(f"non-tensor input is {leaf!r} but was {constant_at[position]!r} at compile time",
+                                    where=f"input #{position}", fix="recompile with this value, or pass the compiled value")
+            continue
+        ts = next(tensor_specs)
+        tensors.append(check_tensor(ts, leaf))
+    _check_shared_dims(spec, tensors)
+    return tensors
+
+
+def check_tensor(ts: TensorSpec, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise InputMismatch(f"expected a tensor, got {type(value).__name__}", where=f"input {ts.name!r}", fix=f"pass {ts.describe()}")
+    if value.dtype != ts.dtype:
+        raise InputMismatch(f"dtype {value.dtype} does not match the compiled {ts.dtype}", where=f"input {ts.name!r}",
+                            fix=f"convert with .to({ts.dtype}); expected {ts.describe()}")
+    if value.dim() != len(ts.shape):
+        raise InputMismatch(f"rank {value.dim()} (shape {tuple(value.shape)}) does not match the compiled rank {len(ts.shape)}",
+                            where=f"input {ts.name!r}", fix=f"expected {ts.describe()}")
+    for axis, (size, want) in enumerate(zip(value.shape, ts.shape)):
+        if isinstance(want, Dim):
+            if not want.min <= size <= want.max:
+                raise InputMismatch(f"size {size} on axis {axis} is outside the compiled range {want.name}[{want.min}..{want.max}]",
+                                    where=f"input {ts.name!r}", fix="recompile with a wider dynamic range")
+        elif size != want:
+            raise InputMismatch(f"shape {tuple(value.shape)} does not match the compiled shape (axis {axis}: {size} != {want})",
+                                where=f"input {ts.name!r}",
+                                fix=f"expected {ts.describe()}; to accept other sizes compile with dynamic={{{ts.name!r}: {{{axis}: 'name'}}}}")
+    if value.device.type != "cpu":
+        raise InputMismatch(f"tensor is on {value.device}, the compiled model takes CPU tensors", where=f"input {ts.name!r}",
+                            fix="move it with .cpu()")
+    return value if value.is_contiguous() else value.contiguous()
+
+
+def _check_shared_dims(spec: InputSpec, tensors: list[torch.Tensor]) -> None:
+    seen: dict[str, tuple[int, str]] = {}
+    for ts, value in zip(spec.tensors, tensors):
+        for axis, want in enumerate(ts.shape):
+            if isinstance(want, Dim):
+                size = value.shape[axis]
+                if want.name in seen and seen[want.name][0] != size:
+                    raise InputMismatch(f"dim {want.name!r} is {size} here but {seen[want.name][0]} in input {seen[want.name][1]!r}",
+                                        where=f"input {ts.name!r}", fix=f"inputs sharing {want.name!r} must agree on its size")
+                seen.setdefault(want.name, (size, ts.name))
+
+
+def random_inputs(spec: InputSpec, seed: int, sizes: Mapping[str, int] | None = None) -> list[torch.Tensor]:
+    """A fresh draw of the flat tensor inputs; dynamic dims take `sizes` or a value in range."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = dict(sizes or {})
+    for name, dim in spec.dims().items():
+        if name not in chosen:
+            chosen[name] = int(torch.randint(dim.min, min(dim.max, max(dim.min, 16)) + 1, (1,), generator=gen))
+    out = []
+    for ts in spec.tensors:
+        shape = [chosen[d.name] if isinstance(d, Dim) else d for d in ts.shape]
+        if ts.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(ts.dtype))
+        elif ts.dtype == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:
+            low, high = int(ts.low or 0), int(ts.high if ts.high is not None else 1)
+            out.append(torch.randint(low, high + 1, shape, generator=gen, dtype=ts.dtype))
+    return out
+
+
+def rebuild_call(spec: InputSpec, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+    """The user's (args, kwargs) from flat tensors plus the captured constants."""
+    constant_at = dict(zip(spec.constant_positions, spec.constants))
+    structure = pytree.treespec_loads(spec.call_structure)
+    it = iter(tensors)
+    leaves = [constant_at[i] if i in constant_at else next(it) for i in range(structure.num_leaves)]
+    return pytree.tree_unflatten(leaves, structure)

@@ -1,0 +1,1 @@
+"""Graph passes: one per module; the order lives in pipeline.py."""

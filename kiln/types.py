@@ -1,0 +1,154 @@
+"""Small value types shared across kiln: precisions, device kinds, input specs, decisions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Precision(enum.Enum):
+    FP32 = "fp32"
+    TF32 = "tf32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP8 = "fp8"  # e4m3
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @classmethod
+    def parse(cls, text: str) -> "Precision":
+        try:
+            return cls(text.lower())
+        except ValueError:
+            known = ", ".join(p.value for p in cls)
+            raise ValueError(f"unknown precision {text!r}; expected one of {known}") from None
+
+
+class DeviceKind(enum.Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+    NPU = "npu"
+
+
+# dtype names used in specs, manifests and the CLI; the only place strings map to dtypes.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    aliases = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16",
+               "bf16": "bfloat16", "long": "int64", "int": "int32", "double": "float64"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension: one name shared by every input that carries it, with a range."""
+
+    name: str
+    min: int = 1
+    max: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min, int) and isinstance(self.max, int) and 0 <= self.min <= self.max):
+            raise ValueError(f"dynamic dim {self.name!r}: need 0 <= min <= max, got min={self.min} max={self.max}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One flat tensor input: its name, dtype, and per-axis size (int) or dynamic Dim.
+
+    `low`/`high` bound the values of integer inputs (token ids, masks) so that verification
+    draws stay in the range the model saw, e.g. ids below the vocabulary size.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | Dim, ...]
+    low: float | None = None
+    high: float | None = None
+
+    def describe(self) -> str:
+        dims = "x".join(f"{d.name}[{d.min}..{d.max}]" if isinstance(d, Dim) else str(d) for d in self.shape)
+        return f"{self.name}: {DTYPE_NAMES.get(self.dtype, str(self.dtype))}[{dims}]"
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "dtype": DTYPE_NAMES[self.dtype],
+            "shape": [{"dim": d.name, "min": d.min, "max": d.max} if isinstance(d, Dim) else d for d in self.shape],
+            "low": self.low,
+            "high": self.high,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        shape = tuple(Dim(d["dim"], d["min"], d["max"]) if isinstance(d, dict) else int(d) for d in data["shape"])
+        return cls(data["name"], DTYPES[data["dtype"]], shape, data.get("low"), data.get("high"))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The flat tensor inputs of a captured model, in call order, plus how to rebuild the call.
+
+    `call_structure` is the pytree spec (JSON) of the user's `(args, kwargs)`; tensor leaves
+    become the flat inputs and non-tensor leaves are `constants`, baked in at capture.
+    """
+
+    tensors: tuple[TensorSpec, ...]
+    call_structure: str
+    constants: tuple = ()
+    constant_positions: tuple[int, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    def dims(self) -> dict[str, Dim]:
+        return {d.name: d for t in self.tensors for d in t.shape if isinstance(d, Dim)}
+
+    def describe(self) -> str:
+        return ", ".join(t.describe() for t in self.tensors)
+
+    def to_dict(self) -> dict:
+        return {
+            "tensors": [t.to_dict() for t in self.tensors],
+            "call_structure": self.call_structure,
+            "constants": list(self.constants),
+            "constant_positions": list(self.constant_positions),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputSpec":
+        return cls(
+            tuple(TensorSpec.from_dict(t) for t in data["tensors"]),
+            data["call_structure"],
+            tuple(data.get("constants", ())),
+            tuple(data.get("constant_positions", ())),
+        )
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    """What kiln decided for one graph node, and why. Written by decide-only passes."""
+
+    precision: Precision = Precision.FP32
+    device: str | None = None
+    backend: str | None = None
+    reasons: tuple[str, ...] = field(default=())

@@ -1,0 +1,85 @@
+"""Verification against eager PyTorch: one tolerance table per precision, one comparison.
+
+An output passes when every element satisfies |got - want| <= atol + rtol * |want| (the
+allclose rule) for its precision. The report also carries the max absolute error and the
+cosine similarity per output, so a user sees how close a pass was, not only that it passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.types import Precision
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# fp32 engines reorder sums and pick other conv/GEMM algorithms; 1e-4 relative covers that on
+# deep models while still catching a wrong op (those miss by 1e-1 and more).
+TOLERANCE: dict[Precision, Tolerance] = {
+    Precision.FP32: Tolerance(rtol=1e-4, atol=1e-4),
+    Precision.TF32: Tolerance(rtol=5e-3, atol=5e-3),
+    Precision.BF16: Tolerance(rtol=3e-2, atol=3e-2),
+    Precision.FP16: Tolerance(rtol=5e-3, atol=5e-3),
+    Precision.FP8: Tolerance(rtol=1e-1, atol=1e-1),
+    Precision.INT8: Tolerance(rtol=1e-1, atol=1e-1),
+    Precision.INT4: Tolerance(rtol=2e-1, atol=2e-1),
+}
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    max_abs_error: float
+    worst_excess: float  # max of |d| - (atol + rtol|want|); <= 0 means inside tolerance
+    cosine: float
+    ok: bool
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def compare(names: tuple[str, ...] | list[str], got: list[torch.Tensor], want: list[torch.Tensor],
+            precision: Precision = Precision.FP32) -> list[OutputCheck]:
+    """Check each output of `got` against `want` at `precision`'s tolerance."""
+    tol = TOLERANCE[precision]
+    checks = []
+    for name, g, w in zip(names, got, want):
+        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+            checks.append(OutputCheck(name, float("inf"), float("inf"), 0.0, False,
+                                      f"got {g.dtype}{tuple(g.shape)}, eager gives {w.dtype}{tuple(w.shape)}"))
+            continue
+        if not w.dtype.is_floating_point:
+            equal = bool(torch.equal(g, w))
+            checks.append(OutputCheck(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), 1.0 if equal else 0.0, equal,
+                                      "" if equal else "integer output differs"))
+            continue
+        g64, w64 = g.detach().double(), w.detach().double()
+        same_nonfinite = torch.equal(torch.isnan(g64), torch.isnan(w64)) and torch.equal(g64[torch.isinf(g64)], w64[torch.isinf(g64)]) \
+            and torch.equal(torch.isinf(g64), torch.isinf(w64))
+        finite = torch.isfinite(w64) & torch.isfinite(g64)
+        diff = (g64 - w64).abs()[finite]
+        bound = (tol.atol + tol.rtol * w64.abs())[finite]
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        excess = float((diff - bound).max()) if diff.numel() else 0.0
+        gf, wf = g64[finite].flatten(), w64[finite].flatten()
+        denom = float(gf.norm() * wf.norm())
+        cosine = float(gf @ wf) / denom if denom > 0 else (1.0 if float(gf.abs().max(initial=0)) == float(wf.abs().max(initial=0)) == 0 else 0.0)
+        ok = same_nonfinite and excess <= 0
+        detail = "" if same_nonfinite else "NaN/Inf positions differ from eager"
+        checks.append(OutputCheck(name, max_abs, excess, cosine, ok, detail))
+    return checks
+
+
+def failures_text(checks: list[OutputCheck], precision: Precision) -> str:
+    tol = TOLERANCE[precision]
+    bad = [c for c in checks if not c.ok]
+    return "; ".join(f"output {c.name!r}: max abs error {c.max_abs_error:.3g} (allowed {tol.atol:g} + {tol.rtol:g}*|eager|)"
+                     + (f", {c.detail}" if c.detail else "") for c in bad)
