@@ -1,3 +1,16 @@
 """kiln: a model compiler for inference. A trained PyTorch model in; a verified engine out."""
 
 __version__ = "0.1.0"
+
+from kiln.api import optimize
+from kiln.artifact.load import load
+from kiln.errors import (ArtifactError, BackendError, BackendUnavailable, CaptureError, InputMismatch, KilnError,
+                         OptionsError, PassFailed, ProfileError, VerificationError)
+from kiln.hardware_profiles.schema import Profile
+from kiln.options import CompileOptions
+from kiln.runtime.compiled_model import CompiledModel
+from kiln.types import Dim, Precision
+
+__all__ = ["optimize", "load", "CompileOptions", "CompiledModel", "Profile", "Precision", "Dim", "KilnError",
+           "CaptureError", "ProfileError", "PassFailed", "BackendUnavailable", "BackendError", "InputMismatch",
+           "ArtifactError", "VerificationError", "OptionsError"]

@@ -139,8 +139,10 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
     if not isinstance(parent, str):
         raise ProfileError("must be a profile name", where=f"{path.name}: extends", fix="write extends: <profile name>")
     parent_path = path.parent / f"{parent}.yaml"
-    if not parent_path.is_file():
-        parent_path = PROFILE_DIR / f"{parent}.yaml"
+    shipped = PROFILE_DIR / f"{parent}.yaml"
+    # a user file may extend the shipped profile of its own name (my/a100.yaml: extends: a100)
+    if not parent_path.is_file() or (parent_path.resolve() == path.resolve() and shipped.is_file()):
+        parent_path = shipped
     if not parent_path.is_file():
         raise ProfileError(f"extends unknown profile {parent!r}", where=f"{path.name}: extends", fix="name a profile in the same folder or a shipped one")
     base = _read_with_extends(parent_path, (*seen, path))

@@ -26,4 +26,4 @@ def remove_dead_code(gm: GraphModule, ctx: PassContext) -> PassResult:
             delattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
             removed_attrs += 1
     removed = before - len(gm.graph.nodes)
-    return PassResult(changed=removed > 0, counts={"removed": removed, "constants_dropped": removed_attrs})
+    return PassResult(changed=removed > 0 or removed_attrs > 0, counts={"removed": removed, "constants_dropped": removed_attrs})

@@ -1,1 +1,5 @@
-"""kiln.runtime."""
+"""Running compiled models."""
+
+from kiln.runtime.compiled_model import CompiledModel, Outputs
+
+__all__ = ["CompiledModel", "Outputs"]

@@ -1,0 +1,164 @@
+"""optimize(): profile -> capture -> passes -> plan -> backend selection -> verification."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from kiln import hardware_profiles
+from kiln.backends.base import BackendSettings
+from kiln.backends.select import select_engine
+from kiln.errors import OptionsError, VerificationError
+from kiln.frontend.capture import Captured, capture, plain_containers
+from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
+from kiln.hardware_profiles.schema import Profile
+from kiln.options import CompileOptions
+from kiln.passes import pipeline
+from kiln.passes.context import PassContext
+from kiln.passes.partition import Plan, build_plan, op_counts
+from kiln.report import PartitionRecord, Report
+from kiln.runtime.compiled_model import CompiledModel
+from kiln.types import Dim
+from kiln.verify import OutputCheck, compare, failures_text
+
+log = logging.getLogger("kiln")
+
+
+def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", example_inputs: Any = None, *,
+             example_kwargs: Mapping[str, Any] | None = None, dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None,
+             options: CompileOptions | None = None, **option_overrides: Any) -> CompiledModel:
+    """Compile `model` for the hardware `profile` names and verify it against eager PyTorch.
+
+    example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors,
+    shaped like real calls. dynamic: {input name: {axis: "dim name" | kiln.Dim}} for sizes
+    that vary between calls. Options are CompileOptions fields, as `options=` or keywords.
+    """
+    opts = CompileOptions.build(options, **option_overrides)
+    timings: dict[str, float] = {}
+    with _stage("profile", timings):
+        prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
+        _check_profile_fits(prof, opts)
+    with _stage("capture", timings):
+        captured = capture(model, example_inputs, example_kwargs, dynamic)
+    report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
+    with _stage("passes", timings):
+        report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec))
+    plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
+                      export_dynamic_shapes(captured.input_spec))
+    draws = _verification_inputs(captured, opts)
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
+    try:
+        with _stage("compile", timings):
+            engines = _build_engines(plan, prof, opts, draws, workdir, report)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    compiled = CompiledModel(plan, engines, captured.input_spec, captured.output_structure, report,
+                             {"name": prof.name, "digest": prof.digest})
+    weakref.finalize(compiled, shutil.rmtree, workdir, True)
+    if opts.verify:
+        with _stage("verify", timings):
+            _verify_against_eager(model, compiled, captured, draws, opts, report)
+    else:
+        report.notes.append("verification was turned off (verify=False): outputs are unchecked")
+    report.timings = timings
+    return compiled
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float]):
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    log.info("%s done in %.1f s", name, timings[name])
+
+
+def _check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
+    device = profile.primary
+    if opts.precision not in device.precisions:
+        raise OptionsError(f"profile {profile.name}'s device {device.name} does not run {opts.precision.value}",
+                           where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
+                           fix=f"choose one of {', '.join(sorted(p.value for p in device.precisions))}")
+    if opts.backend is not None:
+        from kiln.backends.registry import get
+
+        get(opts.backend)  # raises BackendUnavailable naming the known backends
+
+
+def _threads(profile: Profile, opts: CompileOptions) -> int:
+    here = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return opts.threads or max(1, min(profile.primary.cores or here, here))
+
+
+def _verification_inputs(captured: Captured, opts: CompileOptions) -> list[tuple[torch.Tensor, ...]]:
+    """The example inputs, then `verify_draws` fresh random draws of the same spec."""
+    draws = [captured.example_inputs]
+    example_sizes = {d.name: captured.example_inputs[i].shape[axis]
+                     for i, t in enumerate(captured.input_spec.tensors) for axis, d in enumerate(t.shape) if isinstance(d, Dim)}
+    for k in range(opts.verify_draws if opts.verify else 0):
+        sizes = example_sizes if k == 0 else None  # first draw at the example's sizes, later ones vary dynamic dims
+        draws.append(tuple(random_inputs(captured.input_spec, opts.seed + k, sizes)))
+    return draws
+
+
+def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report) -> dict:
+    engines = {}
+    mode = "prefer" if opts.backend else (opts.select or profile.select)
+    for partition in plan.partitions:
+        device = profile.devices[partition.device]
+        names = (opts.backend,) if opts.backend else device.backends
+        settings = BackendSettings(device, _threads(profile, opts), workdir, opts.precision)
+        graph = partition.graph
+        with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
+            references = [tuple(graph.gm(*inputs)) for inputs in draws]
+
+        def check(engine, references=references) -> list[OutputCheck]:
+            worst: dict[str, OutputCheck] = {}
+            for inputs, want in zip(draws, references):
+                for c in compare(graph.output_names, list(engine(*inputs)), list(want), opts.precision):
+                    if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
+                        worst[c.name] = c
+            return list(worst.values())
+
+        log.info("building partition %s on %s: candidates %s (%s)", partition.name, device.name, ", ".join(names), mode)
+        selection = select_engine(graph, names, mode, settings, check, opts.measure_seconds, opts.allow_fallback)
+        partition.backend = selection.backend
+        engines[partition.name] = selection.engine
+        report.candidates.extend(selection.candidates)
+        ops = op_counts(graph.gm)
+        report.partitions.append(PartitionRecord(partition.name, partition.device, selection.backend, sum(ops.values()), ops))
+    return engines
+
+
+def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, opts: CompileOptions, report: Report) -> None:
+    import torch.utils._pytree as pytree
+
+    worst: dict[str, OutputCheck] = {}
+    for index, inputs in enumerate(draws):
+        if index == 0:
+            want = list(captured.example_outputs)
+        else:
+            args, kwargs = rebuild_call(captured.input_spec, list(inputs))
+            with torch.no_grad():
+                want = pytree.tree_leaves(plain_containers(model(*args, **kwargs)))
+        got = list(compiled.run_flat(inputs))
+        for c in compare(captured.output_names, got, want, opts.precision):
+            if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
+                worst[c.name] = c
+    checks = list(worst.values())
+    report.verification = [c.to_dict() for c in checks]
+    report.verified_draws = len(draws) - 1
+    if not all(c.ok for c in checks):
+        raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, opts.precision)}",
+                                where=f"model {report.model}, backends {', '.join(compiled.backends.values())}",
+                                fix="report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")

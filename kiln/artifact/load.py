@@ -1,0 +1,142 @@
+"""Load an artifact: integrity and compatibility first, engines only after every check passed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+import zipfile
+from pathlib import Path
+
+import torch
+
+from kiln.artifact.manifest import MANIFEST, read_manifest, safe_member, sha256_file
+from kiln.backends import registry
+from kiln.backends.base import BackendSettings, EngineEntry, PartitionGraph
+from kiln.errors import ArtifactError, BackendUnavailable, KilnError
+from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.passes.partition import Partition, Plan
+from kiln.report import Report
+from kiln.types import DeviceKind, InputSpec, Precision
+
+
+def load(path: str | Path, threads: int | None = None):
+    """Load an artifact written by CompiledModel.save; raises ArtifactError when it is corrupt,
+    tampered with, or needs other versions than the ones installed."""
+    from kiln.runtime.compiled_model import CompiledModel
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ArtifactError("no such file or directory", where=str(path), fix="check the path")
+    directory, cleanup = _open(path)
+    try:
+        manifest = read_manifest((directory / MANIFEST).read_bytes(), where=str(path))
+        _check_versions(manifest, path)
+        entries = _check_files(manifest, directory, path)
+        spec = InputSpec.from_dict(manifest["input_spec"])
+        plan, engines = _load_engines(manifest, entries, directory, path, threads)
+        report = Report.from_dict(manifest.get("report", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        cleanup()
+        raise ArtifactError(f"manifest is malformed ({type(exc).__name__}: {exc})", where=str(path),
+                            fix="the artifact is corrupt or was edited; rebuild it") from exc
+    except BaseException:
+        cleanup()
+        raise
+    compiled = CompiledModel(plan, engines, spec, manifest["output_structure"], report, manifest["profile"])
+    weakref.finalize(compiled, cleanup)  # engines may read their files lazily; remove them with the model
+    return compiled
+
+
+def _open(path: Path):
+    if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            raise ArtifactError("directory has no manifest.json", where=str(path), fix="pass a directory written by CompiledModel.save")
+        return path, lambda: None
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError("not a kiln artifact (not a zip archive; truncated or another format)", where=str(path),
+                            fix="pass a file written by CompiledModel.save or `kiln compile`")
+    target = Path(tempfile.mkdtemp(prefix="kiln-load-"))
+    cleanup = lambda: shutil.rmtree(target, ignore_errors=True)  # noqa: E731
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for name in names:  # every member checked before anything is written
+                safe_member(name, where=f"{path} member {name!r}")
+            if MANIFEST not in names:
+                raise ArtifactError("archive has no manifest.json", where=str(path), fix="the artifact is corrupt; rebuild it")
+            bad = archive.testzip()
+            if bad is not None:
+                raise ArtifactError(f"archive member {bad!r} fails its CRC check", where=str(path), fix="the artifact is corrupt; rebuild it")
+            archive.extractall(target)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        cleanup()
+        raise ArtifactError(f"archive cannot be read ({exc})", where=str(path), fix="the artifact is truncated or corrupt; rebuild it") from exc
+    except BaseException:
+        cleanup()
+        raise
+    return target, cleanup
+
+
+def _check_versions(manifest: dict, path: Path) -> None:
+    versions = manifest["versions"]
+    built = str(versions.get("torch", "")).split("+")[0].split(".")[:2]
+    here = torch.__version__.split("+")[0].split(".")[:2]
+    uses_inductor = any(e.get("backend") == "inductor" for e in manifest["engines"])
+    if uses_inductor and built != here:
+        raise ArtifactError(f"its Inductor engine was built with torch {versions.get('torch')}, this is torch {torch.__version__}",
+                            where=str(path), fix="rebuild the artifact with this torch, or install the torch it names")
+
+
+def _check_files(manifest: dict, directory: Path, path: Path) -> dict[str, EngineEntry]:
+    entries = {}
+    for engine in manifest["engines"]:
+        names = []
+        for item in engine["files"]:
+            member = safe_member(item["path"], where=f"{path}: manifest engines")
+            file = directory / member
+            if not file.is_file():
+                raise ArtifactError(f"engine file {item['path']} is missing", where=str(path), fix="the artifact is incomplete; rebuild it")
+            if file.stat().st_size != item["size"] or sha256_file(file) != item["sha256"]:
+                raise ArtifactError(f"engine file {item['path']} does not match its checksum", where=str(path),
+                                    fix="the artifact is corrupt or was tampered with; rebuild it from the model")
+            names.append(member.name)
+        entries[engine["partition"]] = EngineEntry(engine["backend"], names, engine.get("meta", {}))
+    return entries
+
+
+def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Path, path: Path, threads: int | None):
+    plan_data = manifest["plan"]
+    partitions, engines = [], {}
+    for item in plan_data["partitions"]:
+        entry = entries.get(item["name"])
+        if entry is None or entry.backend != item["backend"]:
+            raise ArtifactError(f"partition {item['name']!r} has no matching engine", where=str(path), fix="the artifact is corrupt; rebuild it")
+        try:
+            backend = registry.get(entry.backend)
+        except BackendUnavailable as exc:
+            raise ArtifactError(f"needs backend {entry.backend!r}: {exc.what}", where=str(path), fix=exc.fix or "") from None
+        status = backend.available()
+        if not status.ok:
+            raise ArtifactError(f"needs backend {entry.backend!r}, which is unavailable here: {status.reason}", where=str(path),
+                                fix=status.install_hint)
+        settings = BackendSettings(_runtime_device(item["device"]), threads or _default_threads(), directory / "engines")
+        try:
+            engines[item["name"]] = backend.load(directory / "engines", entry, settings)
+        except KilnError as exc:
+            raise ArtifactError(f"engine of partition {item['name']!r} failed to load: {exc.what}", where=str(path),
+                                fix=exc.fix or "rebuild the artifact") from exc
+        graph = PartitionGraph(item["name"], None, tuple(item["inputs"]), tuple(item["outputs"]), (), None)
+        partitions.append(Partition(graph, item["device"], item["backend"]))
+    return Plan(partitions, tuple(plan_data["input_names"]), tuple(plan_data["output_names"])), engines
+
+
+def _runtime_device(name: str) -> DeviceSpec:
+    """The local device an engine runs on after loading (only its kind matters to engines)."""
+    kind = DeviceKind.GPU if torch.cuda.is_available() and name.startswith("gpu") else DeviceKind.CPU
+    return DeviceSpec(name, kind, "local", 1.0, 1.0, {Precision.FP32: 1.0}, ())
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

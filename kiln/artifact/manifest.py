@@ -1,0 +1,72 @@
+"""The artifact manifest: what an artifact holds and what it needs to load, as JSON.
+
+    manifest.json   format, schema_version, versions (kiln, torch, python, each backend),
+                    host, profile {name, digest}, input_spec, output_structure, plan,
+                    engines [{partition, backend, files [{path, sha256, size}], meta}], report
+    engines/...     one or more files per partition's engine (ONNX model, AOTInductor .pt2)
+
+No pickle anywhere: the manifest is JSON and engines are the runtimes' own formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path, PurePosixPath
+
+from kiln.errors import ArtifactError
+
+FORMAT = "kiln-artifact"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ENGINE_DIR = "engines"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def host_fingerprint() -> dict:
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "fma", "sve", "asimd")
+                flags = sorted(set(line.split(":", 1)[1].split()) & set(wanted))
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "system": platform.system(), "cpu_flags": flags}
+
+
+def safe_member(name: str, where: str) -> PurePosixPath:
+    """A manifest or archive path, refused unless it stays inside the artifact."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name or not path.parts:
+        raise ArtifactError(f"path {name!r} points outside the artifact", where=where,
+                            fix="the artifact was tampered with or is corrupt; rebuild it from the model")
+    return path
+
+
+def read_manifest(text: str | bytes, where: str) -> dict:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"manifest is not valid JSON ({exc})", where=where,
+                            fix="the artifact is truncated or corrupt; rebuild it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ArtifactError("not a kiln artifact (manifest format field missing)", where=where,
+                            fix="pass a file written by CompiledModel.save or `kiln compile`")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise ArtifactError(f"artifact schema version {version!r} is not supported (this kiln reads 1..{SCHEMA_VERSION})",
+                            where=where, fix="load it with the kiln version that wrote it, or rebuild the artifact")
+    for key in ("versions", "profile", "input_spec", "output_structure", "plan", "engines"):
+        if key not in data:
+            raise ArtifactError(f"manifest lacks {key!r}", where=where, fix="the artifact is corrupt; rebuild it")
+    return data

@@ -1,0 +1,122 @@
+"""The protocol every backend implements, and the small data types it speaks in.
+
+A backend says whether its runtime is here (`available`), which ops it takes on which device
+at which precisions (`supports`, read from a capability table keyed by ATen overloads),
+builds an Engine for a partition (`compile`), and loads a saved engine (`load`). Engines are
+callables over flat tensors that save themselves as files listed in the artifact manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Mapping, Protocol
+
+import torch
+from torch.fx import Node
+
+from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.types import Precision
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+    install_hint: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Support:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class OpSupport:
+    """One capability-table entry: the precisions an op runs at, and an optional check that
+    returns why a particular node cannot run (None when it can)."""
+
+    precisions: frozenset[Precision]
+    check: Callable[[Node], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class CapabilityTable:
+    ops: Mapping[object, OpSupport]  # torch.ops.aten.*.<overload> -> OpSupport
+    default: OpSupport | None = None  # for ops not listed; None means "unsupported"
+    device_kinds: frozenset[str] = frozenset({"cpu"})
+
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        if device.kind.value not in self.device_kinds:
+            return Support(False, f"runs on {', '.join(sorted(self.device_kinds))}, not {device.kind.value}")
+        if node.op != "call_function":
+            return Support(True)
+        entry = self.ops.get(node.target, self.default)
+        if entry is None:
+            return Support(False, f"{node.target} is not in the capability table")
+        if precision not in entry.precisions:
+            return Support(False, f"{node.target} does not run at {precision.value}")
+        if entry.check is not None and (reason := entry.check(node)) is not None:
+            return Support(False, reason)
+        return Support(True)
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What a build may read: the device it targets, threads, and a scratch directory."""
+
+    device: DeviceSpec
+    threads: int
+    workdir: Path
+    precision: Precision = Precision.FP32
+
+
+@dataclass
+class EngineEntry:
+    """One engine's files inside the artifact, as the manifest lists them."""
+
+    backend: str
+    files: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PartitionGraph:
+    """What a backend compiles: an fx graph over named flat tensors, with example values."""
+
+    name: str
+    gm: torch.fx.GraphModule
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic_shapes: tuple | None  # torch.export dynamic_shapes for gm's parameters
+
+
+class Engine(Protocol):
+    backend: str
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def save(self, directory: Path, stem: str) -> EngineEntry: ...
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    capabilities: ClassVar[CapabilityTable]
+
+    def available(self) -> Availability: ...
+
+    def supports(self, node: Node, device: DeviceSpec) -> Support: ...
+
+    def compile(self, partition: PartitionGraph, settings: BackendSettings) -> Engine: ...
+
+    def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> Engine: ...
+
+
+def export_partition(partition: PartitionGraph) -> torch.export.ExportedProgram:
+    """Re-export a partition's fx graph so runtimes that start from torch.export get one."""
+    with torch.no_grad():
+        return torch.export.export(partition.gm, partition.example_inputs,
+                                   dynamic_shapes=partition.dynamic_shapes, strict=False)

@@ -1,0 +1,131 @@
+"""Backend selection for one partition: `prefer` takes the first preferred backend that is
+available, supports every op, builds and verifies; `measure` builds every available
+preferred backend, verifies each, times each on the example inputs and keeps the fastest
+verified one. Every candidate, chosen or not, leaves a CandidateRecord with its reason.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kiln.backends import registry
+from kiln.backends.base import BackendSettings, Engine, PartitionGraph
+from kiln.errors import BackendError, BackendUnavailable, KilnError
+from kiln.report import CandidateRecord
+from kiln.types import Precision
+from kiln.verify import OutputCheck, compare, failures_text
+
+# Checks a built engine: returns the worst output checks over the verification inputs.
+Checker = Callable[[Engine], list[OutputCheck]]
+
+
+@dataclass
+class Selection:
+    engine: Engine
+    backend: str
+    candidates: list[CandidateRecord]
+    checks: list[OutputCheck]
+
+
+def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, settings: BackendSettings,
+                  check: Checker, measure_seconds: float, allow_fallback: bool) -> Selection:
+    records: list[CandidateRecord] = []
+    built: list[tuple[float, str, Engine, list[OutputCheck], CandidateRecord]] = []
+    for name in names:
+        record = CandidateRecord(partition.name, name, "not tried")
+        records.append(record)
+        if mode == "prefer" and built:
+            record.reason = f"{built[0][1]} was preferred and verified"
+            continue
+        try:
+            backend = registry.get(name)
+        except BackendUnavailable as exc:
+            record.status, record.reason = "unavailable", exc.what
+            continue
+        status = backend.available()
+        if not status.ok:
+            record.status, record.reason = "unavailable", f"{status.reason} ({status.install_hint})"
+            continue
+        unsupported = _unsupported(backend, partition, settings)
+        if unsupported:
+            record.status, record.reason = "unsupported", unsupported
+            continue
+        start = time.perf_counter()
+        try:
+            engine = backend.compile(partition, settings)
+            record.compile_seconds = time.perf_counter() - start
+            checks = check(engine)
+        except KilnError as exc:
+            record.compile_seconds = time.perf_counter() - start
+            record.status, record.reason = "failed", str(exc).splitlines()[0]
+            if mode == "prefer" and not allow_fallback:
+                raise
+            continue
+        except Exception as exc:  # a backend bug must not end the search; it is recorded
+            record.compile_seconds = time.perf_counter() - start
+            record.status, record.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            if mode == "prefer" and not allow_fallback:
+                raise BackendError(f"backend {name} failed on partition {partition.name}: {record.reason}",
+                                   fix="pass allow_fallback=True to try the next preferred backend, or choose another backend") from exc
+            continue
+        record.max_abs_error = max((c.max_abs_error for c in checks), default=0.0)
+        if not all(c.ok for c in checks):
+            record.status, record.reason = "mismatch", failures_text(checks, settings.precision)
+            if mode == "prefer" and not allow_fallback:
+                from kiln.errors import VerificationError
+
+                raise VerificationError(f"backend {name} disagrees with eager: {record.reason}", where=f"partition {partition.name}",
+                                        fix="pass allow_fallback=True to try the next backend, or report the model")
+            continue
+        built.append((0.0, name, engine, checks, record))
+    if not built:
+        summary = "; ".join(f"{r.backend}: {r.status} ({r.reason})" for r in records)
+        raise BackendUnavailable(f"no backend could run partition {partition.name}: {summary}", where=f"device {settings.device.name}",
+                                 fix="install a listed backend, or name one with backend=...")
+    if mode == "measure":
+        medians = time_interleaved([b[2] for b in built], partition.example_inputs, measure_seconds * len(built))
+        built = [(m, name, engine, checks, record) for m, (_, name, engine, checks, record) in zip(medians, built)]
+        for median, *_, record in built:
+            record.median_ms = median * 1000
+    best = min(built, key=lambda b: b[0]) if mode == "measure" else built[0]
+    for _, name, _, _, record in built:
+        if record is best[4]:
+            record.status = "chosen"
+            record.reason = "fastest verified" if mode == "measure" else "first preferred backend that verified"
+        else:
+            record.status = "slower"
+            record.reason = f"{record.median_ms / best[4].median_ms:.2f}x the chosen backend's time"
+    return Selection(best[2], best[1], records, best[3])
+
+
+def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) -> str:
+    reasons = {}
+    for node in partition.gm.graph.nodes:
+        support = backend.supports(node, settings.device)
+        if not support.ok:
+            reasons.setdefault(support.reason, node.name)
+    return "; ".join(f"{reason} (e.g. node {node})" for reason, node in list(reasons.items())[:3])
+
+
+def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float) -> list[float]:
+    """Median seconds per call of each engine, timed in alternation so that the machine's
+    drift (other load, clocks) hits every candidate alike: warm-up, then rounds until the
+    budget is spent (at least 5 rounds)."""
+    for engine in engines:
+        for _ in range(2):
+            engine(*inputs)
+    times: list[list[float]] = [[] for _ in engines]
+    deadline = time.perf_counter() + budget_seconds
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
+        for engine, samples in zip(engines, times):
+            start = time.perf_counter()
+            engine(*inputs)
+            samples.append(time.perf_counter() - start)
+        rounds += 1
+    return [statistics.median(samples) for samples in times]

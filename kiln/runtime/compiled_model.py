@@ -1,0 +1,77 @@
+"""CompiledModel: checks a call's inputs against the compiled spec, runs the plan's engines in
+order (passing named tensors between partitions) and rebuilds the model's output structure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.backends.base import Engine
+from kiln.frontend.input_spec import check_call
+from kiln.passes.partition import Plan
+from kiln.report import Report
+from kiln.types import InputSpec
+
+
+class Outputs(dict):
+    """A dict of outputs that also reads by attribute (`out.last_hidden_state`), as
+    transformers' ModelOutput does."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no output named {name!r}; outputs: {', '.join(self)}") from None
+
+
+class CompiledModel:
+    def __init__(self, plan: Plan, engines: dict[str, Engine], input_spec: InputSpec, output_structure: str,
+                 report: Report, profile: dict):
+        self.plan = plan
+        self.engines = engines
+        self.input_spec = input_spec
+        self.output_structure = output_structure
+        self._treespec = pytree.treespec_loads(output_structure)
+        self.report = report
+        self.profile = profile  # {"name", "digest"} of the profile it was built for
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = check_call(self.input_spec, args, kwargs)
+        flat = self.run_flat(tensors)
+        return _with_attribute_dicts(pytree.tree_unflatten(list(flat), self._treespec))
+
+    def run_flat(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Run on flat, already-checked inputs in spec order; flat outputs in plan order."""
+        values: dict[str, torch.Tensor] = dict(zip(self.plan.input_names, tensors))
+        for partition in self.plan.partitions:
+            outs = self.engines[partition.name](*(values[n] for n in partition.graph.input_names))
+            values.update(zip(partition.graph.output_names, outs))
+        return tuple(values[n] for n in self.plan.output_names)
+
+    @property
+    def backends(self) -> dict[str, str]:
+        return {p.name: p.backend for p in self.plan.partitions}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact: a single file (zip, no pickle) or, for a path ending in '/' or an
+        existing directory, a directory."""
+        from kiln.artifact.save import save
+
+        return save(self, Path(path), as_directory=str(path).endswith("/") or Path(path).is_dir())
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{p.name}@{p.device}:{p.backend}" for p in self.plan.partitions)
+        return f"CompiledModel({self.report.model}, profile={self.profile['name']}, partitions=[{parts}])"
+
+
+def _with_attribute_dicts(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Outputs({k: _with_attribute_dicts(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_with_attribute_dicts(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_with_attribute_dicts(v) for v in value)
+    return value
