@@ -30,6 +30,7 @@ class CandidateRecord:
     compile_seconds: float | None = None
     median_ms: float | None = None
     max_abs_error: float | None = None
+    detail: str = ""  # what the backend did inside its engine (fused ops, kernels)
 
 
 @dataclass
@@ -98,6 +99,8 @@ class Report:
             if c.reason:
                 text += f"  -- {c.reason}"
             lines.append(text)
+            if c.detail:
+                lines.append(f"  {'':4s}{'':12s} {c.detail}")
         lines += ["", f"Verification against eager (example inputs + {self.verified_draws} random draws)"]
         if not self.verification:
             lines.append("  not verified")

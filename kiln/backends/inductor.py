@@ -36,6 +36,7 @@ class InductorEngine:
 
     def __init__(self, package_path: Path):
         self.package_path = package_path
+        self.summary = ""
         try:
             self.runner = torch._inductor.aoti_load_package(str(package_path))
         except Exception as exc:
@@ -51,6 +52,12 @@ class InductorEngine:
         target = directory / f"{stem}.pt2"
         shutil.copyfile(self.package_path, target)
         return EngineEntry(self.backend, [target.name], {"torch": torch.__version__})
+
+
+def _configs(settings: BackendSettings) -> dict:
+    # freezing: weights become constants, so Inductor folds them and prepacks GEMM weights
+    # for oneDNN (about 5% on MiniLM here); cpp.threads: the build's thread budget.
+    return {"freezing": True, "cpp.threads": settings.threads}
 
 
 class InductorBackend:
@@ -77,11 +84,13 @@ class InductorBackend:
         path = settings.workdir / f"{partition.name}.pt2"
         try:
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
-                                                     inductor_configs={"cpp.threads": settings.threads})
+                                                     inductor_configs=_configs(settings))
         except Exception as exc:
             raise BackendError(f"AOTInductor failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                                where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
-        return InductorEngine(path)
+        engine = InductorEngine(path)
+        engine.summary = f"AOTInductor package {path.stat().st_size / 1e6:.1f} MB"
+        return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> InductorEngine:
         return InductorEngine(directory / entry.files[0])

@@ -10,10 +10,12 @@ coverage answer is the exporter's, not a hand-kept copy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
+import warnings
 import shutil
-import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,28 +44,50 @@ class _ExporterTable(CapabilityTable):
             return Support(True)  # operator.getitem and friends export as tuple plumbing
         if precision not in FLOAT_PRECISIONS:
             return Support(False, f"kiln's ONNX Runtime path does not lower {precision.value} yet")
-        if _exporter_registry().is_registered(target) or target in _decompositions():
+        if target in _METADATA_CHECKS or _exporter_registry().is_registered(target) or target in _decompositions() \
+                or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
             return Support(True)
         return Support(False, f"the ONNX exporter has no conversion for {target}")
+
+
+# Export-time shape and dtype assertions: the exporter drops them (ONNX has static types).
+_METADATA_CHECKS = frozenset({torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+                              torch.ops.aten.sym_constrain_range_for_size.default})
 
 
 @functools.cache
 def _exporter_registry():
     from torch.onnx._internal.exporter import _registration
 
-    # The registry logs one warning per torchvision op when torchvision is absent; not kiln's news.
-    log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    quiet = lambda record: "torchvision" not in record.getMessage()  # noqa: E731
-    log.addFilter(quiet)
-    try:
+    with _quiet_exporter():
         return _registration.ONNXRegistry.from_torchlib()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per torchvision op when torchvision is absent and prints its
+    optimizer's progress; neither is news to kiln's user. Filters apply only during the call."""
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    no_torchvision = lambda record: "torchvision" not in record.getMessage()  # noqa: E731
+    rewriter_log = logging.getLogger("onnxscript")  # constant-folding attempts it abandons, at WARNING
+    errors_only = lambda record: record.levelno >= logging.ERROR  # noqa: E731
+    registry_log.addFilter(no_torchvision)
+    for handler_owner in (rewriter_log, *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("onnxscript."))):
+        handler_owner.addFilter(errors_only)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
-        log.removeFilter(quiet)
+        registry_log.removeFilter(no_torchvision)
+        for name in ["onnxscript", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("onnxscript."))]:
+            logging.getLogger(name).removeFilter(errors_only)
 
 
 @functools.cache
 def _decompositions():
-    return frozenset(torch._decomp.core_aten_decompositions())
+    # The exporter decomposes to core ATen before converting, so these need no own conversion.
+    return frozenset(torch.export.default_decompositions())
 
 
 class OnnxRuntimeEngine:
@@ -87,7 +111,7 @@ class OnnxRuntimeEngine:
                                fix="try backend='inductor', or report the model") from exc
         self.providers = tuple(self.session.get_providers())
         self.input_names = tuple(i.name for i in self.session.get_inputs())
-        self._lock = threading.Lock()  # InferenceSession.run is thread-safe; the lock guards nothing else
+        self.summary = ""
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
@@ -102,7 +126,26 @@ class OnnxRuntimeEngine:
         for data in extra:  # external weights of models over 2 GB keep their file name
             shutil.copyfile(data, directory / data.name)
             files.append(data.name)
-        return EngineEntry(self.backend, files, {"providers": list(self.providers), "opset": OPSET})
+        return EngineEntry(self.backend, files, {"providers": list(self.providers), "opset": OPSET, "summary": self.summary})
+
+
+def _fuse_for_ort(program, path: Path) -> str:
+    """Rewrite the exported graph into ORT's fused contrib ops (attention, skip layer norm,
+    bias-GELU, ...) with onnxscript's ORT fusion rules, then save it to `path`. If the rewriter
+    fails, the unfused graph is saved and the summary says why."""
+    import onnx_ir
+
+    try:
+        from onnxscript.rewriter import ort_fusions
+
+        with _quiet_exporter():
+            model, counts = ort_fusions.optimize_for_ort(program.model)
+    except Exception as exc:  # the unfused graph is still correct; the report says what happened
+        program.save(str(path))
+        return f"ORT fusion rules failed ({type(exc).__name__}); unfused graph used"
+    onnx_ir.save(model, str(path))
+    fused = ", ".join(f"{name} {n}" for name, n in counts.items() if n)
+    return f"ORT fused ops: {fused}" if fused else "no ORT fusion applied"
 
 
 def _providers_for(device: DeviceSpec) -> list[str]:
@@ -132,14 +175,17 @@ class OnnxRuntimeBackend:
         exported = export_partition(partition)
         path = settings.workdir / f"{partition.name}.onnx"
         try:
-            program = torch.onnx.export(exported, (), dynamo=True, opset_version=OPSET,
-                                        input_names=list(partition.input_names),
-                                        output_names=list(partition.output_names), verbose=False)
-            program.save(str(path))
+            with _quiet_exporter():
+                program = torch.onnx.export(exported, (), dynamo=True, opset_version=OPSET,
+                                            input_names=list(partition.input_names),
+                                            output_names=list(partition.output_names), verbose=False)
         except Exception as exc:
             raise BackendError(f"the ONNX exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                                where=f"partition {partition.name}", fix="try backend='inductor'") from exc
-        return OnnxRuntimeEngine(path, settings, partition.output_names)
+        summary = _fuse_for_ort(program, path)
+        engine = OnnxRuntimeEngine(path, settings, partition.output_names)
+        engine.summary = summary
+        return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> OnnxRuntimeEngine:
         self._require()

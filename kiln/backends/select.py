@@ -59,6 +59,7 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
         try:
             engine = backend.compile(partition, settings)
             record.compile_seconds = time.perf_counter() - start
+            record.detail = getattr(engine, "summary", "")
             checks = check(engine)
         except KilnError as exc:
             record.compile_seconds = time.perf_counter() - start
@@ -112,20 +113,23 @@ def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) 
     return "; ".join(f"{reason} (e.g. node {node})" for reason, node in list(reasons.items())[:3])
 
 
-def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float) -> list[float]:
-    """Median seconds per call of each engine, timed in alternation so that the machine's
-    drift (other load, clocks) hits every candidate alike: warm-up, then rounds until the
-    budget is spent (at least 5 rounds)."""
+def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float, block: int = 3) -> list[float]:
+    """Median seconds per call of each engine, timed in alternating blocks so that the
+    machine's drift (other load, clocks) hits every candidate alike. Each block starts with
+    one untimed call: runtimes leave worker threads spinning after a call, which would bill
+    one engine's idle threads to the next engine's first call."""
     for engine in engines:
         for _ in range(2):
             engine(*inputs)
     times: list[list[float]] = [[] for _ in engines]
     deadline = time.perf_counter() + budget_seconds
     rounds = 0
-    while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
+    while rounds < 3 or (time.perf_counter() < deadline and rounds < 100):
         for engine, samples in zip(engines, times):
-            start = time.perf_counter()
             engine(*inputs)
-            samples.append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                engine(*inputs)
+                samples.append(time.perf_counter() - start)
         rounds += 1
     return [statistics.median(samples) for samples in times]

@@ -4,7 +4,7 @@
 
 Work that runs on every call but never changes (weight transposes, casts, position-id tables,
 scale products) moves to compile time. Results much larger than their inputs (expand, repeat)
-stay unfolded: storing them would cost more memory than recomputing them.
+stay unfolded past a few MiB: storing them would cost more memory than recomputing them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from kiln.passes._graph import add_constant, attr_value
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 
-GROWTH_LIMIT = 4  # a folded tensor may be at most this many times the bytes of its inputs (or 64 KiB)
-SMALL_BYTES = 64 * 1024
+GROWTH_LIMIT = 4  # a folded tensor may be at most this many times the bytes of its inputs ...
+SMALL_BYTES = 4 * 1024 * 1024  # ... or this size, whichever is larger (position tables fit)
 
 
 def fold_constants(gm: GraphModule, ctx: PassContext) -> PassResult:

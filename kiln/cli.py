@@ -1,0 +1,333 @@
+"""kiln's command line: compile | run | bench | inspect | profiles.
+
+Thin by design: each command parses its arguments and calls the Python API. Exit codes:
+0 ok, 2 usage error, 1 any other error, reported as one line (the traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kiln.errors import KilnError
+
+
+class UsageError(KilnError):
+    """The command line itself is wrong (exit code 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_progress(args)
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        print(f"kiln: usage error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KilnError as exc:
+        if args.debug:
+            raise
+        print(f"kiln: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else is kiln's bug: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"kiln: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: KilnError) -> str:
+    text = f"{exc.where}: {exc.what}" if exc.where else exc.what
+    text = " ".join(text.split())
+    return f"{text} (fix: {' '.join(exc.fix.split())})" if exc.fix else text
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress output")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser = argparse.ArgumentParser(prog="kiln", description="Compile PyTorch models into verified engines for named hardware.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("compile", parents=[common], help="capture, optimise, build and verify a model; write an artifact")
+    p.add_argument("model", help="MODULE:FACTORY (returns a model, or (model, example_inputs)) or a torch.export .pt2 file")
+    p.add_argument("--profile", default="cpu-x86", help="hardware profile name or YAML path (default cpu-x86)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE:DTYPE[:LOW:HIGH]",
+                   help="example input, e.g. input_ids=1x128:int64:0:30000 (repeat per input, in call order)")
+    p.add_argument("--dynamic", action="append", default=[], metavar="NAME:AXIS=DIM[:MIN:MAX]",
+                   help="mark an axis dynamic, e.g. input_ids:0=batch:1:64")
+    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=8")
+    p.add_argument("--backend", help="use this backend only")
+    p.add_argument("--select", choices=["prefer", "measure"], help="override the profile's backend selection")
+    p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
+    p.add_argument("-o", "--output", required=True, help="artifact path (a file, or a directory if it ends with /)")
+    p.set_defaults(handler=_compile)
+
+    p = sub.add_parser("run", parents=[common], help="run an artifact on random or .npy inputs")
+    p.add_argument("artifact")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input from a .npy file")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--out", help="directory to write outputs as .npy")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("bench", parents=[common], help="time an artifact on random inputs of its spec")
+    p.add_argument("artifact")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("inspect", parents=[common], help="show an artifact's report: passes, backend decisions, verification")
+    p.add_argument("artifact")
+    p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("profiles", parents=[common], help="list or show hardware profiles")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(handler=_profiles)
+    return parser
+
+
+def _configure_progress(args: argparse.Namespace) -> None:
+    log = logging.getLogger("kiln")
+    if args.quiet or args.json or not sys.stderr.isatty() or log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    start = time.perf_counter()
+    handler.setFormatter(logging.Formatter("[kiln %(elapsed)6.1fs] %(message)s"))
+    handler.addFilter(lambda record: setattr(record, "elapsed", time.perf_counter() - start) or True)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------- compile
+
+def _compile(args: argparse.Namespace) -> int:
+    import kiln
+
+    model, example = _load_model(args.model, args.factory_arg)
+    if args.input:
+        example = tuple(_random_input(spec) for spec in args.input)
+    if example is None:
+        raise UsageError(f"no example inputs for {args.model}", fix="give --input NAME=SHAPE:DTYPE per input, or return (model, inputs) from the factory")
+    dynamic = _parse_dynamic(args.dynamic)
+    overrides: dict[str, Any] = {"verify": not args.no_verify}
+    if args.backend:
+        overrides["backend"] = args.backend
+    if args.select:
+        overrides["select"] = args.select
+    kwargs = {}
+    if isinstance(example, dict):
+        example, kwargs = (), example
+    compiled = kiln.optimize(model, args.profile, example, example_kwargs=kwargs, dynamic=dynamic, **overrides)
+    path = compiled.save(args.output)
+    if args.json:
+        print(json.dumps({"artifact": str(path), "backends": compiled.backends, "report": compiled.report.to_dict()}, default=str))
+    else:
+        print(compiled.report.render())
+        print(f"\nwrote {path}")
+    return 0
+
+
+def _load_model(target: str, factory_args: list[str]) -> tuple[torch.nn.Module, Any]:
+    if target.endswith(".pt2") or Path(target).is_file():
+        try:
+            exported = torch.export.load(target)
+        except Exception as exc:
+            raise UsageError(f"cannot read {target} as a torch.export program: {type(exc).__name__}: {exc}",
+                             fix="save it with torch.export.save(exported_program, path)") from None
+        example = getattr(exported, "example_inputs", None)
+        return exported.module(), (tuple(example[0]) if example else None)
+    if ":" not in target:
+        raise UsageError(f"model {target!r} is neither MODULE:FACTORY nor a .pt2 file", fix="e.g. kiln.examples.models:minilm")
+    module_name, factory_name = target.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}", fix="check the module path and that its packages are installed") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable {factory_name!r}", fix="name a function returning the model")
+    result = factory(**dict(_parse_kv(item) for item in factory_args))
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        return result
+    if isinstance(result, torch.nn.Module):
+        return result, None
+    raise UsageError(f"{target} returned {type(result).__name__}", fix="return a torch.nn.Module, or (module, example_inputs)")
+
+
+def _parse_kv(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UsageError(f"expected KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _random_input(text: str) -> torch.Tensor:
+    from kiln.types import dtype_from_name
+
+    try:
+        _name, rest = text.split("=", 1)
+        shape_text, dtype_text, *bounds = rest.split(":")
+        shape = [int(s) for s in shape_text.lower().split("x")] if shape_text else []
+        dtype = dtype_from_name(dtype_text)
+        low, high = (int(bounds[0]), int(bounds[1])) if bounds else (0, 2)
+    except ValueError as exc:
+        raise UsageError(f"bad --input {text!r} ({exc})", fix="write NAME=1x128:int64 or NAME=1x3x224x224:float32, optionally :LOW:HIGH for ints") from None
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    return torch.randint(low, high, shape, dtype=dtype)
+
+
+def _parse_dynamic(items: list[str]) -> dict:
+    from kiln.types import Dim
+
+    dynamic: dict[str, dict[int, Dim]] = {}
+    for item in items:
+        try:
+            target, spec = item.split("=", 1)
+            name, axis = target.rsplit(":", 1)
+            parts = spec.split(":")
+            dim = Dim(parts[0], int(parts[1]), int(parts[2])) if len(parts) == 3 else Dim(parts[0])
+            dynamic.setdefault(name, {})[int(axis)] = dim
+        except ValueError as exc:
+            raise UsageError(f"bad --dynamic {item!r} ({exc})", fix="write NAME:AXIS=DIM or NAME:AXIS=DIM:MIN:MAX") from None
+    return dynamic
+
+
+# ---------------------------------------------------------------- run / bench / inspect
+
+def _artifact_inputs(compiled, items: list[str], seed: int) -> list[torch.Tensor]:
+    import numpy as np
+
+    from kiln.frontend.input_spec import random_inputs
+
+    tensors = random_inputs(compiled.input_spec, seed)
+    names = list(compiled.input_spec.names)
+    for item in items:
+        name, _, file = item.partition("=")
+        if name not in names:
+            raise UsageError(f"artifact has no input {name!r}", fix=f"inputs are: {', '.join(names)}")
+        try:
+            tensors[names.index(name)] = torch.from_numpy(np.load(file))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {file}: {exc}", fix="pass a .npy file written by numpy.save") from None
+    return tensors
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kiln
+    from kiln.frontend.input_spec import check_call, rebuild_call
+
+    compiled = kiln.load(args.artifact)
+    tensors = _artifact_inputs(compiled, args.input, args.seed)
+    call_args, call_kwargs = rebuild_call(compiled.input_spec, tensors)
+    checked = check_call(compiled.input_spec, call_args, call_kwargs)
+    outputs = compiled.run_flat(checked)
+    rows = []
+    for name, value in zip(compiled.plan.output_names, outputs):
+        data = value.detach().contiguous()
+        rows.append({"name": name, "shape": list(data.shape), "dtype": str(data.dtype).replace("torch.", ""),
+                     "sum": float(data.double().sum()), "sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]})
+        if args.out:
+            import numpy as np
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            np.save(Path(args.out) / f"{name}.npy", data.numpy())
+    if args.json:
+        print(json.dumps({"outputs": rows}))
+    else:
+        for row in rows:
+            print(f"{row['name']}: {row['dtype']}{row['shape']} sum={row['sum']:.6g} sha256={row['sha256']}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import kiln
+    from kiln.frontend.input_spec import random_inputs
+
+    if args.iters < 1 or args.warmup < 0:
+        raise UsageError("--iters must be >= 1 and --warmup >= 0")
+    compiled = kiln.load(args.artifact)
+    tensors = random_inputs(compiled.input_spec, 0)
+    for _ in range(args.warmup):
+        compiled.run_flat(tensors)
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        compiled.run_flat(tensors)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    result = {"median_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))],
+              "iters": args.iters, "backends": compiled.backends}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"median {result['median_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms over {args.iters} calls "
+              f"({', '.join(f'{k}: {v}' for k, v in compiled.backends.items())})")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import kiln
+
+    compiled = kiln.load(args.artifact)
+    if args.json:
+        print(json.dumps({"profile": compiled.profile, "plan": compiled.plan.to_dict(), "report": compiled.report.to_dict()}, default=str))
+    else:
+        print(compiled.report.render())
+    return 0
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    from kiln import hardware_profiles
+
+    if args.action == "list":
+        names = hardware_profiles.available()
+        if args.json:
+            print(json.dumps(names))
+        else:
+            for name in names:
+                print(f"{name:14s} {hardware_profiles.load(name).description}")
+        return 0
+    if not args.name:
+        raise UsageError("`kiln profiles show` needs a profile name", fix="see `kiln profiles list`")
+    profile = hardware_profiles.load(args.name)
+    if args.json:
+        print(json.dumps({"name": profile.name, "description": profile.description, "primary_device": profile.primary_device,
+                          "select": profile.select, "digest": profile.digest,
+                          "devices": {n: {"kind": d.kind.value, "model": d.model, "memory_gb": d.memory_gb,
+                                          "memory_bandwidth_gbs": d.memory_bandwidth_gbs, "backends": list(d.backends),
+                                          "peak_tflops": {p.value: v for p, v in d.peak_tflops.items()}}
+                                      for n, d in profile.devices.items()}}))
+    else:
+        print(profile.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

