@@ -45,7 +45,8 @@ def fold_constants(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue  # tuples and Python scalars are folded through their tensor users
         if all(user in values for user in node.users):
             continue  # only boundary nodes (used by non-constant code) become stored constants
-        source_bytes = sum(values[n].numel() * values[n].element_size() for n in node.all_input_nodes
+        # storage, not numel: an expanded view of a small weight holds only the weight's bytes
+        source_bytes = sum(values[n].untyped_storage().nbytes() for n in node.all_input_nodes
                            if isinstance(values.get(n), torch.Tensor))
         size = value.numel() * value.element_size()
         if size > max(SMALL_BYTES, GROWTH_LIMIT * source_bytes):

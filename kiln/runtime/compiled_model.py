@@ -27,6 +27,16 @@ class Outputs(dict):
             raise AttributeError(f"no output named {name!r}; outputs: {', '.join(self)}") from None
 
 
+# Outputs is a dict to pytree utilities too (tree_leaves, tree_map), not an opaque leaf.
+pytree.register_pytree_node(
+    Outputs,
+    lambda d: (list(d.values()), list(d.keys())),
+    lambda values, keys: Outputs(zip(keys, values)),
+    serialized_type_name="kiln.runtime.Outputs",
+    flatten_with_keys_fn=lambda d: ([(pytree.MappingKey(k), v) for k, v in d.items()], list(d.keys())),
+)
+
+
 class CompiledModel:
     def __init__(self, plan: Plan, engines: dict[str, Engine], input_spec: InputSpec, output_structure: str,
                  report: Report, profile: dict):

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from kiln.backends.onnxruntime import OnnxRuntimeBackend
+from kiln.hardware_profiles import load
+from kiln.types import Precision
+from kiln.verify import TOLERANCE
+
+backend = OnnxRuntimeBackend()
+if not backend.available().ok:
+    pytest.skip(backend.available().reason, allow_module_level=True)
+
+TOL = TOLERANCE[Precision.FP32]
+aten = torch.ops.aten
+
+
+def _node(target):
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    return graph.call_function(target, (x,))
+
+
+def test_onnxruntime_reports_its_version():
+    status = backend.available()
+    assert status.ok and status.version
+
+
+@pytest.mark.parametrize("op", [aten.conv2d.default, aten.linear.default, aten.layer_norm.default,
+                                aten.scaled_dot_product_attention.default, aten.gelu.default, aten.embedding.default,
+                                aten.to.dtype_layout, aten._assert_tensor_metadata.default, aten.hardtanh.default])
+def test_onnxruntime_supports_the_op_families_real_models_use(op):
+    assert backend.supports(_node(op), load("cpu-x86").primary).ok
+
+
+def test_onnxruntime_names_an_op_the_exporter_cannot_convert():
+    support = backend.supports(_node(aten.kthvalue.default), load("cpu-x86").primary)
+    assert not support.ok and "kthvalue" in support.reason
+
+
+def test_onnxruntime_engine_matches_eager_at_several_batch_sizes(convnet_partition, settings):
+    graph, _ = convnet_partition
+    engine = backend.compile(graph, settings)
+    for batch in (1, 2, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        for got, want in zip(engine(x), graph.gm(x)):
+            torch.testing.assert_close(got, want, rtol=TOL.rtol, atol=TOL.atol)
+
+
+def test_onnxruntime_engine_saves_and_loads_to_the_same_outputs(convnet_partition, settings, tmp_path):
+    graph, _ = convnet_partition
+    engine = backend.compile(graph, settings)
+    out_dir = tmp_path / "saved"
+    out_dir.mkdir()
+    entry = engine.save(out_dir, "p0")
+    assert entry.files == ["p0.onnx"] and entry.backend == "onnxruntime"
+    reloaded = backend.load(out_dir, entry, settings)
+    x = torch.randn(3, 3, 8, 8)
+    for a, b in zip(engine(x), reloaded(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+

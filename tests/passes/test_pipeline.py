@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from kiln.errors import PassFailed
+from kiln.options import CompileOptions
+from kiln.passes import pipeline
+from kiln.passes.context import PassContext
+from kiln.passes.pipeline import PIPELINE, Stage
+from kiln.passes.result import PassResult
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.bn(self.conv(x))))
+
+
+def test_pipeline_order_is_one_literal_table_of_named_stages():
+    assert [s.name for s in PIPELINE] == ["cleanup", "fusion", "cleanup"]
+    assert all(callable(p) for s in PIPELINE for p in s.passes)
+
+
+def test_pipeline_records_every_pass_with_counts_and_keeps_numerics(run_pass):
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    records = pipeline.run(run.gm, run.ctx)
+    names = [r.name for r in records]
+    assert "fold_batchnorm" in names and "remove_inactive_dropout" in names
+    folded = next(r for r in records if r.name == "fold_batchnorm")
+    assert folded.counts == {"folded": 1} and folded.seconds >= 0
+    run.assert_same_numerics()
+
+
+def test_pipeline_skips_disabled_passes(run_pass):
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    ctx = PassContext(run.ctx.profile, CompileOptions(disabled_passes=("fold_batchnorm",)), run.ctx.input_spec)
+    records = pipeline.run(run.gm, ctx)
+    assert "fold_batchnorm" not in {r.name for r in records}
+    assert torch.ops.aten.batch_norm.default in run.ops()
+
+
+def test_pipeline_wraps_a_failing_pass_naming_it_and_the_passes_before(run_pass):
+    def explode(gm, ctx):
+        raise ValueError("boom")
+
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    stages = (PIPELINE[0], Stage("broken", (explode,)))
+    with pytest.raises(PassFailed) as info:
+        pipeline.run(run.gm, run.ctx, stages)
+    message = str(info.value)
+    assert "explode" in message and "boom" in message and "fold_constants" in message
+    assert "disabled_passes" in message
+
+
+def test_pipeline_rejects_a_pass_that_loses_shape_meta(run_pass):
+    def add_bare_node(gm, ctx):
+        node = next(n for n in gm.graph.nodes if n.op == "call_function")
+        with gm.graph.inserting_after(node):
+            bare = gm.graph.call_function(torch.ops.aten.relu.default, (node,))
+        node.replace_all_uses_with(bare)
+        bare.args = (node,)
+        return PassResult(changed=True)
+
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(PassFailed, match="no shape meta"):
+        pipeline.run(run.gm, run.ctx, (Stage("bad", (add_bare_node,)),))
+
+
+def test_pipeline_rejects_a_pass_that_returns_no_result(run_pass):
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(PassFailed, match="not PassResult"):
+        pipeline.run(run.gm, run.ctx, (Stage("bad", (lambda gm, ctx: None,)),))
