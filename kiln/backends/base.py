@@ -47,10 +47,14 @@ class CapabilityTable:
     ops: Mapping[object, OpSupport]  # torch.ops.aten.*.<overload> -> OpSupport
     default: OpSupport | None = None  # for ops not listed; None means "unsupported"
     device_kinds: frozenset[str] = frozenset({"cpu"})
+    # Whether this machine can run the device at all (e.g. a GPU profile on a CPU-only host).
+    device_ready: Callable[[DeviceSpec], str | None] | None = None
 
     def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
         if device.kind.value not in self.device_kinds:
             return Support(False, f"runs on {', '.join(sorted(self.device_kinds))}, not {device.kind.value}")
+        if self.device_ready is not None and (reason := self.device_ready(device)) is not None:
+            return Support(False, reason)
         if node.op != "call_function":
             return Support(True)
         entry = self.ops.get(node.target, self.default)

@@ -28,6 +28,8 @@ CAPABILITIES = CapabilityTable(
     ops={},
     default=OpSupport(frozenset({Precision.FP32, Precision.BF16, Precision.FP16})),
     device_kinds=frozenset({"cpu", "gpu"}),
+    device_ready=lambda device: (f"device {device.name}: kiln's Inductor backend builds CPU engines only so far"
+                                 if device.kind.value == "gpu" else None),
 )
 
 

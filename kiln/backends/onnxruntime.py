@@ -37,6 +37,8 @@ class _ExporterTable(CapabilityTable):
     """The exporter's registry viewed as a capability table (built on first use)."""
 
     def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        if (reason := _device_ready(device)) is not None:
+            return Support(False, reason)
         if node.op != "call_function":
             return Support(True)
         target = node.target
@@ -146,6 +148,18 @@ def _fuse_for_ort(program, path: Path) -> str:
     onnx_ir.save(model, str(path))
     fused = ", ".join(f"{name} {n}" for name, n in counts.items() if n)
     return f"ORT fused ops: {fused}" if fused else "no ORT fusion applied"
+
+
+def _device_ready(device: DeviceSpec) -> str | None:
+    if device.kind is DeviceKind.CPU:
+        return None
+    import onnxruntime as ort
+
+    if device.kind is DeviceKind.GPU and not set(GPU_PROVIDERS) & set(ort.get_available_providers()):
+        return f"device {device.name} is a GPU and this onnxruntime has no CUDA or TensorRT provider (pip install onnxruntime-gpu)"
+    if device.kind is DeviceKind.NPU:
+        return f"device {device.name} is an NPU; kiln does not drive NPU execution providers yet"
+    return None
 
 
 def _providers_for(device: DeviceSpec) -> list[str]:

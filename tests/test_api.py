@@ -1,0 +1,101 @@
+"""optimize() as a user calls it: options, profiles, reports, and the errors that guard them."""
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.backends import onnxruntime as ort_backend
+from kiln.backends.inductor import InductorBackend
+from kiln.backends.base import Availability
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return Tiny().eval(), (torch.randn(2, 4),)
+
+
+def test_optimize_returns_a_model_with_eager_outputs_and_a_report(tiny):
+    model, inputs = tiny
+    compiled = kiln.optimize(model, "cpu-x86", inputs, backend="onnxruntime")
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)
+    text = compiled.report.render()
+    for section in ("Passes", "Backend decisions", "Verification against eager", "onnxruntime"):
+        assert section in text
+    assert compiled.report.verified_draws == 2 and all(v["ok"] for v in compiled.report.verification)
+
+
+def test_optimize_names_an_unknown_option_and_suggests_the_closest(tiny):
+    with pytest.raises(kiln.OptionsError, match="did you mean 'backend'"):
+        kiln.optimize(*tiny[:1], "cpu-x86", tiny[1], backnd="onnxruntime")
+
+
+def test_optimize_names_an_unknown_profile_and_lists_known_ones(tiny):
+    with pytest.raises(kiln.ProfileError) as info:
+        kiln.optimize(tiny[0], "cpu-x68", tiny[1])
+    assert "cpu-x68" in str(info.value) and "cpu-x86" in str(info.value)
+
+
+def test_optimize_refuses_a_precision_this_version_cannot_build(tiny):
+    with pytest.raises(kiln.OptionsError, match="bf16"):
+        kiln.optimize(tiny[0], "cpu-x86", tiny[1], precision="bf16")
+
+
+def test_optimize_refuses_a_profile_whose_device_cannot_run_fp32(tiny):
+    with pytest.raises(kiln.OptionsError, match="does not run fp32"):
+        kiln.optimize(tiny[0], "intel-npu", tiny[1])
+
+
+def test_optimize_for_a_gpu_profile_on_a_cpu_only_machine_says_why_nothing_can_build(tiny):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(kiln.BackendUnavailable) as info:
+        kiln.optimize(tiny[0], "a100", tiny[1])
+    message = str(info.value)
+    assert "tensorrt" in message and "GPU" in message
+
+
+def test_naming_an_unavailable_backend_fails_with_its_install_hint(tiny, monkeypatch):
+    monkeypatch.setattr(InductorBackend, "available", lambda self: Availability(False, "no C++ compiler", "apt-get install g++"))
+    with pytest.raises(kiln.BackendUnavailable, match="apt-get install g"):
+        kiln.optimize(tiny[0], "cpu-x86", tiny[1], backend="inductor")
+
+
+def test_a_backend_that_computes_wrong_answers_is_a_verification_error(tiny, monkeypatch):
+    real_call = ort_backend.OnnxRuntimeEngine.__call__
+    monkeypatch.setattr(ort_backend.OnnxRuntimeEngine, "__call__", lambda self, *x: tuple(o + 0.5 for o in real_call(self, *x)))
+    with pytest.raises(kiln.VerificationError) as info:
+        kiln.optimize(tiny[0], "cpu-x86", tiny[1], backend="onnxruntime")
+    assert "output" in str(info.value) and "0.5" in str(info.value)
+
+
+def test_turning_verification_off_is_recorded_in_the_report(tiny):
+    compiled = kiln.optimize(tiny[0], "cpu-x86", tiny[1], backend="onnxruntime", verify=False)
+    assert compiled.report.verification == []
+    assert any("verify=False" in note for note in compiled.report.notes)
+
+
+def test_options_object_and_keywords_combine(tiny):
+    options = kiln.CompileOptions(backend="onnxruntime", verify_draws=0)
+    compiled = kiln.optimize(tiny[0], "cpu-x86", tiny[1], options=options, seed=3)
+    assert compiled.report.verified_draws == 0 and compiled.backends == {"p0": "onnxruntime"}
+
+
+def test_a_user_profile_file_drives_the_backend_choice(tiny, tmp_path):
+    profile = tmp_path / "mine.yaml"
+    profile.write_text(
+        "name: mine\ndescription: a laptop\nprimary_device: cpu\nselect: prefer\n"
+        "devices:\n  cpu:\n    kind: cpu\n    model: laptop\n    memory_gb: 16\n    memory_bandwidth_gbs: 50\n"
+        "    peak_tflops: {fp32: 0.5}\n    backends: [onnxruntime]\n")
+    compiled = kiln.optimize(tiny[0], profile, tiny[1])
+    assert compiled.backends == {"p0": "onnxruntime"} and compiled.profile["name"] == "mine"
