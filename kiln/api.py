@@ -63,7 +63,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     compiled = CompiledModel(plan, engines, captured.input_spec, captured.output_structure, report,
-                             {"name": prof.name, "digest": prof.digest})
+                             {"name": prof.name, "digest": prof.digest}, captured.output_none_positions)
     weakref.finalize(compiled, shutil.rmtree, workdir, True)
     if opts.verify:
         with _stage("verify", timings):
@@ -150,7 +150,7 @@ def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, dr
         else:
             args, kwargs = rebuild_call(captured.input_spec, list(inputs))
             with torch.no_grad():
-                want = pytree.tree_leaves(plain_containers(model(*args, **kwargs)))
+                want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
         got = list(compiled.run_flat(inputs))
         for c in compare(captured.output_names, got, want, opts.precision):
             if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:

@@ -66,8 +66,11 @@ class Dim:
     max: int = 4096
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.min, int) and isinstance(self.max, int) and 0 <= self.min <= self.max):
-            raise ValueError(f"dynamic dim {self.name!r}: need 0 <= min <= max, got min={self.min} max={self.max}")
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"dynamic dim name {self.name!r} must be a Python identifier, e.g. 'batch' or 'seq_len'")
+        if not (isinstance(self.min, int) and isinstance(self.max, int) and 0 <= self.min < self.max):
+            raise ValueError(f"dynamic dim {self.name!r}: need 0 <= min < max, got min={self.min} max={self.max} "
+                             "(for a fixed size, leave the axis out of `dynamic`)")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class InputSpec:
     call_structure: str
     constants: tuple = ()
     constant_positions: tuple[int, ...] = ()
+    constant_names: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -132,6 +136,7 @@ class InputSpec:
             "call_structure": self.call_structure,
             "constants": list(self.constants),
             "constant_positions": list(self.constant_positions),
+            "constant_names": list(self.constant_names),
         }
 
     @classmethod
@@ -141,6 +146,7 @@ class InputSpec:
             data["call_structure"],
             tuple(data.get("constants", ())),
             tuple(data.get("constant_positions", ())),
+            tuple(data.get("constant_names", ())),
         )
 
 

@@ -44,7 +44,8 @@ def load(path: str | Path, threads: int | None = None):
     except BaseException:
         cleanup()
         raise
-    compiled = CompiledModel(plan, engines, spec, manifest["output_structure"], report, manifest["profile"])
+    compiled = CompiledModel(plan, engines, spec, manifest["output_structure"], report, manifest["profile"],
+                             tuple(manifest.get("output_none_positions", ())))
     weakref.finalize(compiled, cleanup)  # engines may read their files lazily; remove them with the model
     return compiled
 

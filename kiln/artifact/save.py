@@ -36,7 +36,8 @@ def save(compiled, path: Path, as_directory: bool) -> Path:
         manifest = {
             "format": FORMAT, "schema_version": SCHEMA_VERSION, "versions": versions, "host": host_fingerprint(),
             "profile": compiled.profile, "input_spec": compiled.input_spec.to_dict(),
-            "output_structure": compiled.output_structure, "plan": compiled.plan.to_dict(),
+            "output_structure": compiled.output_structure, "output_none_positions": list(compiled.output_none_positions),
+            "plan": compiled.plan.to_dict(),
             "engines": engines, "report": compiled.report.to_dict(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))

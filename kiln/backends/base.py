@@ -121,6 +121,6 @@ class Backend(Protocol):
 
 def export_partition(partition: PartitionGraph) -> torch.export.ExportedProgram:
     """Re-export a partition's fx graph so runtimes that start from torch.export get one."""
-    with torch.no_grad():
-        return torch.export.export(partition.gm, partition.example_inputs,
-                                   dynamic_shapes=partition.dynamic_shapes, strict=False)
+    from kiln.frontend.capture import export_program
+
+    return export_program(partition.gm, partition.example_inputs, partition.dynamic_shapes)

@@ -31,6 +31,7 @@ class Captured:
     output_names: tuple[str, ...]
     example_inputs: tuple[torch.Tensor, ...]  # flat, in spec order
     example_outputs: tuple[torch.Tensor, ...]  # eager results on example_inputs, flat
+    output_none_positions: tuple[int, ...] = ()  # leaves of the output structure that are None
 
 
 class _FlatCall(torch.nn.Module):
@@ -46,7 +47,7 @@ class _FlatCall(torch.nn.Module):
 
         args, kwargs = rebuild_call(self.spec, list(tensors))
         out = plain_containers(self.model(*args, **kwargs))
-        return tuple(pytree.tree_leaves(out))
+        return tuple(leaf for leaf in pytree.tree_leaves(out) if leaf is not None)
 
 
 def plain_containers(value: Any) -> Any:
@@ -62,6 +63,14 @@ def plain_containers(value: Any) -> Any:
     return value
 
 
+def export_program(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
+    """torch.export as kiln uses it everywhere (capture and backends' re-export): non-strict,
+    without autograd, and size-oblivious when dims are dynamic, so that an example of size 1
+    can stand for a dynamic dim (export would otherwise fix sizes 0 and 1 and blame the model)."""
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=dynamic_shapes is not None):
+        return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None,
             dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None) -> Captured:
     if not isinstance(model, torch.nn.Module):
@@ -75,13 +84,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
     if model.training:
         model.eval()  # inference compiler: dropout and BatchNorm statistics in eval mode
     wrapper = _FlatCall(model, spec).eval()
-    dynamic_shapes = export_dynamic_shapes(spec)
     try:
-        with torch.no_grad():  # the wrapper takes *tensors: one dynamic_shapes entry holds them all
-            exported = torch.export.export(wrapper, tensors, strict=False,
-                                           dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,))
+        dynamic_shapes = export_dynamic_shapes(spec)
+        # the wrapper takes *tensors: one dynamic_shapes entry holds them all
+        exported = export_program(wrapper, tensors, None if dynamic_shapes is None else (dynamic_shapes,))
     except Exception as exc:  # torch.export raises many types; all become one clear CaptureError
-        raise _capture_error(exc, model) from exc
+        raise _capture_error(exc, model, spec.names) from exc
     gm = exported.module()
     _drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
     for param in gm.parameters():
@@ -89,11 +97,15 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
     # One eager call gives the output structure and the reference outputs verification reuses.
     with torch.no_grad():
         eager_leaves, out_structure = pytree.tree_flatten(plain_containers(model(*args, **kwargs)))
-    if any(not isinstance(x, torch.Tensor) for x in eager_leaves):
-        raise CaptureError("the model returns something other than tensors in dicts, lists and tuples",
-                           where="model output", fix="return tensors (or containers of tensors) from forward()")
     output_names = _output_names(out_structure)
-    return Captured(gm, spec, pytree.treespec_dumps(out_structure), output_names, tensors, tuple(eager_leaves))
+    for name, leaf in zip(output_names, eager_leaves):
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            raise CaptureError(f"{name} has type {type(leaf).__name__}; kiln compiles tensor outputs only",
+                               where="model output", fix="return tensors (or dicts, lists and tuples of tensors) from forward()")
+    none_positions = tuple(i for i, leaf in enumerate(eager_leaves) if leaf is None)
+    tensor_names = tuple(n for i, n in enumerate(output_names) if i not in none_positions)
+    return Captured(gm, spec, pytree.treespec_dumps(out_structure), tensor_names, tensors,
+                    tuple(x for x in eager_leaves if x is not None), none_positions)
 
 
 def _output_names(structure: pytree.TreeSpec) -> tuple[str, ...]:
@@ -114,12 +126,21 @@ def _drop_guard_calls(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _capture_error(exc: Exception, model: torch.nn.Module) -> CaptureError:
+def _capture_error(exc: Exception, model: torch.nn.Module, input_names: tuple[str, ...]) -> CaptureError:
     """The exporter's reason, the user's source line, and what to try."""
-    message = str(exc).strip().split("\n")
-    reason = next((line for line in message if line.strip()), type(exc).__name__)
-    where = _user_frame(exc) or f"{type(model).__name__}.forward"
     text = str(exc)
+    for index, name in enumerate(input_names):  # torch names inputs by the wrapper's *tensors
+        text = text.replace(f"L['tensors'][{index}]", name).replace(f"tensors_{index}", name)
+    message = text.strip().split("\n")
+    reason = next((line for line in message if line.strip()), type(exc).__name__)
+    reason = reason.split(" For more information")[0]
+    details = [line.strip() for line in message if line.strip().startswith("- ")][:3]
+    if "Suggested fixes:" in message:  # torch's own suggestion, e.g. "batch = 2*_batch"
+        at = message.index("Suggested fixes:")
+        details.append("Suggested fixes: " + "; ".join(line.strip() for line in message[at + 1:at + 4] if line.strip()))
+    if details:
+        reason = f"{reason} {' '.join(details)}"
+    where = _user_frame(exc) or f"{type(model).__name__}.forward"
     if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__ or "Could not guard on data-dependent" in text:
         fix = ("the model branches on a tensor's value; compute the branch with torch.where or torch.cond, "
                "or move the check outside forward()")
@@ -131,7 +152,7 @@ def _capture_error(exc: Exception, model: torch.nn.Module) -> CaptureError:
     else:
         fix = "check that model(*example_inputs) runs in eager mode; simplify the construct at the line named"
     op = _op_in(text)
-    what = f"torch.export could not capture the model: {type(exc).__name__}: {reason[:400]}"
+    what = f"torch.export could not capture the model: {type(exc).__name__}: {reason[:700]}"
     if op:
         what += f" (op: {op})"
     return CaptureError(what, where=where, fix=fix)
@@ -144,7 +165,7 @@ def _user_frame(exc: BaseException) -> str | None:
     found = None
     for frame in traceback.extract_tb(exc.__traceback__):
         path = frame.filename
-        if path.startswith((torch_dir, kiln_dir)) or "/lib/python3" in path and "site-packages" not in path:
+        if path.startswith(("<", torch_dir, kiln_dir)) or "/lib/python3" in path and "site-packages" not in path:
             continue
         found = f"{path}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
     return found

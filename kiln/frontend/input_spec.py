@@ -67,13 +67,9 @@ def _key_text(key: Any) -> str:
 def build_spec(flat: list[Any], names: list[str], structure: pytree.TreeSpec,
                dynamic: Mapping[str, Mapping[int, Dim | str]] | None) -> InputSpec:
     """InputSpec from flattened example leaves; non-tensor leaves become constants."""
-    dynamic = dict(dynamic or {})
-    unknown = set(dynamic) - set(names)
-    if unknown:
-        raise CaptureError(f"dynamic names unknown input(s) {sorted(unknown)}", where="dynamic",
-                           fix=f"use input names: {', '.join(names)}")
-    shared: dict[str, Dim] = {}
-    tensors, constants, positions = [], [], []
+    axes_by_input = _dynamic_axes(dynamic, names, flat)
+    tensors, constants, positions, constant_names = [], [], [], []
+    example_size: dict[str, tuple[int, str]] = {}
     for position, (name, leaf) in enumerate(zip(names, flat)):
         if not isinstance(leaf, torch.Tensor):
             if not isinstance(leaf, (int, float, bool, str, type(None))):
@@ -81,26 +77,70 @@ def build_spec(flat: list[Any], names: list[str], structure: pytree.TreeSpec,
                                    fix="pass tensors, or plain int/float/bool/str/None settings")
             constants.append(leaf)
             positions.append(position)
+            constant_names.append(name)
             continue
-        shape = list(leaf.shape)
-        for axis, dim in dict(dynamic.get(name, {})).items():
-            if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
-                raise CaptureError(f"axis {axis!r} out of range for a {len(shape)}-d input", where=f"dynamic[{name!r}]",
-                                   fix=f"use axes 0..{len(shape) - 1}")
-            dim = Dim(dim) if isinstance(dim, str) else dim
-            if not isinstance(dim, Dim):
-                raise CaptureError(f"axis {axis} must be a name or kiln.Dim, got {type(dim).__name__}",
-                                   where=f"dynamic[{name!r}]", fix='write {0: "batch"} or {0: kiln.Dim("batch", min=1, max=64)}')
-            dim = shared.setdefault(dim.name, dim)
-            if not dim.min <= shape[axis] <= dim.max:
-                raise CaptureError(f"example size {shape[axis]} on axis {axis} lies outside {dim.name}[{dim.min}..{dim.max}]",
+        shape: list[int | Dim] = list(leaf.shape)
+        for axis, dim in axes_by_input.get(name, {}).items():
+            size = shape[axis]
+            if not dim.min <= size <= dim.max:
+                raise CaptureError(f"example size {size} on axis {axis} lies outside {dim.name}[{dim.min}..{dim.max}]",
                                    where=f"input {name}", fix="widen the Dim's range or change the example")
+            first = example_size.setdefault(dim.name, (size, name))
+            if first[0] != size:
+                raise CaptureError(f"dim {dim.name!r} is {size} in this example but {first[0]} in input {first[1]!r}",
+                                   where=f"input {name}", fix=f"inputs sharing {dim.name!r} need examples of equal size on it")
             shape[axis] = dim
         low = high = None
         if not leaf.is_floating_point() and leaf.numel() > 0 and leaf.dtype != torch.bool:
             low, high = int(leaf.min()), int(leaf.max())
         tensors.append(TensorSpec(name, leaf.dtype, tuple(shape), low, high))
-    return InputSpec(tuple(tensors), pytree.treespec_dumps(structure), tuple(constants), tuple(positions))
+    return InputSpec(tuple(tensors), pytree.treespec_dumps(structure), tuple(constants), tuple(positions),
+                     tuple(constant_names))
+
+
+def _dynamic_axes(dynamic: Mapping[str, Any] | None, names: list[str], flat: list[Any]) -> dict[str, dict[int, Dim]]:
+    """Validate `dynamic` and resolve each axis to one Dim per name (a string names a Dim
+    given elsewhere, or gets the default range); conflicting ranges for one name are an error."""
+    if not dynamic:
+        return {}
+    if not isinstance(dynamic, Mapping):
+        raise CaptureError(f"dynamic must be a mapping, got {type(dynamic).__name__}", where="dynamic",
+                           fix='write dynamic={"input_name": {0: "batch"}}')
+    unknown = sorted(set(dynamic) - set(names))
+    if unknown:
+        raise CaptureError(f"dynamic names unknown input(s) {unknown}", where="dynamic", fix=f"use input names: {', '.join(names)}")
+    leaves = dict(zip(names, flat))
+    defined: dict[str, tuple[Dim, str]] = {}
+    raw: dict[str, dict[int, Dim | str]] = {}
+    for name, axes in dynamic.items():
+        if not isinstance(axes, Mapping):
+            raise CaptureError(f"expected a mapping of axis to dim, got {type(axes).__name__} {axes!r}", where=f"dynamic[{name!r}]",
+                               fix=f'write dynamic={{{name!r}: {{0: "batch"}}}}')
+        leaf = leaves[name]
+        rank = leaf.dim() if isinstance(leaf, torch.Tensor) else 0
+        raw[name] = {}
+        for axis, dim in axes.items():
+            if isinstance(axis, bool) or not isinstance(axis, int):
+                raise CaptureError(f"axis {axis!r} must be an int", where=f"dynamic[{name!r}]", fix="write axes as integers, e.g. {0: 'batch'}")
+            if not -rank <= axis < rank:
+                raise CaptureError(f"axis {axis} out of range for a {rank}-d input", where=f"dynamic[{name!r}]",
+                                   fix=f"use axes 0..{rank - 1}")
+            if isinstance(dim, str):
+                try:
+                    Dim(dim)
+                except ValueError as exc:
+                    raise CaptureError(str(exc), where=f"dynamic[{name!r}][{axis}]", fix="use an identifier such as 'batch'") from None
+            elif isinstance(dim, Dim):
+                seen = defined.setdefault(dim.name, (dim, name))
+                if seen[0] != dim:
+                    raise CaptureError(f"dim {dim.name!r} has range {dim.min}..{dim.max} here but {seen[0].min}..{seen[0].max} "
+                                       f"in input {seen[1]!r}", where=f"dynamic[{name!r}]", fix="give one range per dim name")
+            else:
+                raise CaptureError(f"axis {axis} must be a name or kiln.Dim, got {type(dim).__name__}", where=f"dynamic[{name!r}]",
+                                   fix='write {0: "batch"} or {0: kiln.Dim("batch", min=1, max=64)}')
+            raw[name][axis % rank] = dim
+    return {name: {axis: dim if isinstance(dim, Dim) else defined.get(dim, (Dim(dim), ""))[0] for axis, dim in axes.items()}
+            for name, axes in raw.items()}
 
 
 def export_dynamic_shapes(spec: InputSpec) -> tuple | None:
@@ -114,26 +154,90 @@ def export_dynamic_shapes(spec: InputSpec) -> tuple | None:
 
 def check_call(spec: InputSpec, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Flatten a call and check it against the spec; return the flat tensors in spec order."""
-    flat, structure = pytree.tree_flatten((args, kwargs))
     expected = pytree.treespec_loads(spec.call_structure)
+    kwargs = _in_compiled_order(expected, kwargs)
+    flat, structure = pytree.tree_flatten((args, kwargs))
     if structure != expected:
-        got_n = sum(isinstance(x, torch.Tensor) for x in flat)
-        raise InputMismatch(f"the call's structure differs from the compiled one ({got_n} tensor input(s) given, "
-                            f"{len(spec.tensors)} expected)", where="call",
-                            fix=f"call with the same arguments as at compile time: {spec.describe()}")
+        raise InputMismatch(_structure_difference(spec, expected, args, kwargs), where="call",
+                            fix=f"call with the arguments used at compile time: {spec.describe()}")
     tensors = []
-    constant_at = dict(zip(spec.constant_positions, spec.constants))
+    constant_at = {p: (v, n) for p, v, n in zip(spec.constant_positions, spec.constants,
+                                                 spec.constant_names or [f"#{p}" for p in spec.constant_positions])}
     tensor_specs = iter(spec.tensors)
     for position, leaf in enumerate(flat):
         if position in constant_at:
-            if leaf != constant_at[position]:
-                raise InputMismatch(f"non-tensor input is {leaf!r} but was {constant_at[position]!r} at compile time",
-                                    where=f"input #{position}", fix="recompile with this value, or pass the compiled value")
+            value, name = constant_at[position]
+            if isinstance(leaf, torch.Tensor) or not _same_setting(leaf, value):
+                raise InputMismatch(f"setting is {_short(leaf)} but was {value!r} at compile time", where=f"input {name!r}",
+                                    fix="pass the compiled value, or compile again with this one")
             continue
         ts = next(tensor_specs)
         tensors.append(check_tensor(ts, leaf))
     _check_shared_dims(spec, tensors)
     return tensors
+
+
+def _same_setting(given: Any, compiled: Any) -> bool:
+    numbers = (bool, int, float)
+    if isinstance(given, numbers) and isinstance(compiled, numbers):
+        return given == compiled  # True and 1 take the same branch in the model
+    return type(given) is type(compiled) and given == compiled
+
+
+def _in_compiled_order(expected: pytree.TreeSpec, kwargs: dict) -> dict:
+    """Keyword order does not matter to Python; put them in the compiled order."""
+    compiled_keys = list(_kwarg_names(expected))
+    if set(kwargs) == set(compiled_keys):
+        return {key: kwargs[key] for key in compiled_keys}
+    return kwargs
+
+
+def _kwarg_names(expected: pytree.TreeSpec) -> list:
+    return list(expected.child(1).context or [])
+
+
+def _structure_difference(spec: InputSpec, expected: pytree.TreeSpec, args: tuple, kwargs: dict) -> str:
+    want_args = expected.child(0).num_children
+    want_kwargs = _kwarg_names(expected)
+    parts = []
+    if len(args) != want_args:
+        parts.append(f"{len(args)} positional input(s) given, {want_args} compiled")
+    missing = [k for k in want_kwargs if k not in kwargs]
+    unexpected = [k for k in kwargs if k not in want_kwargs]
+    if missing:
+        parts.append(f"missing keyword input(s) {missing}")
+    if unexpected:
+        parts.append(f"unexpected keyword input(s) {unexpected}")
+    if not parts:
+        nested = _nesting_differences(spec, expected, args, kwargs)
+        parts.append(f"input(s) {nested} are not nested as compiled (tensor, tuple, list or dict)" if nested
+                     else "an input's nesting (tuple, list, dict or tensor) differs from the compiled call")
+    return "the call does not match the compiled one: " + "; ".join(parts)
+
+
+def _nesting_differences(spec: InputSpec, expected: pytree.TreeSpec, args: tuple, kwargs: dict) -> list[str]:
+    """Names of the top-level inputs whose pytree shape differs from the compiled call's."""
+    leaf_names = _leaf_names(spec, expected.num_leaves)
+    compiled = [*expected.child(0).children(), *expected.child(1).children()]
+    given = [*args, *(kwargs[k] for k in _kwarg_names(expected))]
+    names, start = [], 0
+    for want, value in zip(compiled, given):
+        if pytree.tree_structure(value) != want:
+            names.append(leaf_names[start].split(".")[0] if start < len(leaf_names) else f"#{start}")
+        start += want.num_leaves
+    return names
+
+
+def _leaf_names(spec: InputSpec, count: int) -> list[str]:
+    tensors = iter(t.name for t in spec.tensors)
+    constants = dict(zip(spec.constant_positions, spec.constant_names or ()))
+    return [constants.get(i, f"#{i}") if i in spec.constant_positions else next(tensors, f"#{i}") for i in range(count)]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def check_tensor(ts: TensorSpec, value: Any) -> torch.Tensor:

@@ -39,19 +39,21 @@ pytree.register_pytree_node(
 
 class CompiledModel:
     def __init__(self, plan: Plan, engines: dict[str, Engine], input_spec: InputSpec, output_structure: str,
-                 report: Report, profile: dict):
+                 report: Report, profile: dict, output_none_positions: tuple[int, ...] = ()):
         self.plan = plan
         self.engines = engines
         self.input_spec = input_spec
         self.output_structure = output_structure
         self._treespec = pytree.treespec_loads(output_structure)
+        self.output_none_positions = tuple(output_none_positions)  # None leaves of the output, put back per call
         self.report = report
         self.profile = profile  # {"name", "digest"} of the profile it was built for
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = check_call(self.input_spec, args, kwargs)
-        flat = self.run_flat(tensors)
-        return _with_attribute_dicts(pytree.tree_unflatten(list(flat), self._treespec))
+        flat = iter(self.run_flat(tensors))
+        leaves = [None if i in self.output_none_positions else next(flat) for i in range(self._treespec.num_leaves)]
+        return _with_attribute_dicts(pytree.tree_unflatten(leaves, self._treespec))
 
     def run_flat(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Run on flat, already-checked inputs in spec order; flat outputs in plan order."""
