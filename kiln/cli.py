@@ -125,7 +125,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     model, example = _load_model(args.model, args.factory_arg)
     if args.input:
-        example = tuple(_random_input(spec) for spec in args.input)
+        example = _named_inputs(model, [_random_input(spec) for spec in args.input])
     if example is None:
         raise UsageError(f"no example inputs for {args.model}", fix="give --input NAME=SHAPE:DTYPE per input, or return (model, inputs) from the factory")
     dynamic = _parse_dynamic(args.dynamic)
@@ -155,7 +155,14 @@ def _load_model(target: str, factory_args: list[str]) -> tuple[torch.nn.Module, 
             raise UsageError(f"cannot read {target} as a torch.export program: {type(exc).__name__}: {exc}",
                              fix="save it with torch.export.save(exported_program, path)") from None
         example = getattr(exported, "example_inputs", None)
-        return exported.module(), (tuple(example[0]) if example else None)
+        module = exported.module()
+        # An exported module refuses train()/eval(); it is already an inference graph, and
+        # capture asks for eval mode, so give it the plain nn.Module methods back.
+        for name in ("train", "eval"):
+            if name in vars(module):
+                delattr(module, name)
+        module.eval()
+        return module, (tuple(example[0]) if example else None)
     if ":" not in target:
         raise UsageError(f"model {target!r} is neither MODULE:FACTORY nor a .pt2 file", fix="e.g. kiln.examples.models:minilm")
     module_name, factory_name = target.split(":", 1)
@@ -187,20 +194,49 @@ def _parse_kv(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _random_input(text: str) -> torch.Tensor:
+def _random_input(text: str) -> tuple[str, torch.Tensor]:
+    """NAME=SHAPE:DTYPE[:LOW:HIGH] -> (NAME, random tensor); integer draws lie in [LOW, HIGH]."""
     from kiln.types import dtype_from_name
 
+    fix = "write NAME=1x128:int64 or NAME=1x3x224x224:float32, optionally :LOW:HIGH (inclusive) for ints"
     try:
-        _name, rest = text.split("=", 1)
+        name, rest = text.split("=", 1)
         shape_text, dtype_text, *bounds = rest.split(":")
         shape = [int(s) for s in shape_text.lower().split("x")] if shape_text else []
         dtype = dtype_from_name(dtype_text)
-        low, high = (int(bounds[0]), int(bounds[1])) if bounds else (0, 2)
+        if len(bounds) not in (0, 2):
+            raise ValueError("give both LOW and HIGH, or neither")
+        low, high = (int(bounds[0]), int(bounds[1])) if bounds else (0, 1)
     except ValueError as exc:
-        raise UsageError(f"bad --input {text!r} ({exc})", fix="write NAME=1x128:int64 or NAME=1x3x224x224:float32, optionally :LOW:HIGH for ints") from None
+        raise UsageError(f"bad --input {text!r} ({exc})", fix=fix) from None
+    if not name or any(size < 0 for size in shape) or low > high:
+        raise UsageError(f"bad --input {text!r} (need a name, sizes >= 0 and LOW <= HIGH)", fix=fix)
     if dtype.is_floating_point:
-        return torch.randn(shape).to(dtype)
-    return torch.randint(low, high, shape, dtype=dtype)
+        return name, torch.randn(shape).to(dtype)
+    if dtype == torch.bool:
+        return name, torch.randint(0, 2, shape).bool()
+    return name, torch.randint(low, high + 1, shape, dtype=dtype)
+
+
+def _named_inputs(model: torch.nn.Module, named: list[tuple[str, torch.Tensor]]):
+    """Positional inputs when the names follow forward()'s parameters in order; keyword inputs
+    when every name is a parameter; otherwise a usage error naming the stray input."""
+    import inspect
+
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        params = []
+    names = [name for name, _ in named]
+    takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+    if not params or takes_varargs or names == params[:len(names)]:
+        return tuple(tensor for _, tensor in named)
+    stray = [n for n in names if n not in params]
+    if stray:
+        raise UsageError(f"--input names {stray} are not parameters of {type(model).__name__}.forward",
+                         fix=f"its parameters are: {', '.join(params)}")
+    return dict(named)
 
 
 def _parse_dynamic(items: list[str]) -> dict:

@@ -10,8 +10,9 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
-from kiln.artifact.manifest import MANIFEST, read_manifest, safe_member, sha256_file
+from kiln.artifact.manifest import MANIFEST, engine_member, read_manifest, safe_member, sha256_file
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, EngineEntry, PartitionGraph
 from kiln.errors import ArtifactError, BackendUnavailable, KilnError
@@ -34,18 +35,23 @@ def load(path: str | Path, threads: int | None = None):
         manifest = read_manifest((directory / MANIFEST).read_bytes(), where=str(path))
         _check_versions(manifest, path)
         entries = _check_files(manifest, directory, path)
+        _check_no_unlisted_files(manifest, directory, path)
+        # Everything that can be parsed is parsed before any engine (native code) loads.
         spec = InputSpec.from_dict(manifest["input_spec"])
+        report = Report.from_dict(manifest["report"])
+        pytree.treespec_loads(manifest["output_structure"])
+        if not isinstance(manifest["profile"].get("name"), str):
+            raise ValueError("profile name missing")
         plan, engines = _load_engines(manifest, entries, directory, path, threads)
-        report = Report.from_dict(manifest.get("report", {}))
-    except (KeyError, TypeError, ValueError) as exc:
+        compiled = CompiledModel(plan, engines, spec, manifest["output_structure"], report, manifest["profile"],
+                                 tuple(manifest.get("output_none_positions", ())))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         cleanup()
         raise ArtifactError(f"manifest is malformed ({type(exc).__name__}: {exc})", where=str(path),
                             fix="the artifact is corrupt or was edited; rebuild it") from exc
     except BaseException:
         cleanup()
         raise
-    compiled = CompiledModel(plan, engines, spec, manifest["output_structure"], report, manifest["profile"],
-                             tuple(manifest.get("output_none_positions", ())))
     weakref.finalize(compiled, cleanup)  # engines may read their files lazily; remove them with the model
     return compiled
 
@@ -95,7 +101,7 @@ def _check_files(manifest: dict, directory: Path, path: Path) -> dict[str, Engin
     for engine in manifest["engines"]:
         names = []
         for item in engine["files"]:
-            member = safe_member(item["path"], where=f"{path}: manifest engines")
+            member = engine_member(item["path"], where=f"{path}: manifest engines")
             file = directory / member
             if not file.is_file():
                 raise ArtifactError(f"engine file {item['path']} is missing", where=str(path), fix="the artifact is incomplete; rebuild it")
@@ -105,6 +111,16 @@ def _check_files(manifest: dict, directory: Path, path: Path) -> dict[str, Engin
             names.append(member.name)
         entries[engine["partition"]] = EngineEntry(engine["backend"], names, engine.get("meta", {}))
     return entries
+
+
+def _check_no_unlisted_files(manifest: dict, directory: Path, path: Path) -> None:
+    """Only the manifest and its listed engine files may be present: a runtime could pick up
+    an unlisted file beside a model (ONNX external weights, say) that no checksum covers."""
+    listed = {MANIFEST} | {f["path"] for e in manifest["engines"] for f in e["files"]}
+    for file in directory.rglob("*"):
+        if file.is_file() and file.relative_to(directory).as_posix() not in listed:
+            raise ArtifactError(f"artifact holds a file its manifest does not list: {file.relative_to(directory).as_posix()}",
+                                where=str(path), fix="the artifact was edited; rebuild it from the model")
 
 
 def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Path, path: Path, threads: int | None):

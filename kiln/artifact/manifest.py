@@ -60,13 +60,32 @@ def read_manifest(text: str | bytes, where: str) -> dict:
         raise ArtifactError(f"manifest is not valid JSON ({exc})", where=where,
                             fix="the artifact is truncated or corrupt; rebuild it") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ArtifactError("not a kiln artifact (manifest format field missing)", where=where,
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ArtifactError(f"not a kiln artifact (manifest format is {found!r}, expected {FORMAT!r})", where=where,
                             fix="pass a file written by CompiledModel.save or `kiln compile`")
     version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+    if type(version) is not int or version > SCHEMA_VERSION or version < 1:
         raise ArtifactError(f"artifact schema version {version!r} is not supported (this kiln reads 1..{SCHEMA_VERSION})",
                             where=where, fix="load it with the kiln version that wrote it, or rebuild the artifact")
-    for key in ("versions", "profile", "input_spec", "output_structure", "plan", "engines"):
-        if key not in data:
-            raise ArtifactError(f"manifest lacks {key!r}", where=where, fix="the artifact is corrupt; rebuild it")
+    for key, kind in (("versions", dict), ("profile", dict), ("input_spec", dict), ("output_structure", str),
+                      ("plan", dict), ("engines", list), ("report", dict)):
+        if not isinstance(data.get(key), kind):
+            problem = "lacks" if key not in data else f"has a malformed (not {kind.__name__})"
+            raise ArtifactError(f"manifest {problem} {key!r}", where=where, fix="the artifact is corrupt or was edited; rebuild it")
+    for engine in data["engines"]:
+        files = engine.get("files") if isinstance(engine, dict) else None
+        if not isinstance(files, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+                and type(f.get("size")) is int for f in files):
+            raise ArtifactError("manifest has a malformed engine entry", where=where, fix="the artifact is corrupt or was edited; rebuild it")
     return data
+
+
+def engine_member(name: str, where: str) -> PurePosixPath:
+    """An engine file's path: inside the artifact and directly in engines/, since that is the
+    folder backends load from (a file checked elsewhere must not stand in for the one loaded)."""
+    path = safe_member(name, where)
+    if path.parent != PurePosixPath(ENGINE_DIR):
+        raise ArtifactError(f"engine file {name!r} is not in {ENGINE_DIR}/", where=where,
+                            fix="the artifact was edited; rebuild it from the model")
+    return path
