@@ -3,6 +3,7 @@ torch.export's `dynamic_shapes`; random draws of a spec for verification and ben
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Mapping
 
@@ -154,7 +155,7 @@ def export_dynamic_shapes(spec: InputSpec) -> tuple | None:
 
 def check_call(spec: InputSpec, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Flatten a call and check it against the spec; return the flat tensors in spec order."""
-    expected = pytree.treespec_loads(spec.call_structure)
+    expected = _treespec(spec.call_structure)
     kwargs = _in_compiled_order(expected, kwargs)
     flat, structure = pytree.tree_flatten((args, kwargs))
     if structure != expected:
@@ -182,6 +183,12 @@ def _same_setting(given: Any, compiled: Any) -> bool:
     if isinstance(given, numbers) and isinstance(compiled, numbers):
         return given == compiled  # True and 1 take the same branch in the model
     return type(given) is type(compiled) and given == compiled
+
+
+@functools.lru_cache(maxsize=64)
+def _treespec(text: str) -> pytree.TreeSpec:
+    """Parsed once per spec: this runs on every call of a compiled model."""
+    return pytree.treespec_loads(text)
 
 
 def _in_compiled_order(expected: pytree.TreeSpec, kwargs: dict) -> dict:
@@ -299,7 +306,7 @@ def random_inputs(spec: InputSpec, seed: int, sizes: Mapping[str, int] | None = 
 def rebuild_call(spec: InputSpec, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
     """The user's (args, kwargs) from flat tensors plus the captured constants."""
     constant_at = dict(zip(spec.constant_positions, spec.constants))
-    structure = pytree.treespec_loads(spec.call_structure)
+    structure = _treespec(spec.call_structure)
     it = iter(tensors)
     leaves = [constant_at[i] if i in constant_at else next(it) for i in range(structure.num_leaves)]
     return pytree.tree_unflatten(leaves, structure)
