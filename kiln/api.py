@@ -16,7 +16,9 @@ import torch
 
 from kiln import hardware_profiles
 from kiln.backends.base import BackendSettings
+from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine
+from kiln.cache import CompileCache, cache_key, default_dir
 from kiln.errors import OptionsError, VerificationError
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
@@ -43,12 +45,20 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     that vary between calls. Options are CompileOptions fields, as `options=` or keywords.
     """
     opts = CompileOptions.build(options, **option_overrides)
+    start = time.monotonic()
     timings: dict[str, float] = {}
     with _stage("profile", timings):
         prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
         _check_profile_fits(prof, opts)
     with _stage("capture", timings):
         captured = capture(model, example_inputs, example_kwargs, dynamic)
+    cache, key = _cache(opts), None
+    if cache is not None:
+        with _stage("cache", timings):
+            key = cache_key(captured.gm, captured.input_spec.to_dict(), captured.output_structure, prof.digest, opts.cache_fields())
+            hit = cache.get(key)
+        if hit is not None:
+            return _finish_cache_hit(model, hit, captured, opts, timings, key)
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
     with _stage("passes", timings):
         report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec))
@@ -56,9 +66,10 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
                       export_dynamic_shapes(captured.input_spec))
     draws = _verification_inputs(captured, opts)
     workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
+    deadline = None if opts.time_budget_s is None else start + opts.time_budget_s
     try:
         with _stage("compile", timings):
-            engines = _build_engines(plan, prof, opts, draws, workdir, report)
+            engines = _build_engines(plan, prof, opts, draws, workdir, report, deadline)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -69,6 +80,33 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         with _stage("verify", timings):
             _verify_against_eager(model, compiled, captured, draws, opts, report)
     else:
+        report.notes.append("verification was turned off (verify=False): outputs are unchecked")
+    report.timings = timings
+    if cache is not None and opts.verify:  # only verified builds are reused
+        with _stage("cache store", timings):
+            if cache.put(key, compiled) is not None:
+                report.notes.append(f"stored in the compile cache as {key[:16]}")
+    return compiled
+
+
+def _cache(opts: CompileOptions) -> CompileCache | None:
+    if not opts.cache:
+        return None
+    return CompileCache(Path(opts.cache_dir) if opts.cache_dir else default_dir(), int(opts.cache_max_gb * 2**30))
+
+
+def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: CompileOptions,
+                      timings: dict[str, float], key: str) -> CompiledModel:
+    """A cache hit still answers to eager: it is verified like a fresh build."""
+    report = compiled.report
+    report.notes = [n for n in report.notes if not n.startswith("stored in the compile cache")]
+    report.notes.append(f"loaded from the compile cache ({key[:16]}); passes and backend decisions are those of the "
+                        "original build")
+    if opts.verify:
+        with _stage("verify", timings):
+            _verify_against_eager(model, compiled, captured, _verification_inputs(captured, opts), opts, report)
+    else:
+        report.verification = []
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
     report.timings = timings
     return compiled
@@ -111,9 +149,11 @@ def _verification_inputs(captured: Captured, opts: CompileOptions) -> list[tuple
     return draws
 
 
-def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report) -> dict:
+def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report,
+                   deadline: float | None) -> dict:
     engines = {}
     mode = "prefer" if opts.backend else (opts.select or profile.select)
+    isolate = opts.isolate if opts.isolate is not None else mode == "measure"
     for partition in plan.partitions:
         device = profile.devices[partition.device]
         names = (opts.backend,) if opts.backend else device.backends
@@ -130,8 +170,15 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
                         worst[c.name] = c
             return list(worst.values())
 
-        log.info("building partition %s on %s: candidates %s (%s)", partition.name, device.name, ", ".join(names), mode)
-        selection = select_engine(graph, names, mode, settings, check, opts.measure_seconds, opts.allow_fallback)
+        def build_isolated_candidate(backend, references=references, graph=graph, settings=settings):
+            engine, checks, _ = build_isolated(backend, graph, settings, draws, references,
+                                               opts.build_timeout_s, opts.build_memory_mb)
+            return engine, checks
+
+        log.info("building partition %s on %s: candidates %s (%s%s)", partition.name, device.name, ", ".join(names), mode,
+                 ", each in a child process" if isolate else "")
+        selection = select_engine(graph, names, mode, settings, check, opts.measure_seconds, opts.allow_fallback,
+                                  build_isolated_candidate if isolate else None, deadline)
         partition.backend = selection.backend
         engines[partition.name] = selection.engine
         report.candidates.extend(selection.candidates)

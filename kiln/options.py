@@ -22,6 +22,13 @@ class CompileOptions:
     measure_seconds: float = 1.0  # timing budget per candidate when measuring
     threads: int | None = None  # intra-op threads; None: the profile's cores, capped by this machine's
     disabled_passes: tuple[str, ...] = field(default=())
+    cache: bool = True  # reuse a finished build of the same graph, weights, spec, profile and options
+    cache_dir: str | None = None  # None: the user's cache directory (~/.cache/kiln)
+    cache_max_gb: float = 4.0  # least recently used entries are evicted past this size
+    isolate: bool | None = None  # build candidates in child processes; None: when measuring several
+    build_timeout_s: float = 900.0  # per isolated candidate build (and its first verification)
+    build_memory_mb: int | None = None  # address-space cap per isolated build; None: no cap
+    time_budget_s: float | None = None  # for the whole optimize(); candidates past it are skipped, recorded
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, str):
@@ -41,6 +48,13 @@ class CompileOptions:
         if self.measure_seconds <= 0:
             raise OptionsError(f"measure_seconds must be positive, got {self.measure_seconds!r}", where="options.measure_seconds", fix="use e.g. 1.0")
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
+        for name in ("build_timeout_s", "cache_max_gb"):
+            if getattr(self, name) <= 0:
+                raise OptionsError(f"{name} must be positive, got {getattr(self, name)!r}", where=f"options.{name}", fix="use a positive number")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise OptionsError(f"time_budget_s must be positive, got {self.time_budget_s!r}", where="options.time_budget_s", fix="use seconds > 0 or None")
+        if self.build_memory_mb is not None and (not isinstance(self.build_memory_mb, int) or self.build_memory_mb < 64):
+            raise OptionsError(f"build_memory_mb must be an int >= 64, got {self.build_memory_mb!r}", where="options.build_memory_mb", fix="use megabytes, e.g. 8192")
 
     @classmethod
     def build(cls, base: "CompileOptions | None" = None, **overrides) -> "CompileOptions":
@@ -52,6 +66,13 @@ class CompileOptions:
                 hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(names)}"
                 raise OptionsError(f"unknown option {key!r}", where="optimize()", fix=hint)
         return dataclasses.replace(base or cls(), **overrides)
+
+    # Fields that change how kiln builds, not what it builds; left out of the cache key.
+    NOT_IN_CACHE_KEY = ("verify", "verify_draws", "seed", "cache", "cache_dir", "cache_max_gb", "isolate",
+                        "build_timeout_s", "build_memory_mb")
+
+    def cache_fields(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_IN_CACHE_KEY}
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -22,6 +22,9 @@ from kiln.verify import OutputCheck, compare, failures_text
 
 # Checks a built engine: returns the worst output checks over the verification inputs.
 Checker = Callable[[Engine], list[OutputCheck]]
+# Builds and checks one candidate: (backend object) -> (engine, checks). In-process by default;
+# api passes an isolating builder (child process with budgets) when asked to.
+Builder = Callable[[object], tuple[Engine, list[OutputCheck]]]
 
 
 @dataclass
@@ -33,7 +36,14 @@ class Selection:
 
 
 def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, settings: BackendSettings,
-                  check: Checker, measure_seconds: float, allow_fallback: bool) -> Selection:
+                  check: Checker, measure_seconds: float, allow_fallback: bool, build: Builder | None = None,
+                  deadline: float | None = None) -> Selection:
+    """Pick the engine for `partition` among backends `names`; `deadline` (time.monotonic())
+    ends the search: candidates not started by then are recorded as skipped."""
+    if build is None:
+        def build(backend):
+            engine = backend.compile(partition, settings)
+            return engine, check(engine)
     records: list[CandidateRecord] = []
     built: list[tuple[float, str, Engine, list[OutputCheck], CandidateRecord]] = []
     for name in names:
@@ -41,6 +51,9 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
         records.append(record)
         if mode == "prefer" and built:
             record.reason = f"{built[0][1]} was preferred and verified"
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            record.status, record.reason = "skipped", "the compile time budget (time_budget_s) was spent"
             continue
         try:
             backend = registry.get(name)
@@ -57,10 +70,9 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
             continue
         start = time.perf_counter()
         try:
-            engine = backend.compile(partition, settings)
+            engine, checks = build(backend)
             record.compile_seconds = time.perf_counter() - start
             record.detail = getattr(engine, "summary", "")
-            checks = check(engine)
         except KilnError as exc:
             record.compile_seconds = time.perf_counter() - start
             record.status, record.reason = "failed", str(exc).splitlines()[0]

@@ -1,0 +1,75 @@
+"""The child side of an isolated build (see isolate.py): `python -m kiln.backends.build_worker JOB`.
+
+Reads JOB/request.json, JOB/program.pt2 and JOB/verify.pt; writes the engine to JOB/engine/
+and the outcome to JOB/result.json. Any exception is reported in result.json; a crash leaves
+no result.json and the parent reads the exit status instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+
+def main(job: Path) -> int:
+    import torch
+
+    from kiln.backends.base import BackendSettings, PartitionGraph
+    from kiln.hardware_profiles.schema import DeviceSpec
+    from kiln.types import DeviceKind, Precision
+    from kiln.verify import compare
+
+    request = json.loads((job / "request.json").read_text())
+    result: dict = {"ok": False}
+    try:
+        exported = torch.export.load(job / "program.pt2")
+        gm = exported.module()
+        for node in list(gm.graph.nodes):  # kiln checks inputs itself
+            if node.op == "call_module" and node.target == "_guards_fn":
+                gm.graph.erase_node(node)
+                gm.delete_submodule(node.target)
+        gm.recompile()
+        verify = torch.load(job / "verify.pt")
+        dims = {}
+        dynamic = None
+        if request["dynamic"] is not None:
+            dynamic = tuple(None if entry is None else {int(axis): dims.setdefault(name, torch.export.Dim(name, min=lo, max=hi))
+                                                        for axis, (name, lo, hi) in entry.items()}
+                            for entry in request["dynamic"])
+        partition = PartitionGraph(request["partition"], gm, tuple(request["input_names"]), tuple(request["output_names"]),
+                                   tuple(verify["draws"][0]), dynamic)
+        device = request["device"]
+        settings = BackendSettings(
+            DeviceSpec(device["name"], DeviceKind(device["kind"]), device["model"], device["memory_gb"],
+                       device["memory_bandwidth_gbs"], {Precision(k): v for k, v in device["peak_tflops"].items()},
+                       tuple(device["backends"]), device.get("cores"), tuple(device.get("features", ()))),
+            request["threads"], job, Precision(request["precision"]))
+        module_name, class_name = request["backend_class"].split(":")
+        import importlib
+
+        backend = getattr(importlib.import_module(module_name), class_name)()
+        start = time.perf_counter()
+        engine = backend.compile(partition, settings)
+        result["compile_seconds"] = time.perf_counter() - start
+        worst: dict = {}
+        for inputs, want in zip(verify["draws"], verify["references"]):
+            for check in compare(partition.output_names, list(engine(*inputs)), list(want), settings.precision):
+                if check.name not in worst or check.worst_excess > worst[check.name].worst_excess:
+                    worst[check.name] = check
+        (job / "engine").mkdir(exist_ok=True)
+        entry = engine.save(job / "engine", partition.name)
+        result.update(ok=True, checks=[c.to_dict() for c in worst.values()], entry=asdict(entry),
+                      summary=getattr(engine, "summary", ""))
+    except Exception as exc:  # reported to the parent, which records it as this candidate's failure
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:600]
+        traceback.print_exc()
+    (job / "result.json").write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -1,0 +1,146 @@
+"""The compile cache: finished artifacts on disk, addressed by everything that shapes them.
+
+The key is a sha256 over the captured graph (its code and every node's op, shape and dtype),
+the bytes of every weight, the input spec with its dynamic ranges, the output structure, the
+profile's digest, the compile options, the versions of kiln, torch and each backend library,
+and the host (CPU flags, usable cores). Change any of them and the key changes.
+
+An entry is an artifact directory (the same format `CompiledModel.save` writes). Writes go to a
+temporary directory in the cache root and are renamed into place, so a crash never leaves half
+an entry. A hit is loaded through `kiln.load` (checksums first); a corrupt entry is removed
+and rebuilt. The cache keeps under a size cap by evicting the least recently used entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import kiln
+from kiln.artifact.manifest import host_fingerprint
+from kiln.errors import ArtifactError
+
+log = logging.getLogger("kiln")
+
+USED_SUFFIX = ".used"  # a marker beside each entry (inside, it would be an unlisted artifact file)
+LIBRARIES = ("onnxruntime", "onnx", "onnxscript")
+
+
+def default_dir() -> Path:
+    """The user's cache directory (XDG on Linux), kiln's folder inside it."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kiln"
+
+
+def cache_key(gm: torch.fx.GraphModule, input_spec: dict, output_structure: str, profile_digest: str,
+              options: dict) -> str:
+    digest = hashlib.sha256()
+
+    def add(label: str, value) -> None:
+        digest.update(label.encode())
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode() if not isinstance(value, bytes) else value)
+
+    add("graph", gm.code)
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        shape = [str(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
+        add("node", [node.op, str(node.target), shape, str(getattr(val, "dtype", None))])
+    for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
+        add("weight", [name, str(tensor.dtype), list(tensor.shape)])
+        add("bytes", tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
+            if tensor.numel() else b"")
+    add("inputs", input_spec)
+    add("outputs", output_structure)
+    add("profile", profile_digest)
+    add("options", options)
+    add("versions", {"kiln": kiln.__version__, "torch": torch.__version__, **_library_versions()})
+    add("host", {**host_fingerprint(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()})
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class CompileCache:
+    def __init__(self, root: Path, max_bytes: int):
+        self.root = Path(root).expanduser()
+        self.max_bytes = max_bytes
+
+    def entry(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str):
+        """The cached CompiledModel for `key`, or None. A corrupt entry is removed."""
+        path = self.entry(key)
+        if not (path / "manifest.json").is_file():
+            return None
+        try:
+            compiled = kiln.load(path)
+        except ArtifactError as exc:
+            log.warning("compile cache entry %s is unusable (%s); rebuilding", key[:12], exc.what)
+            shutil.rmtree(path, ignore_errors=True)
+            Path(str(path) + USED_SUFFIX).unlink(missing_ok=True)
+            return None
+        self._mark_used(path)
+        return compiled
+
+    def put(self, key: str, compiled) -> Path | None:
+        """Store `compiled` atomically; returns the entry, or None if it could not be written."""
+        target = self.entry(key)
+        staging = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            compiled.save(str(staging / "artifact") + "/")
+            try:
+                os.replace(staging / "artifact", target)
+            except OSError:  # another process stored the same key first; theirs is as good
+                pass
+            self._mark_used(target)
+        except (OSError, kiln.KilnError) as exc:
+            log.warning("could not write compile cache entry %s: %s", key[:12], exc)
+            return None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        self.evict()
+        return target
+
+    @staticmethod
+    def _mark_used(path: Path) -> None:
+        Path(str(path) + USED_SUFFIX).touch()
+
+    def evict(self) -> list[Path]:
+        """Remove least recently used entries until the cache fits `max_bytes`."""
+        entries = []
+        for path in self.root.glob("*/*"):
+            if path.is_dir() and not path.name.startswith(".tmp-"):
+                marker = Path(str(path) + USED_SUFFIX)
+                used = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                entries.append((used, size, path))
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for used, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            shutil.rmtree(path, ignore_errors=True)
+            Path(str(path) + USED_SUFFIX).unlink(missing_ok=True)
+            total -= size
+            removed.append(path)
+        return removed

@@ -1,0 +1,126 @@
+"""The compile cache: a hit skips the build and is still verified; every input of the build
+is in the key; writes are atomic; corrupt entries are rebuilt; size is capped (LRU)."""
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+import kiln.cache
+from kiln.cache import CompileCache, cache_key
+from kiln.frontend.capture import capture
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)).eval()
+
+
+def _optimize(model, x, cache_dir, **options):
+    return kiln.optimize(model, "cpu-x86", (x,), backend="onnxruntime", cache_dir=str(cache_dir), **options)
+
+
+def _hit(compiled) -> bool:
+    return any("loaded from the compile cache" in note for note in compiled.report.notes)
+
+
+def test_a_second_identical_compile_is_a_verified_cache_hit(tmp_path):
+    model, x = _model(), torch.randn(2, 8)
+    first = _optimize(model, x, tmp_path)
+    assert not _hit(first)
+    second = _optimize(model, x, tmp_path)
+    assert _hit(second)
+    assert second.report.verification and all(v["ok"] for v in second.report.verification)
+    assert second.report.candidates == first.report.candidates  # the original decisions travel with the entry
+    torch.testing.assert_close(second(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change", ["shape", "weight", "option", "profile", "kiln version", "torch version"])
+def test_anything_that_shapes_the_build_changes_the_key(change, tmp_path, monkeypatch):
+    model, x = _model(), torch.randn(2, 8)
+    _optimize(model, x, tmp_path)
+    options = {}
+    profile = "cpu-x86"
+    if change == "shape":
+        x = torch.randn(3, 8)
+    elif change == "weight":
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1e-3
+    elif change == "option":
+        options = {"disabled_passes": ("fold_constants",)}
+    elif change == "profile":
+        base = kiln.hardware_profiles.load("cpu-x86")
+        profile = replace(base, digest=base.digest[::-1])
+    elif change == "kiln version":
+        monkeypatch.setattr(kiln, "__version__", "99.0")
+    elif change == "torch version":
+        monkeypatch.setattr(torch, "__version__", "99.0+cpu")
+    again = kiln.optimize(model, profile, (x,), backend="onnxruntime", cache_dir=str(tmp_path), **options)
+    assert not _hit(again)
+
+
+def test_the_key_is_stable_across_captures_of_the_same_model():
+    model, x = _model(), torch.randn(2, 8)
+    keys = set()
+    for _ in range(2):
+        captured = capture(model, (x,))
+        keys.add(cache_key(captured.gm, captured.input_spec.to_dict(), captured.output_structure, "p", {}))
+    assert len(keys) == 1
+
+
+def test_a_corrupt_entry_is_dropped_and_rebuilt(tmp_path):
+    model, x = _model(), torch.randn(2, 8)
+    _optimize(model, x, tmp_path)
+    (engine,) = tmp_path.glob("*/*/engines/p0.onnx")
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    rebuilt = _optimize(model, x, tmp_path)
+    assert not _hit(rebuilt) and any("stored in the compile cache" in n for n in rebuilt.report.notes)
+    assert _hit(_optimize(model, x, tmp_path))
+
+
+def test_a_crash_while_storing_leaves_no_half_entry(tmp_path, monkeypatch):
+    model, x = _model(), torch.randn(2, 8)
+
+    def save_then_crash(self, path):
+        (tmp_path / "partial-marker").write_text("")
+        raise OSError("disk vanished mid-write")
+
+    monkeypatch.setattr(kiln.CompiledModel, "save", save_then_crash)
+    compiled = _optimize(model, x, tmp_path)  # the build itself still succeeds
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not list(tmp_path.glob("*/*/manifest.json")) and not list(tmp_path.glob("*/.tmp-*"))
+    monkeypatch.undo()
+    assert not _hit(_optimize(model, x, tmp_path))
+
+
+def test_the_cache_evicts_least_recently_used_entries_past_its_cap(tmp_path):
+    x = torch.randn(2, 8)
+    models = [_model(seed) for seed in range(3)]
+    for model in models:
+        _optimize(model, x, tmp_path)
+        time.sleep(0.05)
+    _optimize(models[0], x, tmp_path)  # touch the oldest: now the most recently used
+    entries = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    one_entry = max(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in entries)
+    cache = CompileCache(tmp_path, max_bytes=int(one_entry * 1.5))
+    removed = cache.evict()
+    assert len(removed) == 2
+    assert _hit(_optimize(models[0], x, tmp_path))
+    assert not _hit(_optimize(models[1], x, tmp_path))
+
+
+def test_cache_false_neither_reads_nor_writes(tmp_path):
+    model, x = _model(), torch.randn(2, 8)
+    _optimize(model, x, tmp_path, cache=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unverified_build_is_not_stored(tmp_path):
+    model, x = _model(), torch.randn(2, 8)
+    _optimize(model, x, tmp_path, verify=False)
+    assert not list(tmp_path.glob("*/*/manifest.json"))

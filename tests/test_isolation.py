@@ -1,0 +1,72 @@
+"""Candidate builds in child processes: a crash, a hang or an out-of-memory in one candidate
+is recorded and the search goes on with the others."""
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.backends import registry
+
+import support_backends
+
+
+@pytest.fixture
+def misbehaving(monkeypatch):
+    """Register the misbehaving backends next to the real ones for this test only."""
+    table = dict(registry.BACKENDS)
+    for cls in (support_backends.SegfaultingBackend, support_backends.HangingBackend,
+                support_backends.MemoryHungryBackend, support_backends.RaisingBackend):
+        table[cls.name] = f"support_backends:{cls.__name__}"
+    monkeypatch.setattr(registry, "BACKENDS", table)
+
+
+def _compile(candidates, **options):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU()).eval()
+    profile_options = dict(select="measure", isolate=True, cache=False, verify_draws=0, measure_seconds=0.05)
+    profile_options.update(options)
+    # a profile whose cpu prefers the given candidates, then onnxruntime
+    from dataclasses import replace
+
+    profile = kiln.hardware_profiles.load("cpu-x86")
+    device = replace(profile.primary, backends=(*candidates, "onnxruntime"))
+    profile = replace(profile, devices={"cpu": device})
+    return kiln.optimize(model, profile, (torch.randn(2, 6),), **profile_options)
+
+
+def _record(compiled, backend):
+    return next(c for c in compiled.report.candidates if c.backend == backend)
+
+
+def test_a_segfaulting_build_is_recorded_with_its_signal_and_the_search_goes_on(misbehaving):
+    compiled = _compile(["segfaulting"])
+    record = _record(compiled, "segfaulting")
+    assert record.status == "failed" and "SIGSEGV" in record.reason and "about to crash" in record.reason
+    assert compiled.backends == {"p0": "onnxruntime"}
+
+
+def test_a_hanging_build_is_stopped_at_its_time_budget(misbehaving):
+    compiled = _compile(["hanging"], build_timeout_s=25)  # room for onnxruntime's real build after it
+    record = _record(compiled, "hanging")
+    assert record.status == "failed" and "25 s budget" in record.reason
+    assert record.compile_seconds < 60
+    assert compiled.backends == {"p0": "onnxruntime"}
+
+
+def test_a_build_past_its_memory_budget_fails_alone(misbehaving):
+    compiled = _compile(["memory_hungry"], build_memory_mb=1500)
+    record = _record(compiled, "memory_hungry")
+    assert record.status == "failed" and "MemoryError" in record.reason
+    assert compiled.backends == {"p0": "onnxruntime"}
+
+
+def test_an_exception_in_the_child_build_is_reported_with_its_message(misbehaving):
+    compiled = _compile(["raising"])
+    assert "exporter exploded" in _record(compiled, "raising").reason
+
+
+def test_the_overall_time_budget_skips_candidates_not_yet_started(misbehaving):
+    with pytest.raises(kiln.BackendUnavailable) as info:
+        _compile(["hanging"], build_timeout_s=3, time_budget_s=2)
+    message = str(info.value)
+    assert "hanging: failed" in message and "onnxruntime: skipped" in message and "time_budget_s" in message
