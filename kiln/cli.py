@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on random or .npy inputs")
     p.add_argument("artifact")
+    p.add_argument("--pin", metavar="DIGEST", help="refuse the artifact unless its digest (see `kiln inspect`) is this")
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input from a .npy file")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
     p.add_argument("--out", help="directory to write outputs as .npy")
@@ -279,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
     import kiln
     from kiln.frontend.input_spec import check_call, rebuild_call
 
-    compiled = kiln.load(args.artifact)
+    compiled = kiln.load(args.artifact, expected_digest=args.pin)
     tensors = _artifact_inputs(compiled, args.input, args.seed)
     call_args, call_kwargs = rebuild_call(compiled.input_spec, tensors)
     checked = check_call(compiled.input_spec, call_args, call_kwargs)
@@ -331,11 +332,16 @@ def _bench(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import kiln
 
+    from kiln.artifact import digest
+
     compiled = kiln.load(args.artifact)
+    pin = digest(args.artifact)
     if args.json:
-        print(json.dumps({"profile": compiled.profile, "plan": compiled.plan.to_dict(), "report": compiled.report.to_dict()}, default=str))
+        print(json.dumps({"digest": pin, "profile": compiled.profile, "plan": compiled.plan.to_dict(),
+                          "report": compiled.report.to_dict()}, default=str))
     else:
         print(compiled.report.render())
+        print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or --pin): {pin}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Artifacts: manifest + engine files, saved as a directory or one zip file."""
 
-from kiln.artifact.load import load
+from kiln.artifact.load import digest, load
 
-__all__ = ["load"]
+__all__ = ["digest", "load"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -22,9 +23,14 @@ from kiln.report import Report
 from kiln.types import DeviceKind, InputSpec, Precision
 
 
-def load(path: str | Path, threads: int | None = None):
+def load(path: str | Path, threads: int | None = None, expected_digest: str | None = None):
     """Load an artifact written by CompiledModel.save; raises ArtifactError when it is corrupt,
-    tampered with, or needs other versions than the ones installed."""
+    tampered with, or needs other versions than the ones installed.
+
+    expected_digest: the artifact's digest as printed by `kiln inspect` (or
+    `kiln.artifact.digest(path)`) when it was built. The digest is the sha256 of the manifest,
+    which lists every engine file's sha256, so pinning it refuses any edited artifact, not only
+    corrupt ones. Keep the digest somewhere the artifact's supplier cannot change it."""
     from kiln.runtime.compiled_model import CompiledModel
 
     path = Path(path).expanduser()
@@ -32,7 +38,12 @@ def load(path: str | Path, threads: int | None = None):
         raise ArtifactError("no such file or directory", where=str(path), fix="check the path")
     directory, cleanup = _open(path)
     try:
-        manifest = read_manifest((directory / MANIFEST).read_bytes(), where=str(path))
+        manifest_bytes = (directory / MANIFEST).read_bytes()
+        if expected_digest is not None and hashlib.sha256(manifest_bytes).hexdigest() != expected_digest.lower():
+            raise ArtifactError(f"artifact digest {hashlib.sha256(manifest_bytes).hexdigest()[:16]}... differs from the pinned "
+                                f"{expected_digest[:16]}...", where=str(path),
+                                fix="the artifact is not the one you pinned; rebuild it or update the pin from a trusted build")
+        manifest = read_manifest(manifest_bytes, where=str(path))
         _check_versions(manifest, path)
         entries = _check_files(manifest, directory, path)
         _check_no_unlisted_files(manifest, directory, path)
@@ -54,6 +65,18 @@ def load(path: str | Path, threads: int | None = None):
         raise
     weakref.finalize(compiled, cleanup)  # engines may read their files lazily; remove them with the model
     return compiled
+
+
+def digest(path: str | Path) -> str:
+    """The artifact's digest: sha256 of its manifest (which holds every engine file's sha256)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return hashlib.sha256(archive.read(MANIFEST)).hexdigest()
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise ArtifactError(f"cannot read the manifest ({exc})", where=str(path), fix="pass an artifact written by kiln") from None
 
 
 def _open(path: Path):

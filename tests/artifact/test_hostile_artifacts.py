@@ -394,3 +394,33 @@ def test_artifact_error_message_has_what_where_and_fix(originals, tmp_path, engi
     assert error.fix and "rebuild" in error.fix
     assert isinstance(error, kiln.KilnError)
     assert os.fspath(path) in str(error)
+
+
+# ---------------------------------------------------------------- pinning and section boundaries
+
+def test_a_pinned_digest_refuses_an_artifact_whose_manifest_was_rewritten(originals, tmp_path, engine_loads):
+    from kiln.artifact import digest
+
+    pin = digest(originals["a"])
+    assert kiln.load(originals["a"], expected_digest=pin) is not None
+    # an edit that keeps every checksum valid is still refused once the digest is pinned
+    edited = with_manifest(originals["a"], tmp_path / "edited.kiln", lambda m: m["versions"].update(note="edited"))
+    engine_loads.clear()
+    with pytest.raises(kiln.ArtifactError, match="pinned"):
+        kiln.load(edited, expected_digest=pin)
+    assert engine_loads == []
+
+
+def test_truncation_at_every_member_boundary_is_refused(originals, tmp_path, engine_loads):
+    import zipfile
+
+    data = originals["a"].read_bytes()
+    with zipfile.ZipFile(originals["a"]) as archive:
+        offsets = sorted({info.header_offset for info in archive.infolist()} |
+                         {info.header_offset + len(info.FileHeader()) + info.compress_size for info in archive.infolist()})
+    for offset in [o for o in offsets if 0 < o < len(data)]:
+        cut = tmp_path / f"cut_{offset}.kiln"
+        cut.write_bytes(data[:offset])
+        with pytest.raises(kiln.ArtifactError):
+            kiln.load(cut)
+    assert engine_loads == []
