@@ -14,6 +14,8 @@ import contextlib
 import functools
 import io
 import logging
+import os
+import re
 import warnings
 import shutil
 from pathlib import Path
@@ -131,6 +133,16 @@ class OnnxRuntimeEngine:
         return EngineEntry(self.backend, files, {"providers": list(self.providers), "opset": OPSET, "summary": self.summary})
 
 
+def _innermost_reason(exc: BaseException) -> str:
+    """The exporter wraps the real error in several layers with long help texts; the last
+    cause in the chain names the op and the problem."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
 def _fuse_for_ort(program, path: Path) -> str:
     """Rewrite the exported graph into ORT's fused contrib ops (attention, skip layer norm,
     bias-GELU, ...) with onnxscript's ORT fusion rules, then save it to `path`. If the rewriter
@@ -194,10 +206,19 @@ class OnnxRuntimeBackend:
                                             input_names=list(partition.input_names),
                                             output_names=list(partition.output_names), verbose=False)
         except Exception as exc:
-            raise BackendError(f"the ONNX exporter failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            raise BackendError(f"the ONNX exporter failed: {_innermost_reason(exc)}",
                                where=f"partition {partition.name}", fix="try backend='inductor'") from exc
+        unfused = settings.workdir / f"{partition.name}.unfused.onnx"
+        program.save(str(unfused))
         summary = _fuse_for_ort(program, path)
-        engine = OnnxRuntimeEngine(path, settings, partition.output_names)
+        try:
+            engine = OnnxRuntimeEngine(path, settings, partition.output_names)
+        except BackendError as exc:
+            # A fused contrib op may have no kernel on this execution provider (GroupNorm on CPU):
+            # the unfused graph is still correct, and the report says why it was used.
+            os.replace(unfused, path)
+            engine = OnnxRuntimeEngine(path, settings, partition.output_names)
+            summary = f"fused graph refused by ONNX Runtime ({exc.what.split(': ', 1)[-1][:160]}); unfused graph used"
         engine.summary = summary
         return engine
 
