@@ -15,10 +15,9 @@ import torch
 
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine, PartitionGraph
-from kiln.errors import BackendError, BackendUnavailable, KilnError
+from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.report import CandidateRecord
-from kiln.types import Precision
-from kiln.verify import OutputCheck, compare, failures_text
+from kiln.verify import OutputCheck, failures_text
 
 # Checks a built engine: returns the worst output checks over the verification inputs.
 Checker = Callable[[Engine], list[OutputCheck]]
@@ -44,76 +43,93 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
         def build(backend):
             engine = backend.compile(partition, settings)
             return engine, check(engine)
+    strict = mode == "prefer" and not allow_fallback  # a failure is the user's answer, not a reason to move on
     records: list[CandidateRecord] = []
-    built: list[tuple[float, str, Engine, list[OutputCheck], CandidateRecord]] = []
+    built: list[_Built] = []
     for name in names:
         record = CandidateRecord(partition.name, name, "not tried")
         records.append(record)
         if mode == "prefer" and built:
-            record.reason = f"{built[0][1]} was preferred and verified"
-            continue
-        if deadline is not None and time.monotonic() > deadline:
+            record.reason = f"{built[0].record.backend} was preferred and verified"
+        elif deadline is not None and time.monotonic() > deadline:
             record.status, record.reason = "skipped", "the compile time budget (time_budget_s) was spent"
-            continue
-        try:
-            backend = registry.get(name)
-        except BackendUnavailable as exc:
-            record.status, record.reason = "unavailable", exc.what
-            continue
-        status = backend.available()
-        if not status.ok:
-            record.status, record.reason = "unavailable", f"{status.reason} ({status.install_hint})"
-            continue
-        unsupported = _unsupported(backend, partition, settings)
-        if unsupported:
-            record.status, record.reason = "unsupported", unsupported
-            continue
-        start = time.perf_counter()
-        try:
-            engine, checks = build(backend)
-            record.compile_seconds = time.perf_counter() - start
-            record.detail = getattr(engine, "summary", "")
-        except KilnError as exc:
-            record.compile_seconds = time.perf_counter() - start
-            record.status, record.reason = "failed", str(exc).splitlines()[0]
-            if mode == "prefer" and not allow_fallback:
-                raise
-            continue
-        except Exception as exc:  # a backend bug must not end the search; it is recorded
-            record.compile_seconds = time.perf_counter() - start
-            record.status, record.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            if mode == "prefer" and not allow_fallback:
-                raise BackendError(f"backend {name} failed on partition {partition.name}: {record.reason}",
-                                   fix="pass allow_fallback=True to try the next preferred backend, or choose another backend") from exc
-            continue
-        record.max_abs_error = max((c.max_abs_error for c in checks), default=0.0)
-        if not all(c.ok for c in checks):
-            record.status, record.reason = "mismatch", failures_text(checks, settings.precision)
-            if mode == "prefer" and not allow_fallback:
-                from kiln.errors import VerificationError
-
-                raise VerificationError(f"backend {name} disagrees with eager: {record.reason}", where=f"partition {partition.name}",
-                                        fix="pass allow_fallback=True to try the next backend, or report the model")
-            continue
-        built.append((0.0, name, engine, checks, record))
+        elif (backend := _usable_backend(name, partition, settings, record)) is not None:
+            result = _build_and_check(backend, build, record, strict, partition.name, settings)
+            if result is not None:
+                built.append(result)
     if not built:
         summary = "; ".join(f"{r.backend}: {r.status} ({r.reason})" for r in records)
         raise BackendUnavailable(f"no backend could run partition {partition.name}: {summary}", where=f"device {settings.device.name}",
                                  fix="install a listed backend, or name one with backend=...")
     if mode == "measure":
-        medians = time_interleaved([b[2] for b in built], partition.example_inputs, measure_seconds * len(built))
-        built = [(m, name, engine, checks, record) for m, (_, name, engine, checks, record) in zip(medians, built)]
-        for median, *_, record in built:
-            record.median_ms = median * 1000
-    best = min(built, key=lambda b: b[0]) if mode == "measure" else built[0]
-    for _, name, _, _, record in built:
-        if record is best[4]:
+        medians = time_interleaved([b.engine for b in built], partition.example_inputs, measure_seconds * len(built))
+        for median, candidate in zip(medians, built):
+            candidate.record.median_ms = median * 1000
+    best = min(built, key=lambda b: b.record.median_ms) if mode == "measure" else built[0]
+    for candidate in built:
+        record = candidate.record
+        if candidate is best:
             record.status = "chosen"
             record.reason = "fastest verified" if mode == "measure" else "first preferred backend that verified"
         else:
             record.status = "slower"
-            record.reason = f"{record.median_ms / best[4].median_ms:.2f}x the chosen backend's time"
-    return Selection(best[2], best[1], records, best[3])
+            record.reason = f"{record.median_ms / best.record.median_ms:.2f}x the chosen backend's time"
+    return Selection(best.engine, best.record.backend, records, best.checks)
+
+
+@dataclass
+class _Built:
+    engine: Engine
+    checks: list[OutputCheck]
+    record: CandidateRecord
+
+
+def _usable_backend(name: str, partition: PartitionGraph, settings: BackendSettings, record: CandidateRecord):
+    """The backend object if it is installed and takes every node; else None, with the reason recorded."""
+    try:
+        backend = registry.get(name)
+    except BackendUnavailable as exc:
+        record.status, record.reason = "unavailable", exc.what
+        return None
+    status = backend.available()
+    if not status.ok:
+        record.status, record.reason = "unavailable", f"{status.reason} ({status.install_hint})"
+        return None
+    unsupported = _unsupported(backend, partition, settings)
+    if unsupported:
+        record.status, record.reason = "unsupported", unsupported
+        return None
+    return backend
+
+
+def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: bool, partition: str,
+                     settings: BackendSettings) -> _Built | None:
+    """Build one candidate and check it against eager; failures are recorded (raised if strict)."""
+    start = time.perf_counter()
+    try:
+        engine, checks = build(backend)
+    except KilnError as exc:
+        record.status, record.reason = "failed", str(exc).splitlines()[0]
+        if strict:
+            raise
+        return None
+    except Exception as exc:  # a backend bug must not end the search; it is recorded
+        record.status, record.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        if strict:
+            raise BackendError(f"backend {backend.name} failed on partition {partition}: {record.reason}",
+                               fix="pass allow_fallback=True to try the next preferred backend, or choose another backend") from exc
+        return None
+    finally:
+        record.compile_seconds = time.perf_counter() - start
+    record.detail = getattr(engine, "summary", "")
+    record.max_abs_error = max((c.max_abs_error for c in checks), default=0.0)
+    if not all(c.ok for c in checks):
+        record.status, record.reason = "mismatch", failures_text(checks, settings.precision)
+        if strict:
+            raise VerificationError(f"backend {backend.name} disagrees with eager: {record.reason}", where=f"partition {partition}",
+                                    fix="pass allow_fallback=True to try the next backend, or report the model")
+        return None
+    return _Built(engine, checks, record)
 
 
 def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) -> str:
