@@ -48,10 +48,32 @@ class _ExporterTable(CapabilityTable):
             return Support(True)  # operator.getitem and friends export as tuple plumbing
         if precision not in FLOAT_PRECISIONS:
             return Support(False, f"kiln's ONNX Runtime path does not lower {precision.value} yet")
+        if (check := _NODE_CHECKS.get(target)) is not None and (reason := check(node)) is not None:
+            return Support(False, reason)
         if target in _METADATA_CHECKS or _exporter_registry().is_registered(target) or target in _decompositions() \
                 or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
             return Support(True)
         return Support(False, f"the ONNX exporter has no conversion for {target}")
+
+
+def _rank4_query(node: Node) -> str | None:
+    query = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    if query is not None and query.dim() != 4:
+        return f"the ONNX exporter converts scaled_dot_product_attention only with 4-d query/key/value, not {query.dim()}-d"
+    return None
+
+
+def _tensor_first_operand(node: Node) -> str | None:
+    if not isinstance(node.args[0], Node):
+        return f"the ONNX exporter cannot convert {node.target} with a Python number as its first operand"
+    return None
+
+
+# Conversions the exporter registers but fails on for some arguments (found by kiln's fuzzer).
+_NODE_CHECKS = {
+    torch.ops.aten.scaled_dot_product_attention.default: _rank4_query,
+    torch.ops.aten.mul.Tensor: _tensor_first_operand,
+}
 
 
 # Export-time shape and dtype assertions: the exporter drops them (ONNX has static types).

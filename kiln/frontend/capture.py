@@ -10,6 +10,7 @@ that serialise without pickle.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,11 +65,22 @@ def plain_containers(value: Any) -> Any:
 
 
 def export_program(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
-    """torch.export as kiln uses it everywhere (capture and backends' re-export): non-strict,
-    without autograd, and size-oblivious when dims are dynamic, so that an example of size 1
-    can stand for a dynamic dim (export would otherwise fix sizes 0 and 1 and blame the model)."""
-    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=dynamic_shapes is not None):
-        return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    """torch.export as kiln uses it everywhere (capture and backends' re-export): non-strict and
+    without autograd. With dynamic dims, a failed export is retried size-oblivious: that lets an
+    example of size 1 stand for a dynamic dim (export otherwise fixes sizes 0 and 1 and blames
+    the model), while models that export plainly keep export's usual reasoning."""
+    with torch.no_grad():
+        try:
+            return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception:
+            if dynamic_shapes is None:
+                raise
+            first = sys.exc_info()
+        try:
+            with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception:
+            raise first[1].with_traceback(first[2]) from None  # the plain export's reason is the clearer one
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None,

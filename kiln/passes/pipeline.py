@@ -18,6 +18,7 @@ from kiln.errors import PassFailed
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
 from kiln.passes.result import PassResult
@@ -38,7 +39,8 @@ MAX_REPEATS = 4
 
 PIPELINE: tuple[Stage, ...] = (
     # Cleanup first so fusion patterns see the graph without identities and dead branches.
-    Stage("cleanup", (remove_inactive_dropout, fold_constants, remove_dead_code), repeat_until_stable=True),
+    Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
+          repeat_until_stable=True),
     # Fusion: algebraic folds that remove whole ops.
     Stage("fusion", (fold_batchnorm,)),
     # Folding BatchNorm leaves its statistics unused; sweep again.

@@ -1,0 +1,170 @@
+"""One differential-fuzzing case: generate the model for a seed, compile it with kiln on one
+backend, and compare the compiled model with eager PyTorch on a fresh input. Shared by
+tests/fuzz/test_differential_fuzz.py (CI-sized) and bench/fuzz_long.py (long runs).
+
+Outcomes:
+  ok          kiln built the model and it matches eager on kiln's own and on fresh inputs
+  kiln_error  kiln refused with a KilnError other than VerificationError (message recorded)
+  mismatch    VerificationError, or the fresh-input comparison failed (a bug)
+  crash       a non-Kiln exception from optimize() or from calling the compiled model (a bug)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+import kiln
+from kiln.verify import TOLERANCE
+
+from fuzz.generator import call, describe, draw_inputs, random_model
+
+OUTCOMES = ("ok", "kiln_error", "mismatch", "crash")
+
+
+@dataclass
+class CaseResult:
+    seed: int
+    backend: str
+    outcome: str
+    ops: str = ""
+    error_type: str = ""
+    error: str = ""
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        text = f"seed {self.seed} on {self.backend}: {self.outcome}"
+        if self.error:
+            text += f" ({self.error_type}: {self.error})"
+        return f"{text}\n  model: {self.ops}"
+
+
+def _options(backend: str) -> dict:
+    """optimize() keywords: the backend, one verification draw, and no compile cache where this
+    kiln has one (a fuzz build must be fresh and must not fill the user's cache)."""
+    opts = {"backend": backend, "verify_draws": 1}
+    names = {f.name for f in dataclasses.fields(kiln.CompileOptions)}
+    if "cache" in names:
+        opts["cache"] = False
+    return opts
+
+
+def _plain(value):
+    """Output structure with kiln's Outputs (a dict subclass) seen as a dict."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def compare_outputs(got, want) -> list[str]:
+    """Problems found comparing a compiled model's outputs with eager's, at fp32 tolerance
+    (an independent re-implementation of the allclose rule, not kiln.verify.compare)."""
+    tol = TOLERANCE[kiln.Precision.FP32]
+    got_leaves, got_spec = pytree.tree_flatten(_plain(got))
+    want_leaves, want_spec = pytree.tree_flatten(_plain(want))
+    if got_spec != want_spec:
+        return [f"output structure {got_spec} differs from eager's {want_spec}"]
+    problems = []
+    for k, (g, w) in enumerate(zip(got_leaves, want_leaves)):
+        if not isinstance(g, torch.Tensor):
+            problems.append(f"leaf {k}: got {type(g).__name__}, eager gives a tensor")
+            continue
+        if g.shape != w.shape or g.dtype != w.dtype:
+            problems.append(f"leaf {k}: got {g.dtype}{tuple(g.shape)}, eager gives {w.dtype}{tuple(w.shape)}")
+            continue
+        g64, w64 = g.double(), w.double()
+        if not torch.equal(torch.isnan(g64), torch.isnan(w64)):
+            problems.append(f"leaf {k}: NaN positions differ")
+            continue
+        finite = torch.isfinite(w64)
+        if not torch.equal(g64[~finite & ~torch.isnan(w64)], w64[~finite & ~torch.isnan(w64)]):
+            problems.append(f"leaf {k}: Inf positions differ")
+            continue
+        diff = (g64 - w64).abs()[finite]
+        bound = (tol.atol + tol.rtol * w64.abs())[finite]
+        if diff.numel() and bool((diff > bound).any()):
+            problems.append(f"leaf {k} {tuple(w.shape)}: max abs error {float(diff.max()):.3g}, "
+                            f"worst excess over tolerance {float((diff - bound).max()):.3g}")
+    return problems
+
+
+def _first_line(exc: BaseException, limit: int = 600) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:limit]
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (the exporter's own reason under its banners)."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _fresh_batch(model) -> int | None:
+    """A batch size other than the example's for the fresh input (1 included: kiln promises a
+    dynamic dim serves every size in its range), or None when the batch is static."""
+    info = model.fuzz_info
+    if not info["dynamic"]:
+        return None
+    choices = [1, info["batch"] + 1, info["batch"] + 5]
+    return choices[info["seed"] % len(choices)]
+
+
+def run_case(seed: int, backend: str) -> CaseResult:
+    start = time.perf_counter()
+    model, example, dynamic = random_model(seed)
+    result = CaseResult(seed, backend, "ok", describe(model))
+    result.details["attempt"] = model.fuzz_info["attempt"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = kiln.optimize(model, "cpu-x86", example, dynamic=dynamic, **_options(backend))
+    except kiln.VerificationError as exc:
+        result.outcome, result.error_type, result.error = "mismatch", type(exc).__name__, _first_line(exc)
+    except kiln.KilnError as exc:
+        result.outcome, result.error_type, result.error = "kiln_error", type(exc).__name__, _first_line(exc)
+        result.details["message"] = str(exc)[:3000]
+        cause = exc.__cause__
+        if cause is not None:
+            result.details["cause"] = f"{type(cause).__name__}: {_first_line(cause, 1000)}"
+            root = _root_cause(exc)
+            result.details["root_cause"] = f"{type(root).__name__}: {_first_line(root, 1000)}"
+    except Exception as exc:  # noqa: BLE001 - any other exception is a kiln bug by definition
+        result.outcome, result.error_type, result.error = "crash", type(exc).__name__, _first_line(exc)
+        result.details["traceback"] = traceback.format_exc()[-4000:]
+    else:
+        fresh_batch = _fresh_batch(model)
+        fresh = draw_inputs(model, batch=fresh_batch, seed=seed + 1_000_003)
+        result.details["fresh_batch"] = fresh_batch
+        try:
+            with torch.no_grad():
+                want = call(model, fresh)
+            got = call(compiled, fresh)
+        except kiln.KilnError as exc:  # the compiled model refused an input eager accepts
+            result.outcome, result.error_type, result.error = "crash", type(exc).__name__, f"on a fresh input: {_first_line(exc)}"
+        except Exception as exc:  # noqa: BLE001
+            result.outcome, result.error_type, result.error = "crash", type(exc).__name__, f"on a fresh input: {_first_line(exc)}"
+            result.details["traceback"] = traceback.format_exc()[-4000:]
+        else:
+            problems = compare_outputs(got, want)
+            if problems:
+                result.outcome, result.error_type = "mismatch", "fresh-input comparison"
+                result.error = f"batch {fresh_batch}: " + "; ".join(problems)[:600] if fresh_batch else "; ".join(problems)[:600]
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,98 @@
+"""Minimal repros of kiln bugs the differential fuzzer found (tests/fuzz, bench/fuzz_long.py).
+
+All five are fixed; each test stays as the regression test of its bug and says what it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kiln
+from kiln.verify import TOLERANCE
+
+TOL = TOLERANCE[kiln.Precision.FP32]
+
+
+def _optimize(model, inputs, **kw):
+    return kiln.optimize(model.eval(), "cpu-x86", inputs, verify_draws=1, **kw)
+
+
+def _assert_close(got, want):
+    torch.testing.assert_close(got, want, rtol=TOL.rtol, atol=TOL.atol)
+
+
+def test_groupnorm_4d_on_onnxruntime():
+    """Was: onnxscript's ORT fusions rewrite GroupNorm on 4-D input into
+    com.microsoft.GroupNorm, which only ORT's CUDA/ROCm providers implement; the CPU session
+    failed to load ('Could not find an implementation for GroupNorm(1)'). kiln now falls back
+    to the unfused graph."""
+    model = nn.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 5, 5)
+    compiled = _optimize(model, (x,), backend="onnxruntime")
+    _assert_close(compiled(x), model(x))
+
+
+def test_sdpa_rank3_is_reported_unsupported_by_onnxruntime_before_any_build():
+    """Was: the ONNX capability check accepted 3-D scaled_dot_product_attention and the
+    exporter then asserted 'only 4D query, key, and value are supported'. The capability table
+    now refuses such nodes with the reason, so selection records it (and measuring profiles
+    move on to another backend) instead of failing a build."""
+    class Attention(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    with pytest.raises(kiln.BackendUnavailable, match="only with 4-d query"):
+        _optimize(Attention(), (torch.randn(2, 5, 4),), backend="onnxruntime")
+
+
+def test_onnx_export_failure_names_the_reason(monkeypatch):
+    """Was: BackendError kept only the first line of the exporter's error, for a
+    ConversionError a generic banner ('Failed to convert ... Next steps:', with ANSI colour
+    codes), losing the real reason."""
+    # torch.onnx.export fails as it does on a rank-3 SDPA (see above): a multi-line ConversionError
+    # whose first line is a banner, chained to the exception that says what is wrong
+    banner = ("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m of exporting the "
+              "model to ONNX. Next steps:\n- If there is a missing ONNX function, implement it and register it to the "
+              "registry.\n\n## Exception summary\n\n<class 'AssertionError'>: only 4D query, key, and value are supported")
+
+    def failing_export(*args, **kwargs):
+        try:
+            raise AssertionError("only 4D query, key, and value are supported")
+        except AssertionError as inner:
+            raise RuntimeError(banner) from inner
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(kiln.BackendError) as info:
+        _optimize(nn.Linear(4, 4), (torch.randn(2, 4),), backend="onnxruntime")
+    message = str(info.value)
+    assert "only 4D query, key, and value are supported" in message, message
+    assert "\x1b[" not in message, "terminal colour codes in the message"
+
+
+def test_mul_scalar_first_on_onnxruntime():
+    """Was: torch.mul(0.5, x) captured as aten.mul.Tensor(0.5, x), which the ONNX exporter fails
+    on ('float' object has no attribute 'dtype'); the put_scalar_operands_last pass swaps it."""
+    class Scale(nn.Module):
+        def forward(self, x):
+            return torch.mul(0.5, x)
+
+    x = torch.randn(3)
+    compiled = _optimize(Scale(), (x,), backend="onnxruntime")
+    _assert_close(compiled(x), 0.5 * x)
+
+
+def test_dynamic_batch_reshape_of_chunk():
+    """Was: capture always exported size-oblivious with dynamic dims, which for a reshape of a
+    non-contiguous view adds a batch != 1 guard and refused a valid model; now size-oblivious
+    export is only the retry after a plain export fails."""
+    class SplitHeads(nn.Module):
+        def forward(self, x):  # x: (batch, 1, 24) -> the middle third as (batch, 1, 1, 8)
+            return x.chunk(3, dim=-1)[1].reshape(x.shape[0], 1, 1, 8)
+
+    compiled = _optimize(SplitHeads(), (torch.randn(3, 1, 24),), dynamic={"x": {0: "batch"}}, backend="onnxruntime")
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 24)
+        _assert_close(compiled(x), SplitHeads()(x))
