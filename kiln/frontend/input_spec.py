@@ -155,6 +155,11 @@ def export_dynamic_shapes(spec: InputSpec) -> tuple | None:
 
 def check_call(spec: InputSpec, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """Flatten a call and check it against the spec; return the flat tensors in spec order."""
+    if not kwargs and not spec.constant_positions and _plain_positional(spec.call_structure) == len(args):
+        # the common case, tensors passed positionally: no pytree walk on the hot path
+        tensors = [check_tensor(ts, value) for ts, value in zip(spec.tensors, args)]
+        _check_shared_dims(spec, tensors)
+        return tensors
     expected = _treespec(spec.call_structure)
     kwargs = _in_compiled_order(expected, kwargs)
     flat, structure = pytree.tree_flatten((args, kwargs))
@@ -189,6 +194,16 @@ def _same_setting(given: Any, compiled: Any) -> bool:
 def _treespec(text: str) -> pytree.TreeSpec:
     """Parsed once per spec: this runs on every call of a compiled model."""
     return pytree.treespec_loads(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_positional(text: str) -> int:
+    """How many tensors the compiled call took positionally, if that is all it took; else -1."""
+    expected = _treespec(text)
+    args, kwargs = expected.child(0), expected.child(1)
+    if kwargs.num_children or any(not child.is_leaf() for child in args.children()):
+        return -1
+    return args.num_children
 
 
 def _in_compiled_order(expected: pytree.TreeSpec, kwargs: dict) -> dict:

@@ -51,6 +51,8 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = check_call(self.input_spec, args, kwargs)
+        if self._treespec.is_leaf() and not self.output_none_positions:  # one tensor out: nothing to rebuild
+            return self.run_flat(tensors)[0]
         flat = iter(self.run_flat(tensors))
         leaves = [None if i in self.output_none_positions else next(flat) for i in range(self._treespec.num_leaves)]
         return _with_attribute_dicts(pytree.tree_unflatten(leaves, self._treespec))

@@ -241,3 +241,17 @@ def test_outputs_of_an_earlier_call_are_not_overwritten_by_a_later_one(compiled)
 def test_input_mismatch_is_a_kiln_error(compiled):
     with pytest.raises(kiln.KilnError):
         compiled(np.zeros((2, 4), dtype=np.float32), bias=bias_(), squash=True)
+
+
+def test_a_positional_setting_is_checked_like_a_keyword_one():
+    class Flagged(nn.Module):
+        def forward(self, x, double):
+            return x * 2 if double else x
+
+    compiled = kiln.optimize(Flagged(), "cpu-x86", (torch.randn(2, 3), True), backend="onnxruntime", cache=False)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(compiled(x, True), x * 2)
+    with pytest.raises(InputMismatch, match="double"):
+        compiled(x, False)
+    with pytest.raises(InputMismatch):
+        compiled(x)
