@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -15,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from kiln import hardware_profiles
+from kiln.artifact.manifest import usable_cores
 from kiln.backends.base import BackendSettings
 from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine
@@ -134,7 +134,7 @@ def _check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
 
 
 def _threads(profile: Profile, opts: CompileOptions) -> int:
-    here = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    here = usable_cores()
     return opts.threads or max(1, min(profile.primary.cores or here, here))
 
 

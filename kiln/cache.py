@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import kiln
-from kiln.artifact.manifest import host_fingerprint
+from kiln.artifact.manifest import host_fingerprint, usable_cores
 from kiln.errors import ArtifactError
 
 log = logging.getLogger("kiln")
@@ -62,7 +62,7 @@ def cache_key(gm: torch.fx.GraphModule, input_spec: dict, output_structure: str,
     add("profile", profile_digest)
     add("options", options)
     add("versions", {"kiln": kiln.__version__, "torch": torch.__version__, **_library_versions()})
-    add("host", {**host_fingerprint(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()})
+    add("host", {**host_fingerprint(), "cores": usable_cores()})
     return digest.hexdigest()
 
 

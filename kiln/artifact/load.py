@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 import weakref
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from kiln.artifact.manifest import MANIFEST, engine_member, read_manifest, safe_member, sha256_file
+from kiln.artifact.manifest import MANIFEST, engine_member, read_manifest, safe_member, sha256_file, usable_cores
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, EngineEntry, PartitionGraph
 from kiln.errors import ArtifactError, BackendUnavailable, KilnError
@@ -161,7 +160,7 @@ def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Pa
         if not status.ok:
             raise ArtifactError(f"needs backend {entry.backend!r}, which is unavailable here: {status.reason}", where=str(path),
                                 fix=status.install_hint)
-        settings = BackendSettings(_runtime_device(item["device"]), threads or _default_threads(), directory / "engines")
+        settings = BackendSettings(_runtime_device(item["device"]), threads or usable_cores(), directory / "engines")
         try:
             engines[item["name"]] = backend.load(directory / "engines", entry, settings)
         except KilnError as exc:
@@ -176,7 +175,3 @@ def _runtime_device(name: str) -> DeviceSpec:
     """The local device an engine runs on after loading (only its kind matters to engines)."""
     kind = DeviceKind.GPU if torch.cuda.is_available() and name.startswith("gpu") else DeviceKind.CPU
     return DeviceSpec(name, kind, "local", 1.0, 1.0, {Precision.FP32: 1.0}, ())
-
-
-def _default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

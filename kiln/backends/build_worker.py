@@ -19,6 +19,7 @@ def main(job: Path) -> int:
     import torch
 
     from kiln.backends.base import BackendSettings, PartitionGraph
+    from kiln.frontend.capture import drop_guard_calls
     from kiln.hardware_profiles.schema import DeviceSpec
     from kiln.types import DeviceKind, Precision
     from kiln.verify import compare
@@ -28,11 +29,7 @@ def main(job: Path) -> int:
     try:
         exported = torch.export.load(job / "program.pt2")
         gm = exported.module()
-        for node in list(gm.graph.nodes):  # kiln checks inputs itself
-            if node.op == "call_module" and node.target == "_guards_fn":
-                gm.graph.erase_node(node)
-                gm.delete_submodule(node.target)
-        gm.recompile()
+        drop_guard_calls(gm)  # kiln checks inputs itself, as at capture
         verify = torch.load(job / "verify.pt")
         dims = {}
         dynamic = None

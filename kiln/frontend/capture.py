@@ -103,7 +103,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
     except Exception as exc:  # torch.export raises many types; all become one clear CaptureError
         raise _capture_error(exc, model, spec.names) from exc
     gm = exported.module()
-    _drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
+    drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
     for param in gm.parameters():
         param.requires_grad_(False)
     # One eager call gives the output structure and the reference outputs verification reuses.
@@ -130,7 +130,7 @@ def _output_names(structure: pytree.TreeSpec) -> tuple[str, ...]:
     return tuple("output" + "".join(_key_text(k) for k in path) for path, _ in paths)
 
 
-def _drop_guard_calls(gm: torch.fx.GraphModule) -> None:
+def drop_guard_calls(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
