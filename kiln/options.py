@@ -22,6 +22,9 @@ class CompileOptions:
     measure_seconds: float = 1.0  # timing budget per candidate when measuring
     threads: int | None = None  # intra-op threads; None: the profile's cores, capped by this machine's
     disabled_passes: tuple[str, ...] = field(default=())
+    # False skips kiln's fusion passes and its lowering into fused backend ops (each runtime's
+    # own built-in optimizer still runs): the baseline that shows what fusion buys.
+    fusion: bool = True
     cache: bool = True  # reuse a finished build of the same graph, weights, spec, profile and options
     cache_dir: str | None = None  # None: the user's cache directory (~/.cache/kiln)
     cache_max_gb: float = 4.0  # least recently used entries are evicted past this size

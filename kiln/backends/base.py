@@ -75,6 +75,7 @@ class BackendSettings:
     threads: int
     workdir: Path
     precision: Precision = Precision.FP32
+    fuse: bool = True  # lower into the runtime's fused ops (CompileOptions.fusion)
 
 
 @dataclass

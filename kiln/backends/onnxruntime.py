@@ -232,7 +232,11 @@ class OnnxRuntimeBackend:
                                where=f"partition {partition.name}", fix="try backend='inductor'") from exc
         unfused = settings.workdir / f"{partition.name}.unfused.onnx"
         program.save(str(unfused))
-        summary = _fuse_for_ort(program, path)
+        if settings.fuse:
+            summary = _fuse_for_ort(program, path)
+        else:
+            program.save(str(path))
+            summary = "ORT fusion rules not applied (fusion=False)"
         try:
             engine = OnnxRuntimeEngine(path, settings, partition.output_names)
         except BackendError as exc:

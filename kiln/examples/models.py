@@ -58,3 +58,48 @@ def efficientnet_lite0(batch: int = 1, size: int = 224) -> tuple[torch.nn.Module
     model.eval()
     image = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     return model, (image,)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingExample(f"{exc.name} is not installed", where="kiln.examples.models",
+                             fix="pip install 'kiln[examples]' (or: pip install transformers)") from None
+    return transformers
+
+
+def _token_inputs(vocab_size: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
+    return ids, torch.ones(batch, seq, dtype=torch.int64)
+
+
+def bert_base(batch: int = 1, seq: int = 128, attn: str = "sdpa", layers: int = 12):
+    """BERT-base (12 layers, hidden 768) from transformers' default config, random weights
+    (seeded). `attn="eager"` builds the hand-written softmax(QKᵀ)V attention instead of SDPA."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=layers, attn_implementation=attn)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    return model, _token_inputs(config.vocab_size, batch, seq)
+
+
+def gpt2_small(batch: int = 1, seq: int = 128, attn: str = "sdpa", layers: int = 12):
+    """GPT-2 small (12 layers, hidden 768) from transformers' default config, random weights
+    (seeded), without the key/value cache outputs. Its only input is the token ids (GPT-2's
+    second positional parameter is the cache, so a padding mask would have to be a keyword)."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, use_cache=False, attn_implementation=attn)
+    model = transformers.GPT2Model(config).eval()
+    return model, _token_inputs(config.vocab_size, batch, seq)[:1]
+
+
+def resnet50(batch: int = 1, size: int = 224):
+    """ResNet-50 image classifier from transformers' default ResNetConfig, random weights (seeded)."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=1000)).eval()
+    image = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return model, (image,)

@@ -7,6 +7,7 @@ and turns an exception into PassFailed naming the pass, the passes before it and
 
 from __future__ import annotations
 
+import difflib
 import time
 import traceback
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Callable
 
 from torch.fx import GraphModule
 
-from kiln.errors import PassFailed
+from kiln.errors import OptionsError, PassFailed
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
@@ -42,7 +43,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
           repeat_until_stable=True),
     # Fusion: algebraic folds that remove whole ops.
-    Stage("fusion", (fold_batchnorm,)),
+    Stage("fusion", (fold_batchnorm,), when=lambda ctx: ctx.options.fusion),
     # Folding BatchNorm leaves its statistics unused; sweep again.
     Stage("cleanup", (remove_dead_code,)),
 )
@@ -50,6 +51,7 @@ PIPELINE: tuple[Stage, ...] = (
 
 def run(gm: GraphModule, ctx: PassContext, pipeline: tuple[Stage, ...] = PIPELINE) -> list[PassRecord]:
     """Run `pipeline` over `gm` in place; return one record per pass run."""
+    _check_disabled_names(ctx.options.disabled_passes, pipeline)
     records: list[PassRecord] = []
     for stage in pipeline:
         if not stage.when(ctx):
@@ -82,6 +84,17 @@ def _run_one(pass_fn: Pass, stage: str, gm: GraphModule, ctx: PassContext, befor
         raise _failure(pass_fn.__name__, stage, before, exc) from exc
     return PassRecord(pass_fn.__name__, stage, result.changed, dict(result.counts),
                       [(s.node, s.reason) for s in result.skipped], time.perf_counter() - start)
+
+
+def _check_disabled_names(disabled: tuple[str, ...], pipeline: tuple[Stage, ...]) -> None:
+    # A misspelt name would otherwise disable nothing, silently.
+    known = list(dict.fromkeys(p.__name__ for stage in pipeline for p in stage.passes))
+    for name in disabled:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise OptionsError(f"unknown pass {name!r} in disabled_passes", where="options.disabled_passes",
+                               fix=f"{hint}passes: {', '.join(known)}")
 
 
 def _check_meta(gm: GraphModule) -> None:

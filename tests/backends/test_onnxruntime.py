@@ -59,3 +59,30 @@ def test_onnxruntime_engine_saves_and_loads_to_the_same_outputs(convnet_partitio
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+
+
+class _Block(torch.nn.Module):
+    """A residual add then LayerNorm: ORT's SkipLayerNormalization fusion applies to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.fc(x))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_onnxruntime_lowers_into_fused_ops_only_when_fusion_is_on(fuse, tmp_path):
+    from dataclasses import replace
+
+    from backends.conftest import make_partition
+    from kiln.backends.base import BackendSettings
+
+    graph, _ = make_partition(_Block().eval(), (torch.randn(2, 4, 16),))
+    settings = replace(BackendSettings(load("cpu-x86").primary, threads=2, workdir=tmp_path), fuse=fuse)
+    engine = backend.compile(graph, settings)
+    assert ("skip_layer_norm" in engine.summary.lower().replace("normalization", "norm")) is fuse, engine.summary
+    x = torch.randn(2, 4, 16)
+    torch.testing.assert_close(engine(x)[0], graph.gm(x)[0], rtol=TOL.rtol, atol=TOL.atol)

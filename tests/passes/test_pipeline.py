@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from kiln.errors import PassFailed
+from kiln.errors import OptionsError, PassFailed
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
 from kiln.passes.context import PassContext
@@ -42,6 +42,22 @@ def test_pipeline_skips_disabled_passes(run_pass):
     records = pipeline.run(run.gm, ctx)
     assert "fold_batchnorm" not in {r.name for r in records}
     assert torch.ops.aten.batch_norm.default in run.ops()
+
+
+def test_pipeline_refuses_an_unknown_disabled_pass_naming_a_close_match(run_pass):
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    ctx = PassContext(run.ctx.profile, CompileOptions(disabled_passes=("fold_batchnorms",)), run.ctx.input_spec)
+    with pytest.raises(OptionsError, match="fold_batchnorm'"):
+        pipeline.run(run.gm, ctx)
+
+
+def test_pipeline_without_fusion_runs_cleanup_only(run_pass):
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    ctx = PassContext(run.ctx.profile, CompileOptions(fusion=False), run.ctx.input_spec)
+    records = pipeline.run(run.gm, ctx)
+    assert {r.stage for r in records} == {"cleanup"}
+    assert torch.ops.aten.batch_norm.default in run.ops()
+    run.assert_same_numerics()
 
 
 def test_pipeline_wraps_a_failing_pass_naming_it_and_the_passes_before(run_pass):
