@@ -1,4 +1,4 @@
-"""kiln against its CPU peers: eager PyTorch, torch.compile, plain ONNX Runtime and kiln.
+"""kiln against its CPU peers: eager PyTorch, torch.compile, plain ONNX Runtime, OpenVINO and kiln.
 
 For each (model, batch) case every contender is built first, then all are timed
 interleaved on the same inputs: per round, in an order that rotates each round, one
@@ -31,7 +31,10 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-CONTENDERS = ("eager", "torch.compile", "onnxruntime", "kiln")
+CONTENDERS = ("eager", "torch.compile", "onnxruntime", "openvino", "kiln")
+# Not run unless asked: OpenVINO's own default precision (bf16 on CPUs with AVX512_BF16), a
+# lower-precision peer for comparisons with kiln's precision options.
+OPTIONAL_CONTENDERS = ("openvino-default",)
 CORES = len(os.sched_getaffinity(0))
 
 
@@ -42,13 +45,16 @@ def log(msg: str) -> None:
 
 def load_case(name: str, batch: int):
     """(model, inputs) for a model name and batch size."""
-    from kiln.examples.models import efficientnet_lite0, minilm
+    from kiln.examples import models
 
-    if name == "minilm":
-        return minilm(batch=batch, seq=128)
-    if name == "efficientnet":
-        return efficientnet_lite0(batch=batch)
-    raise SystemExit(f"unknown model {name!r}; known: minilm, efficientnet")
+    factories = {"minilm": lambda: models.minilm(batch=batch, seq=128),
+                 "efficientnet": lambda: models.efficientnet_lite0(batch=batch),
+                 "bert-base": lambda: models.bert_base(batch=batch, seq=128),
+                 "gpt2": lambda: models.gpt2_small(batch=batch, seq=128),
+                 "resnet50": lambda: models.resnet50(batch=batch)}
+    if name not in factories:
+        raise SystemExit(f"unknown model {name!r}; known: {', '.join(factories)}")
+    return factories[name]()
 
 
 # ---------------------------------------------------------------- roofline
@@ -157,6 +163,38 @@ def build_onnxruntime(model, inputs):
     return call, seconds, ""
 
 
+def _build_openvino(model, inputs, precision: str | None):
+    """`openvino.convert_model` of the exported program, compiled for CPU with the latency hint
+    and one thread per usable core; `precision` sets INFERENCE_PRECISION_HINT (None: OpenVINO's
+    default, which is bf16 on CPUs with AVX512_BF16 or AMX)."""
+    import openvino as ov
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(model, inputs, strict=False)
+    ov_model = ov.convert_model(program)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": CORES}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    seconds = time.perf_counter() - start
+    request = compiled.create_infer_request()
+    used = compiled.get_property("INFERENCE_PRECISION_HINT")
+
+    def call():
+        request.infer([t.numpy() for t in inputs], share_inputs=True)
+        return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(len(compiled.outputs))]
+    return call, seconds, f"inference precision {getattr(used, 'get_type_name', lambda: used)()}"
+
+
+def build_openvino(model, inputs):
+    return _build_openvino(model, inputs, "f32")
+
+
+def build_openvino_default(model, inputs):
+    return _build_openvino(model, inputs, None)
+
+
 def build_kiln(model, inputs):
     """`kiln.optimize(model, "cpu-x86", inputs)`; its wall time is the compile time and the
     note names the backend each partition got."""
@@ -171,7 +209,8 @@ def build_kiln(model, inputs):
 
 
 BUILDERS = {"eager": build_eager, "torch.compile": build_torch_compile,
-            "onnxruntime": build_onnxruntime, "kiln": build_kiln}
+            "onnxruntime": build_onnxruntime, "openvino": build_openvino,
+            "openvino-default": build_openvino_default, "kiln": build_kiln}
 
 
 # ---------------------------------------------------------------- one case
@@ -286,10 +325,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _openvino_version() -> str:
+    try:
+        import openvino
+    except ImportError:
+        return "not installed"
+    return openvino.get_version()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, measure the roofline, run every case and write the table and JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="minilm,efficientnet")
+    parser.add_argument("--models", default="minilm,bert-base,efficientnet")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10, help="timed calls per block")
@@ -297,9 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     args = parser.parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(contenders) - set(CONTENDERS)
+    unknown = set(contenders) - set(CONTENDERS) - set(OPTIONAL_CONTENDERS)
     if unknown:
-        parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
+        parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS + OPTIONAL_CONTENDERS)}")
     import onnxruntime as ort
 
     load_before = os.getloadavg()[0]
@@ -317,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
               f"- machine: {cpu_model()}, {CORES} usable cores (torch threads {torch.get_num_threads()})",
               f"- 1-min load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
               "(above the core count means other processes competed for the cores)",
-              f"- torch {torch.__version__}, onnxruntime {ort.__version__}, python {platform.python_version()}",
+              f"- torch {torch.__version__}, onnxruntime {ort.__version__}, openvino {_openvino_version()}, "
+              f"python {platform.python_version()}",
               f"- measured fp32 GEMM (2048^3 mm): {rate / 1e9:.0f} GFLOP/s; copy bandwidth (256 MB, "
               f"read+write): {bw / 1e9:.1f} GB/s",
               f"- {args.rounds} rounds x {args.iters} timed calls per contender, interleaved; "
