@@ -75,6 +75,7 @@ class BackendSettings:
     threads: int
     workdir: Path
     precision: Precision = Precision.FP32
+    autotune: bool = False  # CompileOptions.autotune: search kernel variants at build time
 
 
 @dataclass
