@@ -19,6 +19,7 @@ them there and skips elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import shutil
@@ -187,10 +188,18 @@ class InductorEngine:
         home = inputs[0].device if inputs else self.device
         ready = [x.to(device=self.device, dtype=self.dtype if self.dtype is not None and x.is_floating_point() else x.dtype)
                  for x in inputs]
-        with torch.no_grad():
+        with torch.no_grad(), self._fp32_convolutions():
             outs = self._run(ready)
         wanted = self.output_dtypes or [o.dtype for o in outs]
         return tuple(o.to(device=home, dtype=want) for o, want in zip(outs, wanted))
+
+    def _fp32_convolutions(self):
+        """cuDNN runs fp32 convolutions in TF32 by default, outside fp32's tolerance; an fp32
+        engine turns that off for its own calls only."""
+        cudnn = torch.backends.cudnn
+        if self.device.type != "cuda" or self.dtype is not None:
+            return contextlib.nullcontext()
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
 
     def _run(self, ready: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.cuda_graph and not self.cuda_graph_error:
