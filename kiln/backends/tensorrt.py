@@ -261,7 +261,7 @@ def _build(trt, onnx_path: Path, config: TrtBuildConfig, owners: dict[str, str],
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        failures = parser_failures([ParserError(e.node_name(), e.node_operator(), e.desc()) for e in errors], owners)
+        failures = parser_failures([_parser_error(e) for e in errors], owners)
         listed = "; ".join(f"node {node}: {support.reason}" for node, support in list(failures.items())[:3])
         error = BackendError(f"TensorRT's ONNX parser refused {len(failures)} node(s): {listed}", where=f"partition {partition}",
                              fix="use another backend for this partition (the profile's next preference)")
@@ -275,6 +275,13 @@ def _build(trt, onnx_path: Path, config: TrtBuildConfig, owners: dict[str, str],
                            where=f"partition {partition}", fix="use another backend for this partition, or report the model")
     config.timing_cache.write_bytes(bytes(builder_config.get_timing_cache().serialize()))
     return bytes(serialized)
+
+
+def _parser_error(error) -> ParserError:
+    # node_name/node_operator arrived in TensorRT 8.6; older parsers give the node index only
+    name = error.node_name() if hasattr(error, "node_name") else f"#{error.node()}"
+    op = error.node_operator() if hasattr(error, "node_operator") else ""
+    return ParserError(name, op, error.desc())
 
 
 def _apply_config(trt, builder, builder_config, network, config: TrtBuildConfig) -> None:
