@@ -158,7 +158,8 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
     for partition in plan.partitions:
         device = profile.devices[partition.device]
         names = (opts.backend,) if opts.backend else device.backends
-        settings = BackendSettings(device, _threads(profile, opts), workdir, opts.precision, opts.fusion)
+        settings = BackendSettings(device, _threads(profile, opts), workdir, opts.precision,
+                                   fuse=opts.fusion, autotune=opts.autotune)
         graph = partition.graph
         with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
             references = [tuple(graph.gm(*inputs)) for inputs in draws]

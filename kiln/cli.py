@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="use this backend only")
     p.add_argument("--select", choices=["prefer", "measure"], help="override the profile's backend selection")
     p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
+    p.add_argument("--autotune", action="store_true", help="let backends benchmark kernel variants while building (slower builds)")
     p.add_argument("-o", "--output", required=True, help="artifact path (a file, or a directory if it ends with /)")
     p.set_defaults(handler=_compile)
 
@@ -135,6 +136,8 @@ def _compile(args: argparse.Namespace) -> int:
         overrides["backend"] = args.backend
     if args.select:
         overrides["select"] = args.select
+    if args.autotune:
+        overrides["autotune"] = True
     kwargs = {}
     if isinstance(example, dict):
         example, kwargs = (), example

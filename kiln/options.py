@@ -32,6 +32,7 @@ class CompileOptions:
     build_timeout_s: float = 900.0  # per isolated candidate build (and its first verification)
     build_memory_mb: int | None = None  # address-space cap per isolated build; None: no cap
     time_budget_s: float | None = None  # for the whole optimize(); candidates past it are skipped, recorded
+    autotune: bool = False  # let backends benchmark kernel variants while building (Inductor max-autotune): slower builds, faster engines
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, str):

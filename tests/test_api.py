@@ -99,3 +99,14 @@ def test_a_user_profile_file_drives_the_backend_choice(tiny, tmp_path):
         "    peak_tflops: {fp32: 0.5}\n    backends: [onnxruntime]\n")
     compiled = kiln.optimize(tiny[0], profile, tiny[1])
     assert compiled.backends == {"p0": "onnxruntime"} and compiled.profile["name"] == "mine"
+
+
+def test_autotune_reaches_the_backend_build_settings_and_the_cache_key(tiny, monkeypatch, tmp_path):
+    seen = []
+    real_compile = ort_backend.OnnxRuntimeBackend.compile
+    monkeypatch.setattr(ort_backend.OnnxRuntimeBackend, "compile",
+                        lambda self, partition, settings: seen.append(settings.autotune) or real_compile(self, partition, settings))
+    kiln.optimize(tiny[0], "cpu-x86", tiny[1], backend="onnxruntime", autotune=True, verify_draws=0, cache=False)
+    assert seen == [True]
+    assert kiln.CompileOptions().autotune is False
+    assert kiln.CompileOptions(autotune=True).cache_fields() != kiln.CompileOptions().cache_fields()

@@ -76,6 +76,7 @@ class BackendSettings:
     workdir: Path
     precision: Precision = Precision.FP32
     fuse: bool = True  # lower into the runtime's fused ops (CompileOptions.fusion)
+    autotune: bool = False  # CompileOptions.autotune: search kernel variants at build time
 
 
 @dataclass

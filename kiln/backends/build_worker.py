@@ -44,7 +44,8 @@ def main(job: Path) -> int:
             DeviceSpec(device["name"], DeviceKind(device["kind"]), device["model"], device["memory_gb"],
                        device["memory_bandwidth_gbs"], {Precision(k): v for k, v in device["peak_tflops"].items()},
                        tuple(device["backends"]), device.get("cores"), tuple(device.get("features", ()))),
-            request["threads"], job, Precision(request["precision"]), request["fuse"])
+            request["threads"], job, Precision(request["precision"]), fuse=request["fuse"],
+            autotune=bool(request.get("autotune", False)))
         module_name, class_name = request["backend_class"].split(":")
         import importlib
 

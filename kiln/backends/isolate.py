@@ -46,6 +46,7 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "device": {**asdict(settings.device), "kind": settings.device.kind.value,
                    "peak_tflops": {p.value: v for p, v in settings.device.peak_tflops.items()}},
         "threads": settings.threads, "precision": settings.precision.value, "fuse": settings.fuse,
+        "autotune": settings.autotune,
     }
     (job / "request.json").write_text(json.dumps(request))
     command = [sys.executable, "-m", "kiln.backends.build_worker", str(job)]

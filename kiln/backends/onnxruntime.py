@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport,
+from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry,
                                 PartitionGraph, Support, export_partition)
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
@@ -48,12 +48,22 @@ class _ExporterTable(CapabilityTable):
             return Support(True)  # operator.getitem and friends export as tuple plumbing
         if precision not in FLOAT_PRECISIONS:
             return Support(False, f"kiln's ONNX Runtime path does not lower {precision.value} yet")
-        if (check := _NODE_CHECKS.get(target)) is not None and (reason := check(node)) is not None:
-            return Support(False, reason)
-        if target in _METADATA_CHECKS or _exporter_registry().is_registered(target) or target in _decompositions() \
-                or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
-            return Support(True)
-        return Support(False, f"the ONNX exporter has no conversion for {target}")
+        return exporter_supports(node)
+
+
+def exporter_supports(node: Node) -> Support:
+    """Whether kiln's ONNX export converts `node`: the exporter's registry, the ops it
+    decomposes first, and the arguments it is known to fail on. Backends that start from the
+    exported ONNX (ONNX Runtime, TensorRT) share this answer."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return Support(True)  # operator.getitem and friends export as tuple plumbing
+    if (check := _NODE_CHECKS.get(target)) is not None and (reason := check(node)) is not None:
+        return Support(False, reason)
+    if target in _METADATA_CHECKS or _exporter_registry().is_registered(target) or target in _decompositions() \
+            or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
+        return Support(True)
+    return Support(False, f"the ONNX exporter has no conversion for {target}")
 
 
 def _rank4_query(node: Node) -> str | None:
@@ -170,6 +180,24 @@ def _innermost_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
+def export_onnx(partition: PartitionGraph, path: Path):
+    """kiln's one ONNX export: the partition re-exported through torch.export, converted by the
+    dynamo exporter at OPSET with the partition's input/output names, saved unfused at `path`
+    (weights over 2 GB go to a `.data` file beside it). Returns the exporter's ONNXProgram,
+    whose `exported_program` links each ONNX node back to the partition's fx nodes."""
+    exported = export_partition(partition)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(exported, (), dynamo=True, opset_version=OPSET,
+                                        input_names=list(partition.input_names),
+                                        output_names=list(partition.output_names), verbose=False)
+    except Exception as exc:
+        raise BackendError(f"the ONNX exporter failed: {_innermost_reason(exc)}",
+                           where=f"partition {partition.name}", fix="try backend='inductor'") from exc
+    program.save(str(path))
+    return program
+
+
 def _fuse_for_ort(program, path: Path) -> str:
     """Rewrite the exported graph into ORT's fused contrib ops (attention, skip layer norm,
     bias-GELU, ...) with onnxscript's ORT fusion rules, then save it to `path`. If the rewriter
@@ -254,18 +282,9 @@ class OnnxRuntimeBackend:
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> OnnxRuntimeEngine:
         self._require()
-        exported = export_partition(partition)
         path = settings.workdir / f"{partition.name}.onnx"
-        try:
-            with _quiet_exporter():
-                program = torch.onnx.export(exported, (), dynamo=True, opset_version=OPSET,
-                                            input_names=list(partition.input_names),
-                                            output_names=list(partition.output_names), verbose=False)
-        except Exception as exc:
-            raise BackendError(f"the ONNX exporter failed: {_innermost_reason(exc)}",
-                               where=f"partition {partition.name}", fix="try backend='inductor'") from exc
         unfused = settings.workdir / f"{partition.name}.unfused.onnx"
-        program.save(str(unfused))
+        program = export_onnx(partition, unfused)
         if settings.fuse:
             rules = _fuse_for_ort(program, path)
         else:

@@ -10,12 +10,12 @@ from kiln.errors import BackendUnavailable
 BACKENDS: dict[str, str] = {
     "onnxruntime": "kiln.backends.onnxruntime:OnnxRuntimeBackend",
     "inductor": "kiln.backends.inductor:InductorBackend",
+    "tensorrt": "kiln.backends.tensorrt:TensorRTBackend",
 }
 
 # Names profiles may already prefer, with why kiln cannot use them yet; selection records the
 # reason and moves on to the next preferred backend.
 PLANNED_BACKENDS: dict[str, str] = {
-    "tensorrt": "kiln has no TensorRT backend yet",
     "openvino": "kiln has no OpenVINO backend yet",
 }
 

@@ -14,8 +14,8 @@ def test_registry_lists_known_backends_for_an_unknown_name():
 
 
 def test_registry_says_why_a_planned_backend_cannot_be_used():
-    with pytest.raises(BackendUnavailable, match="no TensorRT backend yet"):
-        registry.get("tensorrt")
+    with pytest.raises(BackendUnavailable, match="no OpenVINO backend yet"):
+        registry.get("openvino")
 
 
 class _Engine:
