@@ -10,6 +10,8 @@ from kiln.errors import BackendUnavailable
 BACKENDS: dict[str, str] = {
     "onnxruntime": "kiln.backends.onnxruntime:OnnxRuntimeBackend",
     "inductor": "kiln.backends.inductor:InductorBackend",
+    # PyTorch itself, for ops no other backend supports; placement uses it only as that fallback
+    "eager": "kiln.backends.eager:EagerBackend",
 }
 
 # Names profiles may already prefer, with why kiln cannot use them yet; selection records the
