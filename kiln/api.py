@@ -252,7 +252,7 @@ def _check_primary_ready(profile: Profile, opts: CompileOptions) -> None:
         support = backend.supports(probe, device) if status.ok else None
         if support is not None and support.ok:
             return
-        reasons.append(f"{name}: {status.reason if not status.ok else support.reason}")
+        reasons.append(f"{name}: {status.reason} ({status.install_hint})" if not status.ok else f"{name}: {support.reason}")
     raise BackendUnavailable(f"no backend can build for device {device.name} of profile {profile.name} here: {'; '.join(reasons)}",
                              where=f"profile {profile.name}, device {device.name}",
                              fix="build on a machine with that device and its runtime, or plan without building: kiln.plan(...) "
