@@ -29,6 +29,8 @@ class UsageError(KilnError):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "compile" and not args.plan_only and not args.output:
+        parser.error("kiln compile needs -o/--output (or --plan-only to place without building)")
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
@@ -142,8 +144,6 @@ def _compile(args: argparse.Namespace) -> int:
     if example is None:
         raise UsageError(f"no example inputs for {args.model}", fix="give --input NAME=SHAPE:DTYPE per input, or return (model, inputs) from the factory")
     dynamic = _parse_dynamic(args.dynamic)
-    if not args.plan_only and not args.output:
-        raise UsageError("kiln compile needs -o/--output", fix="give -o model.kiln, or --plan-only to place without building")
     overrides: dict[str, Any] = {"verify": not args.no_verify}
     if args.backend:
         overrides["backend"] = args.backend
