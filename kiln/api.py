@@ -31,7 +31,7 @@ from kiln.passes.partition import Plan, build_plan, op_counts
 from kiln.passes.place_on_devices import EAGER
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
-from kiln.types import Dim
+from kiln.types import Dim, NodeDecision, Precision
 from kiln.verify import OutputCheck, compare, failures_text
 
 log = logging.getLogger("kiln")
@@ -314,12 +314,21 @@ class PlannedModel:
 
 def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", example_inputs: Any = None, *,
          example_kwargs: Mapping[str, Any] | None = None, dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None,
-         options: CompileOptions | None = None, **option_overrides: Any) -> PlannedModel:
+         options: CompileOptions | None = None, precision: str | Precision | None = None,
+         **option_overrides: Any) -> PlannedModel:
     """Capture, run the passes and place the graph on `profile`'s devices without building
-    anything: devices this machine lacks are judged by their backends' capability tables."""
+    anything: devices this machine lacks are judged by their backends' capability tables.
+
+    precision: plan as if every op ran at this precision (as a precision pass would decide),
+    e.g. "fp16" for an NPU without fp32; kiln builds fp32 only so far, so this is for planning."""
     opts = CompileOptions.build(options, **option_overrides)
     prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
     captured = capture(model, example_inputs, example_kwargs, dynamic)
+    if precision is not None:
+        wanted = precision if isinstance(precision, Precision) else Precision.parse(precision)
+        for node in captured.gm.graph.nodes:
+            if node.op == "call_function":
+                node.meta["kiln"] = NodeDecision(precision=wanted, reasons=(f"planned at {wanted.value}",))
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
     report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec, plan_only=True))
     planned = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,

@@ -85,7 +85,8 @@ class Report:
                                                     for w in ("pinned", "eager", "doesn't fit", "kept with", "not on"))]
         by_reason: dict[str, list[str]] = {}
         for record in notable:
-            why = "; ".join(r for r in record["reasons"][1:] if not r.startswith("cheaper here"))
+            own = f"on {record['device']} via"
+            why = "; ".join(r for r in record["reasons"] if not r.startswith(("cheaper here", own, "planned at")))
             why = re.sub(r"\d+(\.\d+)? (us|GB)", "N \\2", why)  # group decisions that differ only in figures
             by_reason.setdefault(f"{record['device']} via {record['backend']}: {why}", []).append(record["node"])
         for why, nodes in list(by_reason.items())[:limit]:
