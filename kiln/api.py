@@ -8,6 +8,7 @@ import tempfile
 import time
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,9 +28,10 @@ from kiln.options import CompileOptions
 from kiln.passes import pipeline
 from kiln.passes.context import PassContext
 from kiln.passes.partition import Plan, build_plan, op_counts
+from kiln.passes.place_on_devices import EAGER
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
-from kiln.types import Dim
+from kiln.types import Dim, NodeDecision, Precision
 from kiln.verify import OutputCheck, compare, failures_text
 
 log = logging.getLogger("kiln")
@@ -50,6 +52,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     with _stage("profile", timings):
         prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
         _check_profile_fits(prof, opts)
+        _check_primary_ready(prof, opts)
     with _stage("capture", timings):
         captured = capture(model, example_inputs, example_kwargs, dynamic)
     cache, key = _cache(opts), None
@@ -65,6 +68,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec))
     plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                       export_dynamic_shapes(captured.input_spec))
+    _record_placement(plan, report)
     draws = _verification_inputs(captured, opts)
     workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
     deadline = None if opts.time_budget_s is None else start + opts.time_budget_s
@@ -157,36 +161,104 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
     isolate = opts.isolate if opts.isolate is not None else mode == "measure"
     for partition in plan.partitions:
         device = profile.devices[partition.device]
-        names = (opts.backend,) if opts.backend else device.backends
+        eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
+        names = (EAGER,) if eager else (opts.backend,) if opts.backend else device.backends
         settings = BackendSettings(device, _threads(profile, opts), workdir, opts.precision,
                                    fuse=opts.fusion, autotune=opts.autotune)
         graph = partition.graph
+        partition_draws = draws if len(plan.partitions) == 1 else _partition_draws(plan, partition, draws)
         with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
-            references = [tuple(graph.gm(*inputs)) for inputs in draws]
+            references = [tuple(graph.gm(*inputs)) for inputs in partition_draws]
 
-        def check(engine, references=references) -> list[OutputCheck]:
+        def check(engine, references=references, graph=graph, partition_draws=partition_draws) -> list[OutputCheck]:
             worst: dict[str, OutputCheck] = {}
-            for inputs, want in zip(draws, references):
+            for inputs, want in zip(partition_draws, references):
                 for c in compare(graph.output_names, list(engine(*inputs)), list(want), opts.precision):
                     if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
                         worst[c.name] = c
             return list(worst.values())
 
-        def build_isolated_candidate(backend, references=references, graph=graph, settings=settings):
-            engine, checks, _ = build_isolated(backend, graph, settings, draws, references,
+        def build_isolated_candidate(backend, references=references, graph=graph, settings=settings, partition_draws=partition_draws):
+            engine, checks, _ = build_isolated(backend, graph, settings, partition_draws, references,
                                                opts.build_timeout_s, opts.build_memory_mb)
             return engine, checks
 
         log.info("building partition %s on %s: candidates %s (%s%s)", partition.name, device.name, ", ".join(names), mode,
-                 ", each in a child process" if isolate else "")
-        selection = select_engine(graph, names, mode, settings, check, opts.measure_seconds, opts.allow_fallback,
-                                  build_isolated_candidate if isolate else None, deadline)
+                 ", each in a child process" if isolate and not eager else "")
+        selection = select_engine(graph, names, "prefer" if eager else mode, settings, check, opts.measure_seconds,
+                                  opts.allow_fallback, build_isolated_candidate if isolate and not eager else None, deadline)
         partition.backend = selection.backend
         engines[partition.name] = selection.engine
         report.candidates.extend(selection.candidates)
         ops = op_counts(graph.gm)
-        report.partitions.append(PartitionRecord(partition.name, partition.device, selection.backend, sum(ops.values()), ops))
+        report.partitions.append(PartitionRecord(partition.name, partition.device, selection.backend, sum(ops.values()), ops,
+                                                 partition.estimated_ms, _median_ms(selection.engine, graph.example_inputs)))
     return engines
+
+
+def _partition_draws(plan: Plan, partition, draws) -> list[tuple[torch.Tensor, ...]]:
+    """Each verification draw's values at `partition`'s inputs, from running the earlier
+    partitions' graphs eagerly."""
+    result = []
+    for inputs in draws:
+        values = dict(zip(plan.input_names, inputs))
+        for earlier in plan.partitions:
+            if earlier is partition:
+                break
+            with torch.no_grad():
+                values.update(zip(earlier.graph.output_names, earlier.graph.gm(*(values[n] for n in earlier.graph.input_names))))
+        result.append(tuple(values[n] for n in partition.graph.input_names))
+    return result
+
+
+def _median_ms(engine, inputs: tuple, calls: int = 5) -> float:
+    """The engine's median time on the example inputs after one warm-up call (for the report's
+    est. vs measured column; selection's own timing is separate)."""
+    engine(*inputs)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        engine(*inputs)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _record_placement(plan: Plan, report: Report) -> None:
+    report.placement = plan.placement
+    for partition in plan.partitions:
+        if partition.placed_backend == EAGER:
+            ops = sorted({r["op"] for r in plan.placement if r["partition"] == partition.name and r["backend"] == EAGER})
+            report.notes.append(f"partition {partition.name} runs eagerly in PyTorch on {partition.device}: no backend supports "
+                                f"{', '.join(ops)}")
+    if len(plan.partitions) > 1:
+        total = sum(p.estimated_ms or 0.0 for p in plan.partitions)
+        report.notes.append(f"placement split the graph into {len(plan.partitions)} partitions on "
+                            f"{', '.join(dict.fromkeys(p.device for p in plan.partitions))}; est. {total:.3f} ms end to end")
+
+
+def _check_primary_ready(profile: Profile, opts: CompileOptions) -> None:
+    """Building needs the profile's primary device on this machine; planning does not (kiln.plan)."""
+    from kiln.backends import registry
+    from kiln.errors import BackendUnavailable
+
+    device = profile.primary
+    probe = torch.fx.Graph().placeholder("x")  # a node every table accepts: only the device is asked about
+    reasons = []
+    for name in (opts.backend,) if opts.backend else device.backends:
+        try:
+            backend = registry.get(name)
+        except BackendUnavailable as exc:
+            reasons.append(f"{name}: {exc.what}")
+            continue
+        status = backend.available()
+        support = backend.supports(probe, device) if status.ok else None
+        if support is not None and support.ok:
+            return
+        reasons.append(f"{name}: {status.reason} ({status.install_hint})" if not status.ok else f"{name}: {support.reason}")
+    raise BackendUnavailable(f"no backend can build for device {device.name} of profile {profile.name} here: {'; '.join(reasons)}",
+                             where=f"profile {profile.name}, device {device.name}",
+                             fix="build on a machine with that device and its runtime, or plan without building: kiln.plan(...) "
+                                 "or `kiln compile --plan-only`")
 
 
 def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, opts: CompileOptions, report: Report) -> None:
@@ -211,3 +283,61 @@ def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, dr
         raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, opts.precision)}",
                                 where=f"model {report.model}, backends {', '.join(compiled.backends.values())}",
                                 fix="report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
+
+
+@dataclass
+class PlannedModel:
+    """What `plan` returns: where each partition would run and why, estimated, nothing built."""
+
+    plan: Plan
+    report: Report
+
+    @property
+    def estimated_ms(self) -> float:
+        return sum(p.estimated_ms or 0.0 for p in self.plan.partitions)
+
+    def render(self) -> str:
+        lines = [f"kiln placement plan: {self.report.model} for profile {self.report.profile} (planned, not built)",
+                 f"  inputs:  {self.report.inputs}", "", "Partitions"]
+        lines += self.report.render_partitions()
+        lines += self.report.render_placement()
+        lines += ["", f"Estimated end to end: {self.estimated_ms:.3f} ms (kiln's cost model, transfers included)"]
+        lines += [f"Note: {n}" for n in self.report.notes]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        from kiln.placement.html import render_html
+
+        return render_html(self.report, title=f"{self.report.model} on {self.report.profile} (planned)")
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", example_inputs: Any = None, *,
+         example_kwargs: Mapping[str, Any] | None = None, dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None,
+         options: CompileOptions | None = None, precision: str | Precision | None = None,
+         **option_overrides: Any) -> PlannedModel:
+    """Capture, run the passes and place the graph on `profile`'s devices without building
+    anything: devices this machine lacks are judged by their backends' capability tables.
+
+    precision: plan as if every op ran at this precision (as a precision pass would decide),
+    e.g. "fp16" for an NPU without fp32; kiln builds fp32 only so far, so this is for planning."""
+    opts = CompileOptions.build(options, **option_overrides)
+    prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
+    captured = capture(model, example_inputs, example_kwargs, dynamic)
+    if precision is not None:
+        wanted = precision if isinstance(precision, Precision) else Precision.parse(precision)
+        for node in captured.gm.graph.nodes:
+            if node.op == "call_function":
+                node.meta["kiln"] = NodeDecision(precision=wanted, reasons=(f"planned at {wanted.value}",))
+    report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
+    report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec, plan_only=True))
+    planned = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
+                         export_dynamic_shapes(captured.input_spec))
+    _record_placement(planned, report)
+    for partition in planned.partitions:
+        ops = op_counts(partition.graph.gm) if len(planned.partitions) > 1 else op_counts(captured.gm)
+        report.partitions.append(PartitionRecord(partition.name, partition.device, partition.placed_backend,
+                                                 sum(ops.values()), ops, partition.estimated_ms))
+    return PlannedModel(planned, report)

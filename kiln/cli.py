@@ -29,6 +29,8 @@ class UsageError(KilnError):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "compile" and not args.plan_only and not args.output:
+        parser.error("kiln compile needs -o/--output (or --plan-only to place without building)")
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
@@ -80,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=["prefer", "measure"], help="override the profile's backend selection")
     p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
     p.add_argument("--autotune", action="store_true", help="let backends benchmark kernel variants while building (slower builds)")
-    p.add_argument("-o", "--output", required=True, help="artifact path (a file, or a directory if it ends with /)")
+    p.add_argument("-o", "--output", help="artifact path (a file, or a directory if it ends with /)")
+    p.add_argument("--pin", action="append", default=[], metavar="MODULE=DEVICE",
+                   help="place a module (path prefix, e.g. classifier) or node on a device of the profile (repeatable)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="place and partition only, build nothing: works for devices this machine lacks")
+    p.add_argument("--html", metavar="FILE", help="with --plan-only: also draw the placed graph as an HTML page")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on random or .npy inputs")
@@ -97,9 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.set_defaults(handler=_bench)
 
-    p = sub.add_parser("inspect", parents=[common], help="show an artifact's report: passes, backend decisions, verification")
+    p = sub.add_parser("inspect", parents=[common], help="show an artifact's report: passes, placement, backend decisions, verification")
     p.add_argument("artifact")
+    p.add_argument("--html", metavar="FILE", help="also draw the placed graph (devices, precisions, partitions) as an HTML page")
     p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("profile-host", parents=[common], help="measure this CPU and write a hardware profile to start from")
+    p.add_argument("-o", "--output", required=True, help="profile YAML to write")
+    p.add_argument("--name", help="profile name (default: the file's stem)")
+    p.add_argument("--seconds", type=float, default=0.5, help="timing budget per measurement")
+    p.set_defaults(handler=_profile_host)
 
     p = sub.add_parser("profiles", parents=[common], help="list or show hardware profiles")
     p.add_argument("action", choices=["list", "show"])
@@ -138,9 +152,21 @@ def _compile(args: argparse.Namespace) -> int:
         overrides["select"] = args.select
     if args.autotune:
         overrides["autotune"] = True
+    if args.pin:
+        overrides["pin"] = dict(_parse_kv(item) for item in args.pin)
     kwargs = {}
     if isinstance(example, dict):
         example, kwargs = (), example
+    if args.plan_only:
+        overrides.pop("verify")
+        planned = kiln.plan(model, args.profile, example, example_kwargs=kwargs, dynamic=dynamic, **overrides)
+        if args.html:
+            Path(args.html).write_text(planned.html())
+        if args.json:
+            print(json.dumps({"plan": planned.plan.to_dict(), "report": planned.report.to_dict()}, default=str))
+        else:
+            print(planned.render())
+        return 0
     compiled = kiln.optimize(model, args.profile, example, example_kwargs=kwargs, dynamic=dynamic, **overrides)
     path = compiled.save(args.output)
     if args.json:
@@ -339,12 +365,30 @@ def _inspect(args: argparse.Namespace) -> int:
 
     compiled = kiln.load(args.artifact)
     pin = digest(args.artifact)
+    if args.html:
+        from kiln.placement.html import render_html
+
+        Path(args.html).write_text(render_html(compiled.report))
     if args.json:
         print(json.dumps({"digest": pin, "profile": compiled.profile, "plan": compiled.plan.to_dict(),
                           "report": compiled.report.to_dict()}, default=str))
     else:
         print(compiled.report.render())
         print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or --pin): {pin}")
+    return 0
+
+
+def _profile_host(args: argparse.Namespace) -> int:
+    from kiln.placement.profile_host import write_profile
+
+    if args.seconds <= 0:
+        raise UsageError("--seconds must be positive")
+    path = write_profile(Path(args.output), args.name, args.seconds)
+    if args.json:
+        print(json.dumps({"profile": str(path)}))
+    else:
+        print(Path(path).read_text())
+        print(f"wrote {path} (load it with --profile {path})")
     return 0
 
 

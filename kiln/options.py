@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from kiln.errors import OptionsError
 from kiln.types import Precision
@@ -33,6 +34,9 @@ class CompileOptions:
     build_memory_mb: int | None = None  # address-space cap per isolated build; None: no cap
     time_budget_s: float | None = None  # for the whole optimize(); candidates past it are skipped, recorded
     autotune: bool = False  # let backends benchmark kernel variants while building (Inductor max-autotune): slower builds, faster engines
+    # {module path prefix or node name: device}: placement puts those nodes there, whatever it costs
+    pin: Mapping[str, str] = field(default_factory=dict)
+    eager_fallback: bool = True  # ops no backend supports run eagerly in PyTorch on the host (reported)
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, str):
@@ -52,6 +56,10 @@ class CompileOptions:
         if self.measure_seconds <= 0:
             raise OptionsError(f"measure_seconds must be positive, got {self.measure_seconds!r}", where="options.measure_seconds", fix="use e.g. 1.0")
         object.__setattr__(self, "disabled_passes", tuple(self.disabled_passes))
+        if not isinstance(self.pin, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.pin.items()):
+            raise OptionsError(f"pin must map module paths or node names to device names, got {self.pin!r}", where="options.pin",
+                               fix='e.g. pin={"classifier": "cpu"}')
+        object.__setattr__(self, "pin", dict(self.pin))
         for name in ("build_timeout_s", "cache_max_gb"):
             if getattr(self, name) <= 0:
                 raise OptionsError(f"{name} must be positive, got {getattr(self, name)!r}", where=f"options.{name}", fix="use a positive number")
@@ -82,4 +90,5 @@ class CompileOptions:
         data = dataclasses.asdict(self)
         data["precision"] = self.precision.value
         data["disabled_passes"] = list(self.disabled_passes)
+        data["pin"] = dict(sorted(self.pin.items()))
         return data

@@ -6,6 +6,7 @@ for people (`kiln inspect`, `print(compiled.report)`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 
@@ -40,6 +41,8 @@ class PartitionRecord:
     backend: str
     nodes: int
     ops: dict[str, int]  # aten op -> count
+    estimated_ms: float | None = None  # kiln's cost model, transfers in included
+    measured_ms: float | None = None  # median of the built engine on the example inputs
 
 
 @dataclass
@@ -56,9 +59,46 @@ class Report:
     verified_draws: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     notes: list[str] = field(default_factory=list)
+    # one record per op node: node, op, partition, device, backend, precision, est_us, inputs, reasons
+    placement: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def render_partitions(self) -> list[str]:
+        lines = []
+        for part in self.partitions:
+            top = ", ".join(f"{op} {n}" for op, n in sorted(part.ops.items(), key=lambda kv: -kv[1])[:6])
+            times = [f"est. {part.estimated_ms:.3f} ms" if part.estimated_ms is not None else "",
+                     f"measured {part.measured_ms:.3f} ms" if part.measured_ms is not None else ""]
+            figures = ", ".join(t for t in times if t)
+            lines.append(f"  {part.name}: {part.nodes} ops on {part.device} via {part.backend}"
+                         + (f"  [{figures}]" if figures else "") + f"  ({top})")
+        return lines
+
+    def render_placement(self, limit: int = 12) -> list[str]:
+        """Placement decisions worth reading: every node that is pinned, falls back to eager,
+        did not fit, or could not run somewhere; then a count of the rest."""
+        if not self.placement:
+            return []
+        lines = ["", "Placement (why each node runs where it does)"]
+        notable = [r for r in self.placement if any(w in reason for reason in r["reasons"]
+                                                    for w in ("pinned", "eager", "doesn't fit", "kept with", "not on"))]
+        by_reason: dict[str, list[str]] = {}
+        for record in notable:
+            own = f"on {record['device']} via"
+            why = "; ".join(r for r in record["reasons"] if not r.startswith(("cheaper here", own, "planned at")))
+            why = re.sub(r"\d+(\.\d+)? (us|GB)", "N \\2", why)  # group decisions that differ only in figures
+            by_reason.setdefault(f"{record['device']} via {record['backend']}: {why}", []).append(record["node"])
+        for why, nodes in list(by_reason.items())[:limit]:
+            shown = ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+            lines.append(f"  {shown} -> {why}")
+        if len(by_reason) > limit:
+            lines.append(f"  ... and {len(by_reason) - limit} more groups of decisions (kiln inspect --json lists all)")
+        rest = len(self.placement) - len(notable)
+        if rest:
+            lines.append(f"  {rest} other nodes: on the device where they were estimated cheapest, every device able to run them")
+        return lines
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
@@ -84,10 +124,8 @@ class Report:
                 lines.append(f"  {'':9s} {'':24s} skipped {node}: {reason}")
             if len(p.skipped) > 5:
                 lines.append(f"  {'':9s} {'':24s} ... and {len(p.skipped) - 5} more skips")
-        lines += ["", "Partitions"]
-        for part in self.partitions:
-            top = ", ".join(f"{op} {n}" for op, n in sorted(part.ops.items(), key=lambda kv: -kv[1])[:6])
-            lines.append(f"  {part.name}: {part.nodes} ops on {part.device} via {part.backend}  ({top})")
+        lines += ["", "Partitions"] + self.render_partitions()
+        lines += self.render_placement()
         lines += ["", "Backend decisions"]
         for c in self.candidates:
             figures = []

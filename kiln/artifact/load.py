@@ -160,18 +160,39 @@ def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Pa
         if not status.ok:
             raise ArtifactError(f"needs backend {entry.backend!r}, which is unavailable here: {status.reason}", where=str(path),
                                 fix=status.install_hint)
-        settings = BackendSettings(_runtime_device(item["device"]), threads or usable_cores(), directory / "engines")
+        settings = BackendSettings(_runtime_device(item["device"], item.get("device_kind")), threads or usable_cores(), directory / "engines")
         try:
             engines[item["name"]] = backend.load(directory / "engines", entry, settings)
         except KilnError as exc:
             raise ArtifactError(f"engine of partition {item['name']!r} failed to load: {exc.what}", where=str(path),
                                 fix=exc.fix or "rebuild the artifact") from exc
         graph = PartitionGraph(item["name"], None, tuple(item["inputs"]), tuple(item["outputs"]), (), None)
-        partitions.append(Partition(graph, item["device"], item["backend"]))
-    return Plan(partitions, tuple(plan_data["input_names"]), tuple(plan_data["output_names"])), engines
+        partitions.append(Partition(graph, item["device"], item["backend"], item.get("placed_backend", ""),
+                                    item.get("device_kind", "cpu"), item.get("estimated_ms")))
+    plan = Plan(partitions, tuple(plan_data["input_names"]), tuple(plan_data["output_names"]),
+                output_sources=tuple(plan_data.get("output_sources", plan_data["output_names"])))
+    _check_plan_wiring(plan, path)
+    return plan, engines
 
 
-def _runtime_device(name: str) -> DeviceSpec:
+def _check_plan_wiring(plan: Plan, path: Path) -> None:
+    """Every partition input and model output must be a model input or an earlier partition's
+    output, or running the plan would fail midway with a KeyError."""
+    known = set(plan.input_names)
+    for partition in plan.partitions:
+        missing = [n for n in partition.graph.input_names if n not in known]
+        if missing:
+            raise ArtifactError(f"partition {partition.name!r} reads {missing[0]!r}, which no earlier partition produces",
+                                where=str(path), fix="the artifact is corrupt or was edited; rebuild it")
+        known.update(partition.graph.output_names)
+    missing = [n for n in plan.sources() if n not in known]
+    if missing:
+        raise ArtifactError(f"model output {missing[0]!r} is produced by no partition", where=str(path),
+                            fix="the artifact is corrupt or was edited; rebuild it")
+
+
+def _runtime_device(name: str, kind_name: str | None = None) -> DeviceSpec:
     """The local device an engine runs on after loading (only its kind matters to engines)."""
-    kind = DeviceKind.GPU if torch.cuda.is_available() and name.startswith("gpu") else DeviceKind.CPU
+    planned_gpu = kind_name == "gpu" if kind_name is not None else name.startswith("gpu")
+    kind = DeviceKind.GPU if torch.cuda.is_available() and planned_gpu else DeviceKind.CPU
     return DeviceSpec(name, kind, "local", 1.0, 1.0, {Precision.FP32: 1.0}, ())

@@ -50,10 +50,12 @@ class CapabilityTable:
     # Whether this machine can run the device at all (e.g. a GPU profile on a CPU-only host).
     device_ready: Callable[[DeviceSpec], str | None] | None = None
 
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32, check_ready: bool = True) -> Support:
+        """Whether `node` runs on `device`; check_ready=False asks the table alone, for planning
+        a device this machine does not have."""
         if device.kind.value not in self.device_kinds:
             return Support(False, f"runs on {', '.join(sorted(self.device_kinds))}, not {device.kind.value}")
-        if self.device_ready is not None and (reason := self.device_ready(device)) is not None:
+        if check_ready and self.device_ready is not None and (reason := self.device_ready(device)) is not None:
             return Support(False, reason)
         if node.op != "call_function":
             return Support(True)

@@ -11,6 +11,8 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "kiln.backends.onnxruntime:OnnxRuntimeBackend",
     "inductor": "kiln.backends.inductor:InductorBackend",
     "tensorrt": "kiln.backends.tensorrt:TensorRTBackend",
+    # PyTorch itself, for ops no other backend supports; placement uses it only as that fallback
+    "eager": "kiln.backends.eager:EagerBackend",
 }
 
 # Names profiles may already prefer, with why kiln cannot use them yet; selection records the

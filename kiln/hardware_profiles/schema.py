@@ -24,6 +24,10 @@ from kiln.types import DeviceKind, Precision
 
 PROFILE_DIR = Path(__file__).parent
 SELECT_MODES = ("prefer", "measure")
+# Estimates, not measurements: an op dispatch on a CPU runtime costs about a microsecond or two,
+# a CUDA kernel launch about 5 us, an NPU job submission tens of us (`kiln profile-host`
+# measures the CPU figure).
+DEFAULT_LAUNCH_OVERHEAD_US = {DeviceKind.CPU: 2.0, DeviceKind.GPU: 5.0, DeviceKind.NPU: 20.0}
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,14 @@ class DeviceSpec:
     backends: tuple[str, ...]  # preference order for partitions placed on this device
     cores: int | None = None
     features: tuple[str, ...] = ()
+    # Fixed cost per kernel (dispatch, launch, synchronisation), for kiln's cost model. Profiles
+    # may leave it out: DEFAULT_LAUNCH_OVERHEAD_US then gives an estimate per device kind.
+    launch_overhead_us: float | None = None
+
+    @property
+    def launch_overhead_s(self) -> float:
+        us = self.launch_overhead_us if self.launch_overhead_us is not None else DEFAULT_LAUNCH_OVERHEAD_US[self.kind]
+        return us * 1e-6
 
     @property
     def precisions(self) -> frozenset[Precision]:
@@ -91,7 +103,8 @@ _TOP_FIELDS = {"name": (str, True), "description": (str, True), "extends": (str,
                "links": (list, False)}
 _DEVICE_FIELDS = {"kind": (str, True), "model": (str, True), "memory_gb": ((int, float), True),
                   "memory_bandwidth_gbs": ((int, float), True), "peak_tflops": (dict, True),
-                  "backends": (list, True), "cores": (int, False), "features": (list, False)}
+                  "backends": (list, True), "cores": (int, False), "features": (list, False),
+                  "launch_overhead_us": ((int, float), False)}
 _LINK_FIELDS = {"from": (str, True), "to": (str, True), "bandwidth_gbs": ((int, float), True),
                 "latency_us": ((int, float), True)}
 
@@ -227,8 +240,12 @@ def _build_device(name: str, spec: Any, path: Path) -> DeviceSpec:
     for key in ("memory_gb", "memory_bandwidth_gbs"):
         if spec[key] <= 0:
             raise ProfileError(f"must be positive, got {spec[key]!r}", where=f"{path.name}: {where}.{key}", fix="write the datasheet figure")
+    if spec.get("launch_overhead_us", 0) < 0:
+        raise ProfileError(f"must not be negative, got {spec['launch_overhead_us']!r}", where=f"{path.name}: {where}.launch_overhead_us",
+                           fix="write microseconds per kernel launch, e.g. 5")
     return DeviceSpec(name, kind, spec["model"], float(spec["memory_gb"]), float(spec["memory_bandwidth_gbs"]), peaks,
-                      tuple(backends), spec.get("cores"), tuple(str(f) for f in spec.get("features", ())))
+                      tuple(backends), spec.get("cores"), tuple(str(f) for f in spec.get("features", ())),
+                      None if spec.get("launch_overhead_us") is None else float(spec["launch_overhead_us"]))
 
 
 def _build_link(index: int, link: Any, devices: dict, path: Path) -> LinkSpec:

@@ -14,3 +14,6 @@ class PassContext:
     profile: Profile
     options: CompileOptions
     input_spec: InputSpec
+    # Planning only (kiln.plan): placement may choose devices this machine cannot run, judging
+    # backends by their capability tables alone; nothing is built.
+    plan_only: bool = False

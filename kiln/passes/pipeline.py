@@ -19,6 +19,7 @@ from kiln.errors import OptionsError, PassFailed
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.place_on_devices import place_on_devices
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
@@ -46,6 +47,8 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("fusion", (fold_batchnorm,), when=lambda ctx: ctx.options.fusion),
     # Folding BatchNorm leaves its statistics unused; sweep again.
     Stage("cleanup", (remove_dead_code,)),
+    # Placement last: it decides on the final graph and changes nothing (decide only).
+    Stage("placement", (place_on_devices,)),
 )
 
 

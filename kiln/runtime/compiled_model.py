@@ -59,11 +59,20 @@ class CompiledModel:
 
     def run_flat(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Run on flat, already-checked inputs in spec order; flat outputs in plan order."""
-        values: dict[str, torch.Tensor] = dict(zip(self.plan.input_names, tensors))
+        if len(self.plan.partitions) == 1:  # one engine: nothing to route or move
+            partition = self.plan.partitions[0]
+            return tuple(self.engines[partition.name](*tensors))
+        # value name -> {torch device: tensor}: a tensor moved to a device once stays there for
+        # every later partition on that device
+        values: dict[str, dict[torch.device, torch.Tensor]] = {n: {t.device: t} for n, t in zip(self.plan.input_names, tensors)}
         for partition in self.plan.partitions:
-            outs = self.engines[partition.name](*(values[n] for n in partition.graph.input_names))
-            values.update(zip(partition.graph.output_names, outs))
-        return tuple(values[n] for n in self.plan.output_names)
+            engine = self.engines[partition.name]
+            device = torch.device(getattr(engine, "input_device", "cpu"))
+            outs = engine(*(_on(values[n], device) for n in partition.graph.input_names))
+            for name, out in zip(partition.graph.output_names, outs):
+                values[name] = {out.device: out}
+        host = torch.device("cpu")  # outputs come back where eager PyTorch would give them
+        return tuple(_on(values[n], host) for n in self.plan.sources())
 
     @property
     def backends(self) -> dict[str, str]:
@@ -79,6 +88,12 @@ class CompiledModel:
     def __repr__(self) -> str:
         parts = ", ".join(f"{p.name}@{p.device}:{p.backend}" for p in self.plan.partitions)
         return f"CompiledModel({self.report.model}, profile={self.profile['name']}, partitions=[{parts}])"
+
+
+def _on(copies: dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
+    if device not in copies:
+        copies[device] = next(iter(copies.values())).to(device, non_blocking=False)
+    return copies[device]
 
 
 def _with_attribute_dicts(value: Any) -> Any:

@@ -22,7 +22,7 @@ class Small(nn.Module):
 
 
 def test_pipeline_order_is_one_literal_table_of_named_stages():
-    assert [s.name for s in PIPELINE] == ["cleanup", "fusion", "cleanup"]
+    assert [s.name for s in PIPELINE] == ["cleanup", "fusion", "cleanup", "placement"]
     assert all(callable(p) for s in PIPELINE for p in s.passes)
 
 
@@ -55,7 +55,7 @@ def test_pipeline_without_fusion_runs_cleanup_only(run_pass):
     run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
     ctx = PassContext(run.ctx.profile, CompileOptions(fusion=False), run.ctx.input_spec)
     records = pipeline.run(run.gm, ctx)
-    assert {r.stage for r in records} == {"cleanup"}
+    assert "fusion" not in {r.stage for r in records}
     assert torch.ops.aten.batch_norm.default in run.ops()
     run.assert_same_numerics()
 

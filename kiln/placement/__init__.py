@@ -1,0 +1,1 @@
+"""Placement support: the cost model placement minimises, host measurement, plan rendering."""
