@@ -18,6 +18,7 @@ from kiln.errors import PassFailed
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.fuse_attention import fuse_attention
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
@@ -42,7 +43,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
           repeat_until_stable=True),
     # Fusion: algebraic folds that remove whole ops.
-    Stage("fusion", (fold_batchnorm,)),
+    Stage("fusion", (fold_batchnorm, fuse_attention)),
     # Folding BatchNorm leaves its statistics unused; sweep again.
     Stage("cleanup", (remove_dead_code,)),
 )
