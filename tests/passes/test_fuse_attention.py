@@ -1,3 +1,4 @@
+import copy
 import math
 import os
 
@@ -7,7 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kiln
+from kiln.frontend.capture import capture
 from kiln.passes.fuse_attention import fuse_attention
+from kiln.types import Precision
+from kiln.verify import TOLERANCE
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -254,3 +258,17 @@ def test_optimize_eager_bert_on_onnxruntime_verifies_with_attention_fused():
     assert record.counts == {"attention": 2}
     chosen = next(c for c in compiled.report.candidates if c.status == "chosen")
     assert "attention 2" in chosen.detail, chosen.detail
+
+
+def test_fuse_attention_handles_symbolic_lengths_and_matches_at_another_length():
+    captured = capture(MaskedHeads(), (torch.randn(2, 6, 16), torch.zeros(2, 1, 1, 6)),
+                       dynamic={"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 3: "seq"}})
+    gm, reference = captured.gm, copy.deepcopy(captured.gm)
+    assert fuse_attention(gm, None).counts == {"attention": 1}
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    x, mask = torch.randn(3, 9, 16), torch.zeros(3, 1, 1, 9)
+    mask[0, ..., 7:] = float("-inf")
+    tol = TOLERANCE[Precision.FP32]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, mask)[0], reference(x, mask)[0], rtol=tol.rtol, atol=tol.atol)
