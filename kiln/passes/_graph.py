@@ -42,3 +42,34 @@ def source_line(node: Node) -> str | None:
 
 def is_call(node: Node, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def meta_value(target, args: tuple, kwargs: dict | None = None):
+    """What `target(*args, **kwargs)` would return, computed on the args' shape meta ("val").
+
+    Runs the op under the graph's FakeTensorMode (symbolic sizes stay symbolic); constants a pass
+    registered carry real tensors as "val" and are converted. Without a fake mode, meta tensors."""
+    import torch.utils._pytree as pytree
+    from torch._guards import detect_fake_mode
+
+    vals = pytree.tree_map_only(Node, lambda n: n.meta["val"], (args, kwargs or {}))
+    tensors = [v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    fake_mode = detect_fake_mode(tensors)
+    if fake_mode is None:
+        vals = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), vals)
+        return target(*vals[0], **vals[1])
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    vals = pytree.tree_map_only(torch.Tensor, lambda t: t if isinstance(t, FakeTensor) else fake_mode.from_tensor(t), vals)
+    with fake_mode:
+        return target(*vals[0], **vals[1])
+
+
+def call(gm: GraphModule, target, args: tuple, kwargs: dict | None = None, meta_from: Node | None = None) -> Node:
+    """Insert `target(*args, **kwargs)` at the graph's insertion point with its "val" meta,
+    copying the rest of `meta_from`'s meta (source line, module stack) when given."""
+    node = gm.graph.call_function(target, args, kwargs or {})
+    if meta_from is not None:
+        node.meta.update({k: v for k, v in meta_from.meta.items() if k not in ("val", "tensor_meta")})
+    node.meta["val"] = meta_value(target, args, kwargs)
+    return node

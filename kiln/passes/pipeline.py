@@ -19,6 +19,8 @@ from kiln.errors import OptionsError, PassFailed
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.fuse_attention import fuse_attention
+from kiln.passes.merge_qkv_projections import merge_qkv_projections
 from kiln.passes.place_on_devices import place_on_devices
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
 from kiln.passes.remove_dead_code import remove_dead_code
@@ -44,12 +46,22 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
           repeat_until_stable=True),
     # Fusion: algebraic folds that remove whole ops.
-    Stage("fusion", (fold_batchnorm,), when=lambda ctx: ctx.options.fusion),
+    Stage("fusion", (fold_batchnorm, fuse_attention), when=lambda ctx: ctx.options.fusion),
+    # One Q/K/V GEMM, except where ONNX Runtime may build the graph: its attention fusion
+    # matches three separate projections and is lost after the merge (measured on MiniLM).
+    Stage("fusion", (merge_qkv_projections,), when=lambda ctx: ctx.options.fusion and not onnxruntime_may_build(ctx)),
     # Folding BatchNorm leaves its statistics unused; sweep again.
     Stage("cleanup", (remove_dead_code,)),
     # Placement last: it decides on the final graph and changes nothing (decide only).
     Stage("placement", (place_on_devices,)),
 )
+
+
+def onnxruntime_may_build(ctx: PassContext) -> bool:
+    """Whether ONNX Runtime is the forced backend or a candidate on any device of the profile."""
+    if ctx.options.backend is not None:
+        return ctx.options.backend == "onnxruntime"
+    return any("onnxruntime" in device.backends for device in ctx.profile.devices.values())
 
 
 def run(gm: GraphModule, ctx: PassContext, pipeline: tuple[Stage, ...] = PIPELINE) -> list[PassRecord]:
