@@ -18,7 +18,11 @@ from kiln.errors import PassFailed
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.fuse_linear_bias import fuse_linear_bias
+from kiln.passes.group_epilogues import group_epilogues
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
+from kiln.passes.recognise_activations import recognise_activations
+from kiln.passes.recognise_norms import recognise_norms
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
 from kiln.passes.result import PassResult
@@ -41,8 +45,10 @@ PIPELINE: tuple[Stage, ...] = (
     # Cleanup first so fusion patterns see the graph without identities and dead branches.
     Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
           repeat_until_stable=True),
-    # Fusion: algebraic folds that remove whole ops.
-    Stage("fusion", (fold_batchnorm,)),
+    # Fusion: hand-written norms and activations become single ops first; matmuls with stored
+    # weights become linear before fold_batchnorm, which folds BatchNorm1d into a linear;
+    # epilogue groups are counted once BatchNorm is folded into the convolutions.
+    Stage("fusion", (recognise_norms, recognise_activations, fuse_linear_bias, fold_batchnorm, group_epilogues)),
     # Folding BatchNorm leaves its statistics unused; sweep again.
     Stage("cleanup", (remove_dead_code,)),
 )
