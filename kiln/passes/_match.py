@@ -145,9 +145,10 @@ def erased(node: Node) -> bool:
 # --- polynomials over leaf nodes ---------------------------------------------------------
 
 
-def expand(root: Node, budget: int = 16) -> tuple[Poly, dict[str, Node]] | None:
+def expand(root: Node, budget: int = 16, inner: set | None = None) -> tuple[Poly, dict[str, Node]] | None:
     """`root` as a polynomial over leaf nodes, or None when it is not one. Inner nodes with
-    other users are leaves: folding them into the replacement would not remove them."""
+    other users are leaves: folding them into the replacement would not remove them. The
+    expanded nodes below the root are added to `inner` when given."""
     leaves: dict[str, Node] = {}
     left = [budget]
 
@@ -164,6 +165,8 @@ def expand(root: Node, budget: int = 16) -> tuple[Poly, dict[str, Node]] | None:
             return {((arg.name, 1),): 1.0}
         if not _arithmetic(arg):
             return None
+        if inner is not None and not is_root:
+            inner.add(arg)
         target, args, alpha = arg.target, arg.args, number(arg.kwargs.get("alpha", 1))
         if target is aten.neg.default:
             return _scale(walk(args[0]), -1.0)

@@ -36,11 +36,13 @@ CLAMPS = (aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.cl
 def recognise_activations(gm: GraphModule, ctx: PassContext) -> PassResult:
     counts = {"gelu": 0, "gelu_tanh": 0, "silu": 0, "hardswish": 0, "hardsigmoid": 0}
     skipped: list[Skip] = []
+    inside: set[Node] = set()  # parts of a formula already matched or skipped as a whole
     # Outermost first: x·(relu6(x+3)/6) is one hardswish, not a hardsigmoid inside a product.
     for node in reversed(list(gm.graph.nodes)):
-        if node.op != "call_function" or erased(node) or not users(node) or node.target not in (aten.mul.Tensor, aten.div.Tensor):
+        if node.op != "call_function" or erased(node) or node in inside or not users(node) \
+                or node.target not in (aten.mul.Tensor, aten.div.Tensor):
             continue
-        found = _match(node)
+        found = _match(node, inside)
         if found is None:
             continue
         if isinstance(found, str):
@@ -52,15 +54,17 @@ def recognise_activations(gm: GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(changed=sum(counts.values()) > 0, counts=counts, skipped=tuple(skipped))
 
 
-def _match(root: Node):
+def _match(root: Node, inside: set[Node]):
     """(count name, op, input, kwargs), a skip reason, or None when `root` is no activation."""
-    expanded = expand(root)
+    below: set[Node] = set()
+    expanded = expand(root, inner=below)
     if expanded is None:
         return None
     poly, leaves = expanded
     for leaf in leaves.values():
         for matcher in (_gelu, _silu, _hardswish, _hardsigmoid):
             if (found := matcher(poly, leaf, leaves)) is not None:
+                inside.update(below)
                 return found
     return None
 
