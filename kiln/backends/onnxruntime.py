@@ -11,6 +11,8 @@ coverage answer is the exporter's, not a hand-kept copy.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import io
 import logging
@@ -246,6 +248,36 @@ def _runtime_graph_summary(optimized: Path) -> str:
     return f"ORT runs {len(graph.node)} nodes" + (f": {fused}" if fused else "")
 
 
+def _spell_out_rms_norm(partition: PartitionGraph) -> PartitionGraph:
+    """x·rsqrt(mean(x², -1) + ε)·w for each float32 aten.rms_norm. The exporter (opset 20)
+    decomposes rms_norm with positive ReduceMean axes, which onnxscript's SimplifiedLayer-
+    Normalization rule (axes [-1]) does not match; spelled out over negative dims it fuses."""
+    aten = torch.ops.aten
+
+    def float32_rms_norm(node: Node) -> bool:
+        value = node.args[0].meta.get("val") if node.target is aten.rms_norm.default else None
+        return isinstance(value, torch.Tensor) and value.dtype == torch.float32  # half types upcast inside
+
+    if not any(float32_rms_norm(n) for n in partition.gm.graph.nodes):
+        return partition
+    gm = copy.deepcopy(partition.gm)
+    graph = gm.graph
+    for node in [n for n in graph.nodes if float32_rms_norm(n)]:
+        x, shape, weight, eps = [*node.args, None, None][:4]
+        eps = torch.finfo(torch.float32).eps if eps is None else eps  # rms_norm's default
+        with graph.inserting_before(node):
+            square = graph.call_function(aten.pow.Tensor_Scalar, (x, 2))
+            mean = graph.call_function(aten.mean.dim, (square, list(range(-len(shape), 0)), True))
+            scale = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (mean, eps)),))
+            out = graph.call_function(aten.mul.Tensor, (x, scale))
+            if weight is not None:
+                out = graph.call_function(aten.mul.Tensor, (out, weight))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    gm.recompile()
+    return dataclasses.replace(partition, gm=gm)
+
+
 def _device_ready(device: DeviceSpec) -> str | None:
     if device.kind is DeviceKind.CPU:
         return None
@@ -284,7 +316,7 @@ class OnnxRuntimeBackend:
         self._require()
         path = settings.workdir / f"{partition.name}.onnx"
         unfused = settings.workdir / f"{partition.name}.unfused.onnx"
-        program = export_onnx(partition, unfused)
+        program = export_onnx(_spell_out_rms_norm(partition), unfused)
         if settings.fuse:
             rules = _fuse_for_ort(program, path)
         else:

@@ -20,9 +20,13 @@ from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
 from kiln.passes.fuse_attention import fuse_attention
+from kiln.passes.fuse_linear_bias import fuse_linear_bias
+from kiln.passes.group_epilogues import group_epilogues
 from kiln.passes.merge_qkv_projections import merge_qkv_projections
 from kiln.passes.place_on_devices import place_on_devices
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
+from kiln.passes.recognise_activations import recognise_activations
+from kiln.passes.recognise_norms import recognise_norms
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
 from kiln.passes.result import PassResult
@@ -45,8 +49,11 @@ PIPELINE: tuple[Stage, ...] = (
     # Cleanup first so fusion patterns see the graph without identities and dead branches.
     Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
           repeat_until_stable=True),
-    # Fusion: algebraic folds that remove whole ops.
-    Stage("fusion", (fold_batchnorm, fuse_attention), when=lambda ctx: ctx.options.fusion),
+    # Fusion: hand-written norms and activations become single ops first; matmuls with stored
+    # weights become linear before fold_batchnorm, which folds BatchNorm1d into a linear;
+    # attention becomes SDPA; epilogue groups are counted once BatchNorm is folded.
+    Stage("fusion", (recognise_norms, recognise_activations, fuse_linear_bias, fold_batchnorm, fuse_attention,
+                     group_epilogues), when=lambda ctx: ctx.options.fusion),
     # One Q/K/V GEMM, except where ONNX Runtime may build the graph: its attention fusion
     # matches three separate projections and is lost after the merge (measured on MiniLM).
     Stage("fusion", (merge_qkv_projections,), when=lambda ctx: ctx.options.fusion and not onnxruntime_may_build(ctx)),

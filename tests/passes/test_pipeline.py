@@ -26,6 +26,13 @@ def test_pipeline_order_is_one_literal_table_of_named_stages():
     assert all(callable(p) for s in PIPELINE for p in s.passes)
 
 
+def test_pipeline_recognises_patterns_before_folding_batchnorm_and_groups_epilogues_after():
+    fusion = next(s for s in PIPELINE if s.name == "fusion")
+    names = [p.__name__ for p in fusion.passes]
+    assert names.index("fuse_linear_bias") < names.index("fold_batchnorm") < names.index("group_epilogues")
+    assert {"recognise_norms", "recognise_activations"} <= set(names[:names.index("fold_batchnorm")])
+
+
 def test_pipeline_records_every_pass_with_counts_and_keeps_numerics(run_pass):
     run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
     records = pipeline.run(run.gm, run.ctx)
