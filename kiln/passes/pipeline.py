@@ -16,11 +16,15 @@ from torch.fx import GraphModule
 
 from kiln.errors import PassFailed
 from kiln.passes.context import PassContext
+from kiln.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.fold_shape_arithmetic import fold_shape_arithmetic
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
+from kiln.passes.remove_noop_views import remove_noop_views
+from kiln.passes.remove_redundant_permutes import remove_redundant_permutes
 from kiln.passes.result import PassResult
 from kiln.report import PassRecord
 
@@ -39,7 +43,10 @@ MAX_REPEATS = 4
 
 PIPELINE: tuple[Stage, ...] = (
     # Cleanup first so fusion patterns see the graph without identities and dead branches.
-    Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
+    # Sizes fold before views (a folded size can make a reshape a no-op); duplicates merge
+    # before fold_constants, which would otherwise store each copy as its own buffer.
+    Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_shape_arithmetic, remove_noop_views,
+                      remove_redundant_permutes, eliminate_common_subexpressions, fold_constants, remove_dead_code),
           repeat_until_stable=True),
     # Fusion: algebraic folds that remove whole ops.
     Stage("fusion", (fold_batchnorm,)),
