@@ -126,7 +126,7 @@ def _why_copy_must_stay(node: Node, source: Node, writes: Writes, outputs: set[N
         base = root(source)
         if base.op in ("placeholder", "get_attr"):
             return f"its result is a graph output and would alias {base.op} {base.name}"
-        if family(base) & outputs - family(node):
+        if (family(base) - family(node)) & outputs:
             return f"its result is a graph output and would alias another output viewing {base.name}"
     return None
 
