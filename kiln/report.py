@@ -119,11 +119,11 @@ class Report:
                      else "Passes")
         for p in self.passes:
             counts = ", ".join(f"{k} {v}" for k, v in p.counts.items() if v) or "no change"
-            lines.append(f"  {p.stage:9s} {p.name:24s} {counts}  ({p.seconds * 1000:.0f} ms)")
+            lines.append(f"  {p.stage:9s} {p.name:31s} {counts}  ({p.seconds * 1000:.0f} ms)")
             for node, reason in p.skipped[:5]:
-                lines.append(f"  {'':9s} {'':24s} skipped {node}: {reason}")
+                lines.append(f"  {'':9s} {'':31s} skipped {node}: {reason}")
             if len(p.skipped) > 5:
-                lines.append(f"  {'':9s} {'':24s} ... and {len(p.skipped) - 5} more skips")
+                lines.append(f"  {'':9s} {'':31s} ... and {len(p.skipped) - 5} more skips")
         lines += ["", "Partitions"] + self.render_partitions()
         lines += self.render_placement()
         lines += ["", "Backend decisions"]

@@ -15,10 +15,12 @@ from typing import Callable
 
 from torch.fx import GraphModule
 
-from kiln.errors import OptionsError, PassFailed
+from kiln.errors import KilnError, OptionsError, PassFailed
 from kiln.passes.context import PassContext
+from kiln.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
+from kiln.passes.fold_shape_arithmetic import fold_shape_arithmetic
 from kiln.passes.fuse_attention import fuse_attention
 from kiln.passes.fuse_linear_bias import fuse_linear_bias
 from kiln.passes.group_epilogues import group_epilogues
@@ -29,6 +31,8 @@ from kiln.passes.recognise_activations import recognise_activations
 from kiln.passes.recognise_norms import recognise_norms
 from kiln.passes.remove_dead_code import remove_dead_code
 from kiln.passes.remove_inactive_dropout import remove_inactive_dropout
+from kiln.passes.remove_noop_views import remove_noop_views
+from kiln.passes.remove_redundant_permutes import remove_redundant_permutes
 from kiln.passes.result import PassResult
 from kiln.report import PassRecord
 
@@ -47,7 +51,10 @@ MAX_REPEATS = 4
 
 PIPELINE: tuple[Stage, ...] = (
     # Cleanup first so fusion patterns see the graph without identities and dead branches.
-    Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_constants, remove_dead_code),
+    # Sizes fold before views (a folded size can make a reshape a no-op); duplicates merge
+    # before fold_constants, which would otherwise store each copy as its own buffer.
+    Stage("cleanup", (remove_inactive_dropout, put_scalar_operands_last, fold_shape_arithmetic, remove_noop_views,
+                      remove_redundant_permutes, eliminate_common_subexpressions, fold_constants, remove_dead_code),
           repeat_until_stable=True),
     # Fusion: hand-written norms and activations become single ops first; matmuls with stored
     # weights become linear before fold_batchnorm, which folds BatchNorm1d into a linear;
@@ -57,8 +64,8 @@ PIPELINE: tuple[Stage, ...] = (
     # One Q/K/V GEMM, except where ONNX Runtime may build the graph: its attention fusion
     # matches three separate projections and is lost after the merge (measured on MiniLM).
     Stage("fusion", (merge_qkv_projections,), when=lambda ctx: ctx.options.fusion and not onnxruntime_may_build(ctx)),
-    # Folding BatchNorm leaves its statistics unused; sweep again.
-    Stage("cleanup", (remove_dead_code,)),
+    # Fusion leaves folded statistics unused and may leave views and permutes that now cancel.
+    Stage("cleanup", (remove_noop_views, remove_redundant_permutes, eliminate_common_subexpressions, remove_dead_code)),
     # Placement last: it decides on the final graph and changes nothing (decide only).
     Stage("placement", (place_on_devices,)),
 )
@@ -102,6 +109,8 @@ def _run_one(pass_fn: Pass, stage: str, gm: GraphModule, ctx: PassContext, befor
             gm.graph.lint()
             gm.recompile()
             _check_meta(gm)
+    except KilnError:
+        raise  # a pass's own error already says what, where and the fix (e.g. a pin naming no node)
     except Exception as exc:
         raise _failure(pass_fn.__name__, stage, before, exc) from exc
     return PassRecord(pass_fn.__name__, stage, result.changed, dict(result.counts),

@@ -48,9 +48,10 @@ def place_on_devices(gm: GraphModule, ctx: PassContext) -> PassResult:
     eager = [n for n in units if not options[n]]
     if eager and not ctx.options.eager_fallback:
         first = eager[0]
-        raise OptionsError(f"no backend supports {first.target} (node {first.name}) on any device: "
-                           + "; ".join(f"{d}: {r}" for d, r in refusals[first].items()),
-                           where=f"profile {profile.name}", fix="allow eager_fallback=True, or add a device/backend that runs it")
+        raise BackendUnavailable(f"no backend supports {first.target} (node {first.name}) on any device: "
+                                 + "; ".join(f"{d}: {r}" for d, r in refusals[first].items()),
+                                 where=f"profile {profile.name}",
+                                 fix="allow eager_fallback=True, or add a device/backend that runs it")
     for node in eager:
         seconds = cm.node_seconds(costs[node], profile.devices[host], Precision.FP32)
         options[node] = {host: (EAGER, seconds if seconds is not None else 0.0)}

@@ -38,14 +38,17 @@ def test_groupnorm_4d_on_onnxruntime():
 def test_sdpa_rank3_is_reported_unsupported_by_onnxruntime_before_any_build():
     """Was: the ONNX capability check accepted 3-D scaled_dot_product_attention and the
     exporter then asserted 'only 4D query, key, and value are supported'. The capability table
-    now refuses such nodes with the reason, so selection records it (and measuring profiles
-    move on to another backend) instead of failing a build."""
+    now refuses such nodes with the reason, so placement never hands them to ONNX Runtime:
+    without eager fallback that is an error naming the reason; with it (the default) the node
+    runs eagerly and the report says why."""
     class Attention(nn.Module):
         def forward(self, q):
             return F.scaled_dot_product_attention(q, q, q)
 
     with pytest.raises(kiln.BackendUnavailable, match="only with 4-d query"):
-        _optimize(Attention(), (torch.randn(2, 5, 4),), backend="onnxruntime")
+        _optimize(Attention(), (torch.randn(2, 5, 4),), backend="onnxruntime", eager_fallback=False)
+    compiled = _optimize(Attention(), (torch.randn(2, 5, 4),), backend="onnxruntime")
+    assert compiled.backends == {"p0": "eager"} and "only with 4-d query" in str(compiled.report)
 
 
 def test_onnx_export_failure_names_the_reason(monkeypatch):

@@ -18,7 +18,7 @@ from kiln.types import Precision
 class PassRun:
     """A captured graph, an untouched copy for reference, and the result of one pass."""
 
-    def __init__(self, model: torch.nn.Module, inputs: tuple, dynamic=None):
+    def __init__(self, model: torch.nn.Module, inputs: tuple, dynamic: dict | None = None):
         self.captured = capture(model, inputs, dynamic=dynamic)
         self.gm = self.captured.gm
         self.reference = copy.deepcopy(self.gm)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.errors import OptionsError
+from kiln.errors import BackendUnavailable, OptionsError
 from placement import custom_ops  # noqa: F401  (registers kiln_test::shifted_swish)
 from placement.support import HeavyMLP, decisions, heavy_inputs, place, profile
 
@@ -85,7 +85,7 @@ def test_an_op_no_backend_supports_anywhere_falls_back_to_eager_on_the_host_with
     assert decision.device == "cpu" and decision.backend == "eager"
     assert any("no backend supports kiln_test.shifted_swish" in r for r in decision.reasons)
     assert any("eager fallback" in s.reason for s in result.skipped)
-    with pytest.raises(OptionsError, match="shifted_swish"):
+    with pytest.raises(BackendUnavailable, match="shifted_swish"):
         place(SwishBlock(), (torch.randn(8, 256),), "cpu-onnxruntime-only", eager_fallback=False)
 
 
