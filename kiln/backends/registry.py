@@ -10,13 +10,13 @@ from kiln.errors import BackendUnavailable
 BACKENDS: dict[str, str] = {
     "onnxruntime": "kiln.backends.onnxruntime:OnnxRuntimeBackend",
     "inductor": "kiln.backends.inductor:InductorBackend",
+    "openvino": "kiln.backends.openvino:OpenVinoBackend",
 }
 
 # Names profiles may already prefer, with why kiln cannot use them yet; selection records the
 # reason and moves on to the next preferred backend.
 PLANNED_BACKENDS: dict[str, str] = {
     "tensorrt": "kiln has no TensorRT backend yet",
-    "openvino": "kiln has no OpenVINO backend yet",
 }
 
 KNOWN_NAMES: tuple[str, ...] = (*BACKENDS, *PLANNED_BACKENDS)

@@ -86,13 +86,13 @@ def test_minilm_with_dynamic_batch_and_sequence_runs_other_sizes(minilm):
         compiled(*models.sentence_tokens(SENTENCES[:1], seq=200))
 
 
-def test_cpu_x86_measures_both_backends_and_keeps_a_verified_one(efficientnet):
+def test_cpu_x86_measures_every_backend_and_keeps_the_fastest_verified_one(efficientnet):
     model, inputs = efficientnet
     compiled = kiln.optimize(model, "cpu-x86", inputs)
     statuses = {c.backend: c.status for c in compiled.report.candidates}
-    assert statuses["openvino"] == "unavailable"
     timed = [c for c in compiled.report.candidates if c.median_ms is not None]
-    assert {c.backend for c in timed} == {"onnxruntime", "inductor"}
+    openvino_here = statuses["openvino"] != "unavailable"  # built, verified and timed wherever it is installed
+    assert {c.backend for c in timed} == {"onnxruntime", "inductor", *(("openvino",) if openvino_here else ())}
     chosen = next(c for c in timed if c.status == "chosen")
     assert chosen.median_ms == min(c.median_ms for c in timed)
     assert compiled.backends["p0"] == chosen.backend
