@@ -17,8 +17,11 @@ op its ExportedProgram path decomposes first; kiln keeps no copy of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
+import logging
+import operator
 import queue
 import re
 import shutil
@@ -104,8 +107,28 @@ def _rank4_sdpa(node: Node) -> str | None:
     return None
 
 
-# Conversions OpenVINO lists but refuses for some arguments.
-_NODE_CHECKS = {"aten.scaled_dot_product_attention.default": _rank4_sdpa}
+def _residual_around_group_norm(node: Node) -> str | None:
+    """OpenVINO 2026.4's CPU plugin crashes (SIGSEGV in compile_model) on GroupNormalization of a
+    computed tensor whose output is added to or multiplied by that same tensor (found by kiln's
+    fuzzer: x = y * w; x + group_norm(x)). Refused until a release is known to fix it."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, Node) or source.op == "placeholder":
+        return None
+    outputs = [node, *(u for u in node.users if u.target is operator.getitem and u.args[1] == 0)]
+    for user in (u for out in outputs for u in out.users):
+        if user.target in _ADD_OR_MUL and source in user.args:
+            return ("OpenVINO's CPU plugin crashes compiling group_norm whose output is added to or multiplied by "
+                    "its own computed input (OpenVINO 2026.4)")
+    return None
+
+
+_ADD_OR_MUL = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.mul.Tensor,
+                         torch.ops.aten.mul_.Tensor})
+
+# Conversions OpenVINO lists but fails on for some arguments or neighbours.
+_NODE_CHECKS = {"aten.scaled_dot_product_attention.default": _rank4_sdpa,
+                "aten.group_norm.default": _residual_around_group_norm,
+                "aten.native_group_norm.default": _residual_around_group_norm}
 
 
 class _FrontendTable(CapabilityTable):
@@ -132,11 +155,18 @@ class _FrontendTable(CapabilityTable):
 
 @contextlib.contextmanager
 def _quiet():
-    """The frontend warns about deprecated pytree calls and prints decomposition notes; neither
-    is news to kiln's user."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """The frontend warns about deprecated pytree calls and logs, with tracebacks, each op it
+    meant to keep from decomposition that this torch does not decompose anyway; neither is news
+    to kiln's user. The filter applies only during the call."""
+    root = logging.getLogger()
+    not_decomp_notes = lambda record: "not found in decomp table" not in record.getMessage()  # noqa: E731
+    root.addFilter(not_decomp_notes)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(not_decomp_notes)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -151,13 +181,23 @@ def _installed_version() -> str:
     return ov.get_version()
 
 
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """How a partition's flat inputs and outputs map onto the OpenVINO model's ports."""
+
+    inputs: tuple[int, ...]  # per OpenVINO input, its position among the partition's inputs
+    outputs: tuple[int, ...]  # per partition output, the OpenVINO output holding it
+
+
 class OpenVinoEngine:
     backend = "openvino"
 
-    def __init__(self, model, xml_path: Path, settings: BackendSettings, precision: Precision, device: str):
+    def __init__(self, model, xml_path: Path, settings: BackendSettings, precision: Precision, device: str,
+                 wiring: Wiring):
         import openvino as ov
 
         self.xml_path = xml_path
+        self.wiring = wiring
         self.precision = precision
         self.device = device
         hint = PRECISION_HINTS[precision][0]
@@ -186,14 +226,17 @@ class OpenVinoEngine:
         try:
             # share_inputs: OpenVINO reads the tensors' memory in place; share_outputs=False: each
             # call's outputs are its own arrays, never views a later call overwrites.
-            results = request.infer([_to_numpy(t) for t in inputs], share_inputs=True, share_outputs=False)
-            return tuple(torch.from_numpy(results[i]) for i in range(len(self.compiled.outputs)))
+            results = request.infer([_to_numpy(inputs[i]) for i in self.wiring.inputs], share_inputs=True,
+                                    share_outputs=False)
+            outputs = [torch.from_numpy(results[i]) for i in range(len(self.compiled.outputs))]
+            return tuple(outputs[i] for i in self.wiring.outputs)
         finally:
             self._idle.put(request)
 
     def meta(self) -> dict:
         return {"openvino": _installed_version(), "device": self.device, "precision": self.precision.value,
-                "inference_precision": self.used_precision, "runtime_ops": self.runtime_ops}
+                "inference_precision": self.used_precision, "runtime_ops": self.runtime_ops,
+                "inputs": list(self.wiring.inputs), "outputs": list(self.wiring.outputs)}
 
     def save(self, directory: Path, stem: str) -> EngineEntry:
         xml, binary = directory / f"{stem}.xml", directory / f"{stem}.bin"
@@ -209,27 +252,66 @@ def _to_numpy(tensor: torch.Tensor):
     return tensor.numpy()
 
 
-def _set_shapes_and_names(model, partition: PartitionGraph) -> None:
+def _convert(exported: torch.export.ExportedProgram):
+    """What ov.convert_model does for an ExportedProgram, without its usage telemetry (which it
+    sends unless the user opted out): decode with the FX decoder, convert with the PyTorch
+    frontend, then the same MOC graph cleanups. The model's constants may point into the
+    program's tensors, so it is only saved, never compiled (see compile)."""
+    from openvino._offline_transformations import apply_moc_transformations, compress_quantize_weights_transformation
+    from openvino.frontend import FrontEndManager
+    from openvino.frontend.pytorch.fx_decoder import TorchFXPythonDecoder
+
+    frontend = FrontEndManager().load_by_framework("pytorch")
+    decoder = TorchFXPythonDecoder.from_exported_program(exported)  # must outlive convert(): C++ calls back into it
+    model = frontend.convert(frontend.load(decoder))
+    apply_moc_transformations(model, cf=False, smart_reshape=True)
+    compress_quantize_weights_transformation(model)
+    return model
+
+
+def _distinct_outputs(partition: PartitionGraph) -> tuple[PartitionGraph, tuple[int, ...]]:
+    """OpenVINO's frontend fails on a graph that returns one value twice, so it gets a graph
+    returning each value once (sharing the weights) and the engine maps outputs back."""
+    output = next(n for n in partition.gm.graph.nodes if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else None
+    if values is None or len(set(values)) == len(values):
+        return partition, tuple(range(len(partition.output_names)))
+    distinct = list(dict.fromkeys(values))
+    graph, copies = torch.fx.Graph(), {}
+    graph.graph_copy(partition.gm.graph, copies)
+    graph.output(tuple(copies[v] for v in distinct))
+    names = tuple(partition.output_names[values.index(v)] for v in distinct)
+    narrowed = dataclasses.replace(partition, gm=torch.fx.GraphModule(partition.gm, graph), output_names=names)
+    return narrowed, tuple(distinct.index(v) for v in values)
+
+
+def _set_shapes_and_names(model, partition: PartitionGraph, placeholders: list[str]) -> tuple[int, ...]:
     """Name inputs and outputs as kiln does, and give each input its partial shape: the example's
     sizes, with the partition's dynamic dims as bounded ranges (OpenVINO would otherwise leave
-    every dim unbounded, and its CPU plugin plans memory better for bounded or static dims)."""
+    every dim unbounded, and its CPU plugin plans memory better for bounded or static dims).
+    Returns, per OpenVINO input, its position among the partition's inputs: the frontend drops
+    inputs the graph never reads."""
     import openvino as ov
 
-    if len(model.inputs) != len(partition.input_names) or len(model.outputs) != len(partition.output_names):
-        raise BackendError(f"OpenVINO's model has {len(model.inputs)} inputs and {len(model.outputs)} outputs, the partition "
-                           f"{len(partition.input_names)} and {len(partition.output_names)}",
-                           where=f"partition {partition.name}", fix="try backend='onnxruntime', or report the model")
+    positions = [placeholders.index(port.get_any_name()) if port.get_any_name() in placeholders else -1
+                 for port in model.inputs]
+    if -1 in positions or len(model.outputs) != len(partition.output_names):
+        raise BackendError(f"OpenVINO's model has inputs {[p.get_any_name() for p in model.inputs]} and "
+                           f"{len(model.outputs)} outputs; the partition has inputs {placeholders} and "
+                           f"{len(partition.output_names)} outputs", where=f"partition {partition.name}",
+                           fix="try backend='onnxruntime', or report the model")
     dynamic = partition.dynamic_shapes or (None,) * len(partition.input_names)
     shapes = {}
-    for port, name, example, dims in zip(model.inputs, partition.input_names, partition.example_inputs, dynamic):
-        port.get_tensor().set_names({name})
-        sizes = [ov.Dimension(size) for size in example.shape]
-        for axis, dim in (dims or {}).items():
+    for port, position in zip(model.inputs, positions):
+        port.get_tensor().set_names({partition.input_names[position]})
+        sizes = [ov.Dimension(size) for size in partition.example_inputs[position].shape]
+        for axis, dim in (dynamic[position] or {}).items():
             sizes[axis] = ov.Dimension(max(int(dim.min or 0), 0), int(dim.max))
         shapes[port] = ov.PartialShape(sizes)
     model.reshape(shapes)
     for port, name in zip(model.outputs, partition.output_names):
         port.get_tensor().set_names({name})
+    return tuple(positions)
 
 
 class OpenVinoBackend:
@@ -252,19 +334,21 @@ class OpenVinoBackend:
         import openvino as ov
 
         device = self._device(settings)
+        partition, output_map = _distinct_outputs(partition)
         exported = export_partition(partition)
         start = time.perf_counter()
         try:
             with _quiet():
-                model = ov.convert_model(exported)
+                model = _convert(exported)
         except Exception as exc:
             raise BackendError(f"OpenVINO's PyTorch frontend failed: {_first_line(exc)}", where=f"partition {partition.name}",
                                fix="try backend='onnxruntime'") from exc
-        _set_shapes_and_names(model, partition)
+        wiring = Wiring(_set_shapes_and_names(model, partition, list(exported.graph_signature.user_inputs)), output_map)
         convert_s = time.perf_counter() - start
         xml = settings.workdir / f"{partition.name}.openvino.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32 in the IR
-        engine = OpenVinoEngine(model, xml, settings, settings.precision, device)
+        del model  # its constants may view the program's tensors; the engine runs the saved IR, as a reload would
+        engine = OpenVinoEngine(ov.Core().read_model(str(xml)), xml, settings, settings.precision, device, wiring)
         engine.summary = (f"OpenVINO {_installed_version().split('-')[0]} {device}: inference precision {engine.used_precision}, "
                           f"{engine.runtime_ops} runtime ops, converted from torch.export in {convert_s:.1f} s")
         return engine
@@ -282,7 +366,12 @@ class OpenVinoBackend:
                                fix="load it on a machine with that device, or rebuild the artifact for this one")
         precision = Precision(entry.meta.get("precision", Precision.FP32.value))
         model = ov.Core().read_model(str(xml))
-        engine = OpenVinoEngine(model, xml, settings, precision, device)
+        try:
+            wiring = Wiring(tuple(int(i) for i in entry.meta["inputs"]), tuple(int(i) for i in entry.meta["outputs"]))
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError("the OpenVINO engine's metadata lacks its input and output wiring", where=str(xml),
+                                fix="rebuild the artifact with this kiln") from None
+        engine = OpenVinoEngine(model, xml, settings, precision, device, wiring)
         engine.summary = entry.meta.get("summary", "")
         return engine
 
