@@ -125,10 +125,34 @@ def _residual_around_group_norm(node: Node) -> str | None:
 _ADD_OR_MUL = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.mul.Tensor,
                          torch.ops.aten.mul_.Tensor})
 
-# Conversions OpenVINO lists but fails on for some arguments or neighbours.
+def _last_axis_reduction_into_constant(node: Node) -> str | None:
+    """OpenVINO 2026.4's CPU plugin computes a wrong result for a rank-3 reduction over the last
+    axis with keepdim whose output meets a constant in add/sub/mul/div (it fuses the constant as
+    a per-channel post-op with the wrong stride when the batch is over 1; found by kiln's fuzzer).
+    Rank 4 and non-constant operands are unaffected."""
+    value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], Node) else None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if value is None or value.dim() != 3 or not keepdim or dims is None:
+        return None
+    if [d % 3 for d in ([dims] if isinstance(dims, int) else dims)] != [2]:
+        return None
+    for user in node.users:
+        if user.target in _ELEMENTWISE and any(isinstance(a, Node) and a.op == "get_attr" for a in user.args):
+            return (f"OpenVINO's CPU plugin miscomputes {node.target} over the last axis of a 3-d tensor followed by "
+                    f"{user.target} with a constant (OpenVINO 2026.4)")
+    return None
+
+
+_ELEMENTWISE = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor,
+                          torch.ops.aten.div.Tensor})
+
+# Conversions OpenVINO lists but fails on for some arguments or neighbours (crashes, wrong results).
 _NODE_CHECKS = {"aten.scaled_dot_product_attention.default": _rank4_sdpa,
                 "aten.group_norm.default": _residual_around_group_norm,
-                "aten.native_group_norm.default": _residual_around_group_norm}
+                "aten.native_group_norm.default": _residual_around_group_norm,
+                **{name: _last_axis_reduction_into_constant for name in (
+                    "aten.amax.default", "aten.amin.default", "aten.sum.dim_IntList", "aten.mean.dim", "aten.prod.dim_int")}}
 
 
 class _FrontendTable(CapabilityTable):

@@ -193,3 +193,83 @@ def test_openvino_load_refuses_an_engine_without_a_recorded_version(convnet_part
     del entry.meta["openvino"]
     with pytest.raises(ArtifactError, match="which OpenVINO built it"):
         backend.load(tmp_path, entry, settings)
+
+
+def test_openvino_returns_a_value_the_graph_returns_twice_at_both_positions(settings):
+    class ReturnsTwice(nn.Module):
+        def forward(self, x):
+            y = torch.log_softmax(x * 3, -1)
+            return y, x + 1, y
+
+    graph, _ = make_partition(ReturnsTwice(), (torch.randn(2, 5),))
+    engine = backend.compile(graph, settings)
+    x = torch.randn(2, 5)
+    _assert_close(engine(x), graph.gm(x))
+
+
+class ResidualGroupNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(4, 8)
+
+    def forward(self, x):
+        x = x * 2
+        return x + self.norm(x)
+
+
+def test_openvino_refuses_the_group_norm_residual_its_cpu_plugin_crashes_on():
+    graph, _ = make_partition(ResidualGroupNorm().eval(), (torch.randn(2, 8, 4, 4),))
+    node = next(n for n in graph.gm.graph.nodes if "group_norm" in str(n.target))
+    support = backend.supports(node, CPU)
+    assert not support.ok and "group_norm" in support.reason and "crashes" in support.reason
+
+
+def test_openvino_takes_group_norm_without_that_residual(settings):
+    graph, _ = make_partition(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU()).eval(),
+                              (torch.randn(2, 3, 8, 8),))
+    assert all(backend.supports(n, CPU).ok for n in graph.gm.graph.nodes)
+    x = torch.randn(2, 3, 8, 8)
+    _assert_close(backend.compile(graph, settings)(x), graph.gm(x))
+
+
+def test_optimize_with_openvino_builds_in_a_child_process_and_verifies():
+    import kiln
+    from backends.conftest import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = kiln.optimize(model, "cpu-x86", (x,), backend="openvino", isolate=True, cache=False)
+    assert compiled.backends == {"p0": "openvino"} and all(c["ok"] for c in compiled.report.verification)
+    chosen = next(c for c in compiled.report.candidates if c.status == "chosen")
+    assert "inference precision f32" in chosen.detail
+    with torch.no_grad():
+        want = model(x)
+    _assert_close([compiled(x)[k] for k in want], list(want.values()))
+
+
+class LastAxisMaxMinusBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4, 1))
+
+    def forward(self, x):
+        return x.amax(-1, keepdim=True) - self.bias
+
+
+def test_openvino_refuses_the_last_axis_reduction_its_cpu_plugin_miscomputes():
+    graph, _ = make_partition(LastAxisMaxMinusBias().eval(), (torch.randn(3, 4, 8),))
+    node = next(n for n in graph.gm.graph.nodes if n.target is aten.amax.default)
+    support = backend.supports(node, CPU)
+    assert not support.ok and "miscomputes" in support.reason
+
+
+def test_openvino_takes_a_last_axis_reduction_of_a_4d_tensor(settings):
+    class Rank4(nn.Module):
+        def forward(self, x):
+            return x.amax(-1, keepdim=True) - torch.arange(4.0).view(1, 4, 1, 1)
+
+    graph, _ = make_partition(Rank4(), (torch.randn(3, 4, 5, 8),))
+    assert all(backend.supports(n, CPU).ok for n in graph.gm.graph.nodes)
+    x = torch.randn(3, 4, 5, 8)
+    _assert_close(backend.compile(graph, settings)(x), graph.gm(x))

@@ -5,11 +5,16 @@ import pytest
 import torch
 
 import kiln
+from kiln.backends.openvino import OpenVinoBackend
 from kiln.examples import models
 
 from e2e_support import assert_fp32_close, eager_leaves, run_in_fresh_process
 
 pytestmark = pytest.mark.slow
+
+_openvino = OpenVinoBackend().available()
+BACKENDS = ["onnxruntime", "inductor",
+            pytest.param("openvino", marks=pytest.mark.skipif(not _openvino.ok, reason=_openvino.reason))]
 
 SENTENCES = [
     "The kiln fires the clay at a steady heat.",
@@ -33,7 +38,7 @@ def efficientnet():
     return model, (torch.rand(2, 3, 224, 224) * 2 - 1,)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_minilm_matches_eager_after_reload_in_a_fresh_process(minilm, backend, tmp_path):
     model, inputs = minilm
     compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend)
@@ -46,7 +51,7 @@ def test_minilm_matches_eager_after_reload_in_a_fresh_process(minilm, backend, t
     assert_fp32_close(run_in_fresh_process(artifact, inputs, tmp_path), want)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_efficientnet_lite0_matches_eager_after_reload_in_a_fresh_process(efficientnet, backend, tmp_path):
     model, inputs = efficientnet
     compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend)
