@@ -11,7 +11,13 @@ fp32 build sets INFERENCE_PRECISION_HINT=f32 explicitly. The saved IR keeps fp32
 
 The capability table is OpenVINO's own: the ATen overloads its FX frontend translates (the
 table its torch.compile partitioner uses, plus the ops it keeps from decomposition), and any
-op its ExportedProgram path decomposes first; kiln keeps no copy of its own.
+op its ExportedProgram path decomposes first; kiln keeps no copy of its own. Node checks add
+the argument patterns OpenVINO lists but crashes on or miscomputes (found by kiln's fuzzer).
+
+Conversion calls the frontend directly rather than ov.convert_model, which would send usage
+telemetry on the user's behalf. The engine always runs the saved IR (compile and load build
+it the same way), and load refuses IR written by a newer OpenVINO than the installed one:
+OpenVINO reads IR from its own and older releases, not necessarily from newer ones.
 """
 
 from __future__ import annotations
@@ -224,10 +230,9 @@ class OpenVinoEngine:
         self.wiring = wiring
         self.precision = precision
         self.device = device
-        hint = PRECISION_HINTS[precision][0]
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": settings.threads} if device == "CPU" else \
-            {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision][0], "PERFORMANCE_HINT": "LATENCY"}
+        if device == "CPU":  # the thread budget is a CPU plugin property
+            config["INFERENCE_NUM_THREADS"] = settings.threads
         try:
             self.compiled = ov.Core().compile_model(model, device, config)
         except Exception as exc:
@@ -235,7 +240,6 @@ class OpenVinoEngine:
                                where=str(xml_path), fix="try backend='onnxruntime', or report the model") from exc
         self.used_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32"
         self.runtime_ops = len(self.compiled.get_runtime_model().get_ordered_ops())
-        self.output_types = [o.get_element_type() for o in self.compiled.outputs]
         # An InferRequest serves one call at a time: each call borrows an idle one (or makes one),
         # so threads calling the same engine never share a request's buffers.
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
