@@ -10,25 +10,17 @@ from kiln.errors import BackendUnavailable
 BACKENDS: dict[str, str] = {
     "onnxruntime": "kiln.backends.onnxruntime:OnnxRuntimeBackend",
     "inductor": "kiln.backends.inductor:InductorBackend",
+    "openvino": "kiln.backends.openvino:OpenVinoBackend",
     "tensorrt": "kiln.backends.tensorrt:TensorRTBackend",
     # PyTorch itself, for ops no other backend supports; placement uses it only as that fallback
     "eager": "kiln.backends.eager:EagerBackend",
 }
 
-# Names profiles may already prefer, with why kiln cannot use them yet; selection records the
-# reason and moves on to the next preferred backend.
-PLANNED_BACKENDS: dict[str, str] = {
-    "openvino": "kiln has no OpenVINO backend yet",
-}
-
-KNOWN_NAMES: tuple[str, ...] = (*BACKENDS, *PLANNED_BACKENDS)
+KNOWN_NAMES: tuple[str, ...] = tuple(BACKENDS)
 
 
 def get(name: str):
     """The backend object for `name`; an unknown name lists the known ones."""
-    if name in PLANNED_BACKENDS:
-        raise BackendUnavailable(f"backend {name!r} is not available: {PLANNED_BACKENDS[name]}",
-                                 fix=f"use one of {', '.join(BACKENDS)}")
     if name not in BACKENDS:
         close = difflib.get_close_matches(name, list(KNOWN_NAMES), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""

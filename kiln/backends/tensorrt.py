@@ -63,10 +63,11 @@ def device_ready(device: DeviceSpec) -> str | None:
 class _TensorRTTable(CapabilityTable):
     """TensorRT's own limits (TRT_RESTRICTIONS, tensor limits) on top of the ONNX export's coverage."""
 
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
+                 check_ready: bool = True) -> Support:
         if device.kind.value not in self.device_kinds:
             return Support(False, f"TensorRT runs on NVIDIA GPUs and DLAs, not {device.kind.value} devices")
-        if (reason := device_ready(device)) is not None:
+        if check_ready and (reason := device_ready(device)) is not None:
             return Support(False, reason)
         from kiln.backends.onnxruntime import exporter_supports
 

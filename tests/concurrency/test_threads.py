@@ -21,6 +21,10 @@ What the backends promise, and what was measured when this file was written:
   is double-checked under the exclusive lock. Above that, the Python binding's boxed_run
   (torch/csrc/inductor/aoti_package/pybind.cpp) keeps the GIL for the whole call. So Inductor
   calls are serialized: correct, but threads give no parallel speed-up.
+- OpenVINO: an InferRequest runs one inference at a time; kiln's engine lends each call an idle
+  request from a pool (creating one when all are busy) and asks for outputs the request does
+  not own (share_outputs=False), so concurrent calls neither share buffers nor see later
+  results.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ THREADS = 8
 MAX_BATCH = 16
 # Calls per thread in the load test: 8 x 500 (ORT) and 8 x 1000 (AOTInductor) take a few
 # seconds each on 2 cores, eager references included; the Inductor build (10-20 s) dominates.
-CALLS = {"onnxruntime": 500, "inductor": 1000}
+CALLS = {"onnxruntime": 500, "inductor": 1000, "openvino": 500}
 ARTIFACT_CALLS = 200
 HELD_CALLS = 100  # per thread in the hold-references test
 
@@ -117,9 +121,19 @@ def inductor_case() -> Case:
     return _build("inductor")
 
 
-@pytest.fixture(params=["onnxruntime", "inductor"])
+@pytest.fixture(scope="module")
+def openvino_case() -> Case:
+    from kiln.backends.openvino import OpenVinoBackend
+
+    status = OpenVinoBackend().available()
+    if not status.ok:
+        pytest.skip(status.reason)
+    return _build("openvino")
+
+
+@pytest.fixture(params=["onnxruntime", "inductor", "openvino"])
 def case(request) -> Case:
-    return request.getfixturevalue("ort_case" if request.param == "onnxruntime" else "inductor_case")
+    return request.getfixturevalue({"onnxruntime": "ort_case", "inductor": "inductor_case"}.get(request.param, "openvino_case"))
 
 
 @contextmanager
