@@ -155,10 +155,13 @@ class EmbeddingAgreement:
     label_means_candidate: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        means = lambda m: ", ".join(f"{k} {v:.3f}" for k, v in m.items())  # noqa: E731
+        def means(m: dict[str, float]) -> str:
+            return ", ".join(f"{k} {v:.3f}" for k, v in m.items())
+
         return "\n".join([
             f"sentences {self.sentences}, pairs {self.pairs}",
-            f"embedding cosine vs fp32: min {self.cosine_min:.6f}  p1 {self.cosine_p1:.6f}  mean {self.cosine_mean:.6f}",
+            f"embedding cosine vs fp32: min {self.cosine_min:.6f} (1 - min = {1 - self.cosine_min:.2g})  "
+            f"p1 {self.cosine_p1:.6f}  mean {self.cosine_mean:.6f}",
             f"pair similarity ranking: spearman {self.pair_spearman:.6f}  order kept {self.pair_order_kept:.2%}",
             f"nearest neighbour unchanged: {self.neighbour_agreement:.2%}",
             f"paraphrase vs unrelated AUC: reference {self.separation_reference:.3f}  candidate {self.separation_candidate:.3f}",
