@@ -95,7 +95,7 @@ def _candidates(units, ctx: PassContext, costs, precision, cache: dict):
     for name, device in ctx.profile.devices.items():
         usable, why = [], []
         for backend_name in _backend_names(ctx, device):
-            backend, reason = _backend(backend_name, cache)
+            backend, reason = _backend(backend_name, cache, ctx.plan_only)
             (usable.append(backend) if backend is not None else why.append(f"{backend_name}: {reason}"))
         for node in units:
             seconds = cm.node_seconds(costs[node], device, precision[node])
@@ -114,12 +114,15 @@ def _candidates(units, ctx: PassContext, costs, precision, cache: dict):
     return options, refusals
 
 
-def _backend(name: str, cache: dict):
+def _backend(name: str, cache: dict, planning: bool = False):
+    """(backend, "") when it can take part, else (None, why). A plan for another machine asks
+    only the capability table, so a runtime missing here does not exclude its backend."""
     if name not in cache:
         try:
             backend = registry.get(name)
             status = backend.available()
-            cache[name] = (backend, "") if status.ok else (None, f"{status.reason} ({status.install_hint})")
+            ok = status.ok or planning
+            cache[name] = (backend, "") if ok else (None, f"{status.reason} ({status.install_hint})")
         except BackendUnavailable as exc:
             cache[name] = (None, exc.what)
     return cache[name]
@@ -255,7 +258,7 @@ def _backends_per_device(units, labels, options, ctx: PassContext, cache: dict) 
 
 
 def _also_supports(node: Node, backend_name: str, device: str, ctx: PassContext, cache: dict) -> bool:
-    backend, _ = _backend(backend_name, cache)
+    backend, _ = _backend(backend_name, cache, ctx.plan_only)
     if backend is None:
         return False
     return _supports(backend, node, ctx.profile.devices[device], _precision(node, ctx), not ctx.plan_only).ok
