@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 import tempfile
 import time
 import weakref
@@ -22,6 +23,7 @@ from kiln.cache import CompileCache, cache_key, default_dir
 from kiln.errors import OptionsError, VerificationError
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
+from kiln.precision import setup as precision_setup
 from kiln.hardware_profiles.schema import Profile
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
@@ -29,7 +31,7 @@ from kiln.passes.context import PassContext
 from kiln.passes.partition import Plan, build_plan, op_counts
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
-from kiln.types import Dim
+from kiln.types import Dim, Precision
 from kiln.verify import OutputCheck, compare, failures_text
 
 log = logging.getLogger("kiln")
@@ -52,6 +54,8 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         _check_profile_fits(prof, opts)
     with _stage("capture", timings):
         captured = capture(model, example_inputs, example_kwargs, dynamic)
+    with _stage("calibration", timings):
+        calibration = precision_setup.flat_calibration(captured, opts)
     cache, key = _cache(opts), None
     if cache is not None:
         with _stage("cache", timings):
@@ -60,11 +64,16 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         if hit is not None:
             return _finish_cache_hit(model, hit, captured, opts, timings, key)
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
+    if (bypass := opts.cache_bypass_reason()) is not None and opts.cache:
+        report.notes.append(bypass)
+    ctx = PassContext(prof, opts, captured.input_spec, captured.example_inputs, calibration,
+                      precision_setup.metric_score(captured, opts))
     with _stage("passes", timings):
-        report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec))
+        report.passes = pipeline.run(captured.gm, ctx)
     plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
-                      export_dynamic_shapes(captured.input_spec))
-    draws = _verification_inputs(captured, opts)
+                      export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
+    precision_setup.record_plan(plan, opts, report, bool(calibration))
+    draws = _verification_inputs(captured, opts, calibration)
     workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
     deadline = None if opts.time_budget_s is None else start + opts.time_budget_s
     try:
@@ -90,7 +99,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
 
 
 def _cache(opts: CompileOptions) -> CompileCache | None:
-    if not opts.cache:
+    if not opts.cache or opts.cache_bypass_reason() is not None:
         return None
     return CompileCache(Path(opts.cache_dir) if opts.cache_dir else default_dir(), int(opts.cache_max_gb * 2**30))
 
@@ -104,7 +113,8 @@ def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: 
                         "original build")
     if opts.verify:
         with _stage("verify", timings):
-            _verify_against_eager(model, compiled, captured, _verification_inputs(captured, opts), opts, report)
+            calibration = precision_setup.flat_calibration(captured, opts)
+            _verify_against_eager(model, compiled, captured, _verification_inputs(captured, opts, calibration), opts, report)
     else:
         report.verification = []
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
@@ -123,10 +133,13 @@ def _stage(name: str, timings: dict[str, float]):
 
 def _check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
     device = profile.primary
-    if opts.precision not in device.precisions:
-        raise OptionsError(f"profile {profile.name}'s device {device.name} does not run {opts.precision.value}",
-                           where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
-                           fix=f"choose one of {', '.join(sorted(p.value for p in device.precisions))}")
+    if opts.auto or opts.precision is Precision.FP32:
+        if Precision.FP32 not in device.precisions:  # the ops around lowered layers run in fp32
+            raise OptionsError(f"profile {profile.name}'s device {device.name} does not run fp32",
+                               where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
+                               fix=f"choose one of {', '.join(sorted(p.value for p in device.precisions))} with precision=...")
+    else:
+        precision_setup.check_requested(profile, opts.precision, opts.backend)
     if opts.backend is not None:
         from kiln.backends.registry import get
 
@@ -138,15 +151,16 @@ def _threads(profile: Profile, opts: CompileOptions) -> int:
     return opts.threads or max(1, min(profile.primary.cores or here, here))
 
 
-def _verification_inputs(captured: Captured, opts: CompileOptions) -> list[tuple[torch.Tensor, ...]]:
-    """The example inputs, then `verify_draws` fresh random draws of the same spec."""
+def _verification_inputs(captured: Captured, opts: CompileOptions, calibration: tuple = ()) -> list[tuple[torch.Tensor, ...]]:
+    """The example inputs, `verify_draws` fresh random draws of the same spec, then the
+    calibration samples (the inputs a lowered model's accuracy is proven on)."""
     draws = [captured.example_inputs]
     example_sizes = {d.name: captured.example_inputs[i].shape[axis]
                      for i, t in enumerate(captured.input_spec.tensors) for axis, d in enumerate(t.shape) if isinstance(d, Dim)}
     for k in range(opts.verify_draws if opts.verify else 0):
         sizes = example_sizes if k == 0 else None  # first draw at the example's sizes, later ones vary dynamic dims
         draws.append(tuple(random_inputs(captured.input_spec, opts.seed + k, sizes)))
-    return draws
+    return draws + [tuple(c) for c in calibration]
 
 
 def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report,
@@ -157,15 +171,16 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
     for partition in plan.partitions:
         device = profile.devices[partition.device]
         names = (opts.backend,) if opts.backend else device.backends
-        settings = BackendSettings(device, _threads(profile, opts), workdir, opts.precision)
         graph = partition.graph
+        budget = opts.accuracy_budget if graph.precision.lowered else None
+        settings = BackendSettings(device, _threads(profile, opts), workdir, graph.precision.lowest(), budget)
         with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
             references = [tuple(graph.gm(*inputs)) for inputs in draws]
 
         def check(engine, references=references) -> list[OutputCheck]:
             worst: dict[str, OutputCheck] = {}
             for inputs, want in zip(draws, references):
-                for c in compare(graph.output_names, list(engine(*inputs)), list(want), opts.precision):
+                for c in compare(graph.output_names, list(engine(*inputs)), list(want), settings.precision, budget):
                     if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
                         worst[c.name] = c
             return list(worst.values())
@@ -190,6 +205,8 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
 def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, opts: CompileOptions, report: Report) -> None:
     import torch.utils._pytree as pytree
 
+    budget = opts.accuracy_budget if report.lowered else None
+    precision = precision_setup.lowest_precision(report)
     worst: dict[str, OutputCheck] = {}
     for index, inputs in enumerate(draws):
         if index == 0:
@@ -199,13 +216,16 @@ def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, dr
             with torch.no_grad():
                 want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
         got = list(compiled.run_flat(inputs))
-        for c in compare(captured.output_names, got, want, opts.precision):
+        for c in compare(captured.output_names, got, want, precision, budget):
             if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
                 worst[c.name] = c
     checks = list(worst.values())
     report.verification = [c.to_dict() for c in checks]
     report.verified_draws = len(draws) - 1
+    if budget is not None:
+        precision_setup.record_cost(checks, compiled, captured, opts, report)
     if not all(c.ok for c in checks):
-        raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, opts.precision)}",
-                                where=f"model {report.model}, backends {', '.join(compiled.backends.values())}",
-                                fix="report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
+        fix = ("loosen accuracy_budget, pass calibration data like the real inputs, or use precision='fp32'" if budget is not None
+               else "report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
+        raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, precision, budget)}",
+                                where=f"model {report.model}, backends {', '.join(compiled.backends.values())}", fix=fix)

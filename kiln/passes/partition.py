@@ -9,13 +9,14 @@ partition. The Plan is what the runtime executes and what the artifact manifest 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import GraphModule
 
 from kiln.backends.base import PartitionGraph
 from kiln.hardware_profiles.schema import Profile
+from kiln.precision.plan import LAYER_META, PrecisionPlan
 from kiln.types import InputSpec, NodeDecision
 
 
@@ -45,12 +46,19 @@ class Plan:
 
 
 def build_plan(gm: GraphModule, profile: Profile, input_spec: InputSpec, output_names: tuple[str, ...],
-               example_inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None) -> Plan:
+               example_inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None,
+               calibration: tuple = (), observer: str = "minmax") -> Plan:
     device = profile.primary_device
+    placed = f"primary device of profile {profile.name}"
     for node in gm.graph.nodes:
-        if node.op == "call_function" and "kiln" not in node.meta:
-            node.meta["kiln"] = NodeDecision(device=device, reasons=(f"primary device of profile {profile.name}",))
-    graph = PartitionGraph("p0", gm, input_spec.names, output_names, example_inputs, dynamic_shapes)
+        if node.op != "call_function":
+            continue
+        decision = node.meta.get("kiln")  # assign_precision's, when it ran: keep its precision and reason
+        node.meta["kiln"] = NodeDecision(device=device, reasons=(placed,)) if decision is None else \
+            replace(decision, device=device, reasons=(*decision.reasons, placed))
+    layers = [n.meta[LAYER_META] for n in gm.graph.nodes if LAYER_META in n.meta]
+    graph = PartitionGraph("p0", gm, input_spec.names, output_names, example_inputs, dynamic_shapes,
+                           PrecisionPlan(layers, observer), tuple(calibration))
     return Plan([Partition(graph, device)], input_spec.names, output_names)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 from torch.fx import GraphModule
 
 from kiln.errors import PassFailed
+from kiln.passes.assign_precision import assign_precision
 from kiln.passes.context import PassContext
 from kiln.passes.fold_batchnorm import fold_batchnorm
 from kiln.passes.fold_constants import fold_constants
@@ -45,6 +46,8 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("fusion", (fold_batchnorm,)),
     # Folding BatchNorm leaves its statistics unused; sweep again.
     Stage("cleanup", (remove_dead_code,)),
+    # Precision is decided on the final graph, so each measured layer is one the backend sees.
+    Stage("precision", (assign_precision,)),
 )
 
 
