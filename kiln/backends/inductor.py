@@ -17,7 +17,8 @@ import torch
 from torch.fx import Node
 
 from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport,
-                                PartitionGraph, Support, export_partition)
+                                PartitionGraph, Support)
+from kiln.backends.inductor_precision import lowered_program
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import Precision
@@ -26,7 +27,7 @@ from kiln.types import Precision
 # table's default covers all ops; entries here would only narrow it.
 CAPABILITIES = CapabilityTable(
     ops={},
-    default=OpSupport(frozenset({Precision.FP32, Precision.BF16, Precision.FP16})),
+    default=OpSupport(frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8})),
     device_kinds=frozenset({"cpu", "gpu"}),
     device_ready=lambda device: (f"device {device.name}: kiln's Inductor backend builds CPU engines only so far"
                                  if device.kind.value == "gpu" else None),
@@ -75,23 +76,30 @@ class InductorBackend:
             return Availability(False, "no C++ compiler on PATH (Inductor generates C++ on CPU)", "apt-get install g++")
         return Availability(True, version=torch.__version__)
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support:
-        return self.capabilities.supports(node, device)
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        from kiln.precision.capability import backend_runs
+
+        if precision is not Precision.FP32 and not backend_runs(self.name, device, precision):
+            return Support(False, f"kiln's Inductor path does not lower {precision.value} on {device.kind.value} "
+                                  "(it lowers bf16 and int8 on CPU)")
+        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> InductorEngine:
         status = self.available()
         if not status.ok:
             raise BackendUnavailable(f"Inductor backend unavailable: {status.reason}", fix=status.install_hint)
-        exported = export_partition(partition)
         path = settings.workdir / f"{partition.name}.pt2"
         try:
+            exported, lowered = lowered_program(partition)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
                                                      inductor_configs=_configs(settings))
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"AOTInductor failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                                where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
         engine = InductorEngine(path)
-        engine.summary = f"AOTInductor package {path.stat().st_size / 1e6:.1f} MB"
+        engine.summary = f"AOTInductor package {path.stat().st_size / 1e6:.1f} MB" + (f"; {lowered}" if lowered else "")
         return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> InductorEngine:
