@@ -19,7 +19,8 @@ from kiln.artifact.manifest import usable_cores
 from kiln.backends.base import BackendSettings
 from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine
-from kiln.cache import CompileCache, cache_key, default_dir
+from kiln import cache as compile_cache
+from kiln.cache import CompileCache, cache_key
 from kiln.errors import OptionsError, VerificationError
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
@@ -101,7 +102,8 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
 def _cache(opts: CompileOptions) -> CompileCache | None:
     if not opts.cache or opts.cache_bypass_reason() is not None:
         return None
-    return CompileCache(Path(opts.cache_dir) if opts.cache_dir else default_dir(), int(opts.cache_max_gb * 2**30))
+    # looked up on the module at call time, so a redirected default (tests' private caches) takes effect
+    return CompileCache(Path(opts.cache_dir) if opts.cache_dir else compile_cache.default_dir(), int(opts.cache_max_gb * 2**30))
 
 
 def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: CompileOptions,
@@ -111,6 +113,7 @@ def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: 
     report.notes = [n for n in report.notes if not n.startswith("stored in the compile cache")]
     report.notes.append(f"loaded from the compile cache ({key[:16]}); passes and backend decisions are those of the "
                         "original build")
+    precision_setup.warn_again(report)
     if opts.verify:
         with _stage("verify", timings):
             calibration = precision_setup.flat_calibration(captured, opts)

@@ -77,6 +77,14 @@ class Budget:
             return False
         return True
 
+    def tightened(self, fraction: float) -> "Budget":
+        """The same budget with only `fraction` of each allowance: the error 1 - cosine, the
+        relative error and the metric drop. Planning spends this much, leaving headroom for
+        inputs the plan was not measured on."""
+        return Budget(None if self.min_cosine is None else 1 - (1 - self.min_cosine) * fraction,
+                      None if self.max_rel_error is None else self.max_rel_error * fraction,
+                      self.metric, self.dataset, self.max_metric_drop * fraction)
+
     def to_dict(self) -> dict:
         """JSON-safe; the metric by name and the dataset by size (see CompileOptions.cache_fields)."""
         return {"min_cosine": self.min_cosine, "max_rel_error": self.max_rel_error,

@@ -1,8 +1,8 @@
 """Lower a partition's precision plan onto an exported ONNX model with ONNX Runtime's own tools.
 
     int8-static   quantize_static: QDQ format, per-channel symmetric int8 weights, uint8
-                  activations; each lowered layer's input range is kiln's calibrated one
-                  (TensorQuantOverrides), other tensors are calibrated by ORT on the same samples
+                  input activations over kiln's calibrated ranges (TensorQuantOverrides);
+                  layer outputs stay float, as the sensitivity analysis measured them
     int8-dynamic  quantize_dynamic: per-channel int8 weights, activations quantised per call
     int4-weight   MatMulNBitsQuantizer: block-wise uint4 weights along K with zero points
     fp16          float16 conversion keeping fp32 I/O, every node not in the plan blocked
@@ -94,7 +94,11 @@ def _static_int8(path: Path, out: Path, partition: PartitionGraph, model, wanted
     quantize_static(str(path), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(LAYER_OP_TYPES),
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=others, calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True})
+                    extra_options={"TensorQuantOverrides": overrides, "WeightSymmetric": True,
+                                   # outputs stay float (dequantised fp32 accumulators), as kiln's
+                                   # sensitivity analysis measured them; a second rounding per layer
+                                   # would spend budget the analysis did not see
+                                   "OpTypesToExcludeOutputQuantization": list(LAYER_OP_TYPES)})
 
 
 def _dynamic_int8(path: Path, out: Path, others: list[str]) -> None:

@@ -48,6 +48,9 @@ FRAGILE = {
 }
 FRAGILE_KIND = {op: kind for kind, ops in FRAGILE.items() for op in ops}
 MEASURE_SAMPLES = 8  # samples each simulated configuration runs on
+# Plans spend this share of the budget: verification also runs inputs the plan never saw
+# (fresh draws), whose error differs from the measured ones by tens of percent on small models.
+SPEND_FRACTION = 0.8
 AUTO_MIN_WEIGHTS = 1024  # "auto" leaves smaller layers at fp32: the conversions cost more than they save
 SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precision.FP8: Scheme.FP8,
               Precision.INT4: Scheme.INT4_WEIGHT}
@@ -119,13 +122,14 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
             held[name] = f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights)"
         else:
             eligible.append(name)
-    final = _final_layer(gm, layers)
-    if final in eligible and (reason := _sensitive_final(analysis, final, scheme, opts)) is not None:
+    final, final_error = _final_layer(gm, layers), 0.0
+    if final in eligible and (sensitive := _sensitive_final(analysis, final, scheme, opts)) is not None:
         eligible.remove(final)
-        held[final] = reason
-    plans, measured = analysis.spend(opts.accuracy_budget, scheme, eligible, opts.int4_group_size)
+        held[final], final_error = sensitive
+    plans, measured = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size)
     for name, reason in held.items():
-        plans[name] = replace(plans[name], reason=reason, scheme=Scheme.FP32, input_range=None, group_size=None)
+        plans[name] = replace(plans[name], reason=reason, scheme=Scheme.FP32, input_range=None, group_size=None,
+                              error=final_error if name == final else 0.0)
     return plans, measured
 
 
@@ -135,7 +139,7 @@ def _final_layer(gm: GraphModule, layers: dict[str, Node]) -> str | None:
     return names[-1] if names else None
 
 
-def _sensitive_final(analysis: Analysis, name: str, scheme: str, opts) -> str | None:
+def _sensitive_final(analysis: Analysis, name: str, scheme: str, opts) -> tuple[str, float] | None:
     """The final layer stays fp32 when lowering it alone uses over half of the error budget:
     its error reaches the outputs with nothing after it to average it out."""
     limit = opts.accuracy_budget.max_rel_error
@@ -146,7 +150,7 @@ def _sensitive_final(analysis: Analysis, name: str, scheme: str, opts) -> str | 
     error = analysis.measure({name: analysis.lowered(analysis.layers[name], scheme, opts.int4_group_size)},
                              with_metric=False).rel_error
     if error > limit / 2:
-        return f"final layer, sensitive: {scheme} alone costs rel. error {error:.3g} (over half the budget's {limit:.3g})"
+        return f"final layer, sensitive: {scheme} alone costs rel. error {error:.3g} (over half the budget's {limit:.3g})", error
     return None
 
 
@@ -167,10 +171,12 @@ def _saving(layers: dict[str, Node], plans: dict[str, LayerPlan], ctx: PassConte
 
 
 def _samples(ctx: PassContext) -> tuple[list, list]:
-    """(observer samples, measurement samples). Without calibration data: the example inputs
-    and two random draws of their spec, a weaker proof that api reports as such."""
+    """(observer samples, measurement samples). Measured: the example inputs (verification
+    checks them too) and calibration samples. Without calibration data: the example inputs and
+    two random draws of their spec, a weaker proof that api reports as such."""
     if ctx.calibration:
-        return list(ctx.calibration), list(ctx.calibration[:MEASURE_SAMPLES])
+        examples = [tuple(ctx.example_inputs)] if ctx.example_inputs else []
+        return list(ctx.calibration), examples + list(ctx.calibration[:MEASURE_SAMPLES - len(examples)])
     draws = [tuple(random_inputs(ctx.input_spec, ctx.options.seed + 100 + k)) for k in range(2)]
     samples = [tuple(ctx.example_inputs), *draws] if ctx.example_inputs else draws
     return samples, samples

@@ -48,7 +48,9 @@ class LayerPlan:
         return SCHEME_PRECISION[self.scheme]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["input_range"] = None if self.input_range is None else list(self.input_range)  # as JSON reads it back
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerPlan":

@@ -19,6 +19,9 @@ from kiln.report import Report
 from kiln.types import Precision
 
 log = logging.getLogger("kiln")
+UNPROVEN = ("layers were lowered without calibration data: their accuracy was measured on the example inputs and "
+            "random draws only, so it is unproven on real inputs; pass calibration=[...] with real samples")
+COST = "; measured cost"
 
 
 class UnprovenAccuracyWarning(UserWarning):
@@ -80,18 +83,23 @@ def record_plan(plan, opts: CompileOptions, report: Report, calibrated: bool) ->
         report.notes.append(f"precision={requested} was requested; {len(layers) - len(lowered)} of {len(layers)} layers stay fp32 "
                             "(see the precision table for each reason)")
     if lowered and not calibrated:
-        message = ("layers were lowered without calibration data: their accuracy was measured on the example inputs and "
-                   "random draws only, so it is unproven on real inputs; pass calibration=[...] with real samples")
-        report.notes.append(message)
-        warnings.warn(message, UnprovenAccuracyWarning, stacklevel=3)
+        report.notes.append(UNPROVEN)
+        warnings.warn(UNPROVEN, UnprovenAccuracyWarning, stacklevel=3)
+
+
+def warn_again(report: Report) -> None:
+    """A cached build lowered without calibration data is as unproven as when it was built."""
+    if UNPROVEN in report.notes:
+        warnings.warn(UNPROVEN, UnprovenAccuracyWarning, stacklevel=3)
 
 
 def record_cost(checks, compiled, captured: Captured, opts: CompileOptions, report: Report) -> None:
     """What the lowered layers cost in accuracy, measured on the built model; the metric too."""
+    report.precision_summary = report.precision_summary.split(COST)[0]  # a cache hit measures again
     if checks:
         worst_cos = min(c.cosine for c in checks)
         worst_rel = max(c.rel_error for c in checks)
-        report.precision_summary += f"; measured cost: worst cosine {worst_cos:.6f}, worst rel. error {worst_rel:.3g}"
+        report.precision_summary += f"{COST}: worst cosine {worst_cos:.6f}, worst rel. error {worst_rel:.3g}"
     budget = opts.accuracy_budget
     if budget.metric is None:
         return
