@@ -68,14 +68,20 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
         plans = {name: _plain(node, "precision='fp32' was requested" if layers else "") for name, node in layers.items()}
         _annotate(gm, plans, "")
         return PassResult(False, {"lowered": 0, "layers": len(layers)})
+    schemes = _schemes(ctx)
+    if not schemes:
+        why = ("no precision below fp32 that this device and a tried backend both run" +
+               (" (integer types need calibration data)" if not ctx.calibration else "")) if opts.auto \
+            else f"device {ctx.profile.primary.name} does not run {opts.precision.value}"
+        plans = {name: _plain(node, why) for name, node in layers.items()}
+        _annotate(gm, plans, "")
+        return PassResult(False, {"lowered": 0, "layers": len(layers)})
     analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
-    schemes = _schemes(ctx)
     outcomes = [_try_scheme(gm, analysis, layers, scheme, ctx) for scheme in schemes]
-    plans, _ = max(outcomes, key=lambda o: _saving(layers, o[0], ctx), default=({}, None))
-    if not any(p.scheme != Scheme.FP32 for p in plans.values()) and outcomes:
+    plans, _ = max(outcomes, key=lambda o: _saving(layers, o[0], ctx))
+    if not any(p.scheme != Scheme.FP32 for p in plans.values()):
         plans = outcomes[0][0]  # nothing fits: report why the fastest candidate did not
-    plans = plans or {name: _plain(node, "no lower precision is available here") for name, node in layers.items()}
     _annotate(gm, plans, "")
     lowered = [p for p in plans.values() if p.scheme != Scheme.FP32]
     kept = tuple(Skip(p.node, p.reason) for p in plans.values() if p.scheme == Scheme.FP32 and p.reason)
