@@ -153,8 +153,7 @@ def _sensitive_final(analysis: Analysis, name: str, scheme: str, opts) -> tuple[
         limit = (2 * (1 - opts.accuracy_budget.min_cosine)) ** 0.5  # cos ~ 1 - r^2/2
     if limit is None:
         return None
-    error = analysis.measure({name: analysis.lowered(analysis.layers[name], scheme, opts.int4_group_size)},
-                             with_metric=False).rel_error
+    error = analysis.solo_error(analysis.lowered(analysis.layers[name], scheme, opts.int4_group_size))
     if error > limit / 2:
         return f"final layer, sensitive: {scheme} alone costs rel. error {error:.3g} (over half the budget's {limit:.3g})", error
     return None

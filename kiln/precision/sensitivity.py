@@ -3,7 +3,7 @@
 1. Calibrate: run the fp32 graph on the calibration samples once, observing each weighted
    layer's input range and keeping the fp32 outputs as the reference.
 2. Measure: for each layer and each candidate scheme, simulate only that layer lowered
-   (schemes.py) and record the worst relative L2 error over outputs and samples.
+   (schemes.py) and record the relative L2 error of the outputs on the first sample.
 3. Spend: for a candidate scheme, sort the layers by their error and lower the longest prefix
    of that order whose combined simulation stays inside the budget (a binary search over the
    prefix length: errors grow with the prefix). Layers past the prefix stay at fp32, with the
@@ -84,7 +84,9 @@ class Analysis:
         with torch.no_grad():
             for sample in calibration:
                 _Recorder(gm, observers).run(*sample)
-            self.references = [self._run(Interpreter(gm), s) for s in self.samples]
+            first = Interpreter(gm, garbage_collect_values=False)  # keeps every value of the first sample, for solo runs
+            self.references = [self._run(first if i == 0 else Interpreter(gm), s) for i, s in enumerate(self.samples)]
+            self.first_env = dict(first.env) if self.samples else {}
         self.ranges = {name: obs.range() for name, obs in observers.items()}
         self.layers = {layer.node: layer for layer in layers}
 
@@ -97,10 +99,11 @@ class Analysis:
         return replace(layer, scheme=scheme, input_range=self.ranges.get(layer.node) if scheme == Scheme.INT8_STATIC else None,
                        group_size=group_size if scheme == Scheme.INT4_WEIGHT else None)
 
-    def measure(self, config: dict[str, LayerPlan], with_metric: bool = True) -> Measurement:
+    def measure(self, config: dict[str, LayerPlan], with_metric: bool = True, samples: int | None = None) -> Measurement:
+        """The worst output error of `config` over the first `samples` samples (all by default)."""
         cosine, rel = 1.0, 0.0
         with torch.no_grad():
-            for sample, want in zip(self.samples, self.references):
+            for sample, want in list(zip(self.samples, self.references))[:samples]:
                 for got, ref in zip(self._run(_Simulator(self.gm, config, self.weights), sample), want):
                     if ref.is_floating_point():
                         c, r = output_error(got, ref)
@@ -108,13 +111,33 @@ class Analysis:
         drop = self.metric_drop(config) if with_metric and self.metric_drop is not None else None
         return Measurement(cosine, rel, drop)
 
+    def solo_error(self, plan: LayerPlan) -> float:
+        """One layer lowered alone, on the first sample: it ranks layers; the combined
+        configurations the budget decides on run on every sample. Only the layer and what
+        depends on it run again; every other value comes from the fp32 reference run."""
+        if not self.samples:
+            return 0.0
+        node = next(n for n in self.gm.graph.nodes if n.name == plan.node)
+        stale, frontier = set(), [node]
+        while frontier:
+            current = frontier.pop()
+            if current not in stale:
+                stale.add(current)
+                frontier.extend(current.users)
+        kept = {n: v for n, v in self.first_env.items() if n not in stale}
+        with torch.no_grad():
+            out = _Simulator(self.gm, {plan.node: plan}, self.weights).run(*self.samples[0], initial_env=kept)
+        got = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        errors = [output_error(g, r)[1] for g, r in zip(got, self.references[0]) if r.is_floating_point()]
+        return max(errors, default=0.0)
+
     def spend(self, budget: Budget, scheme: str, eligible: list[str], group_size: int) -> tuple[dict[str, LayerPlan], Measurement]:
         """Lower the least sensitive of `eligible` to `scheme` while `budget` allows; returns every
         layer's plan (lowered or not, each with its solo error and reason) and the measurement."""
         trials = []
         for name in eligible:
             plan = self.lowered(self.layers[name], scheme, group_size)
-            trials.append((self.measure({name: plan}, with_metric=False).rel_error, plan))
+            trials.append((self.solo_error(plan), plan))
         trials.sort(key=lambda t: t[0])
         count = self._longest_prefix(trials, budget)
         result = {name: layer for name, layer in self.layers.items()}
