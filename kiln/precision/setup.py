@@ -3,7 +3,6 @@ layout, wrap the budget's metric, and write the plan and its measured cost into 
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -18,7 +17,6 @@ from kiln.precision.plan import LayerPlan, PrecisionPlan
 from kiln.report import Report
 from kiln.types import Precision
 
-log = logging.getLogger("kiln")
 UNPROVEN = ("layers were lowered without calibration data: their accuracy was measured on the example inputs and "
             "random draws only, so it is unproven on real inputs; pass calibration=[...] with real samples")
 COST = "; measured cost"
