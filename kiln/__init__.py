@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from kiln.api import PlannedModel, optimize, plan
 from kiln.artifact.load import load
+from kiln.budget import Budget
 from kiln.errors import (ArtifactError, BackendError, BackendUnavailable, CaptureError, InputMismatch, KilnError,
                          OptionsError, PassFailed, ProfileError, VerificationError)
 from kiln.hardware_profiles.schema import Profile
@@ -11,6 +12,6 @@ from kiln.options import CompileOptions
 from kiln.runtime.compiled_model import CompiledModel
 from kiln.types import Dim, Precision
 
-__all__ = ["optimize", "plan", "PlannedModel", "load", "CompileOptions", "CompiledModel", "Profile", "Precision", "Dim", "KilnError",
+__all__ = ["optimize", "plan", "PlannedModel", "load", "Budget", "CompileOptions", "CompiledModel", "Profile", "Precision", "Dim", "KilnError",
            "CaptureError", "ProfileError", "PassFailed", "BackendUnavailable", "BackendError", "InputMismatch",
            "ArtifactError", "VerificationError", "OptionsError"]

@@ -19,10 +19,12 @@ from kiln.artifact.manifest import usable_cores
 from kiln.backends.base import BackendSettings
 from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine
-from kiln.cache import CompileCache, cache_key, default_dir
+from kiln import cache as compile_cache
+from kiln.cache import CompileCache, cache_key
 from kiln.errors import OptionsError, VerificationError
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
+from kiln.precision import setup as precision_setup
 from kiln.hardware_profiles.schema import Profile
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
@@ -55,6 +57,8 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         _check_primary_ready(prof, opts)
     with _stage("capture", timings):
         captured = capture(model, example_inputs, example_kwargs, dynamic)
+    with _stage("calibration", timings):
+        calibration = precision_setup.flat_calibration(captured, opts)
     cache, key = _cache(opts), None
     if cache is not None:
         with _stage("cache", timings):
@@ -63,13 +67,18 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         if hit is not None:
             return _finish_cache_hit(model, hit, captured, opts, timings, key)
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
+    if (bypass := opts.cache_bypass_reason()) is not None and opts.cache:
+        report.notes.append(bypass)
+    ctx = PassContext(prof, opts, captured.input_spec, captured.example_inputs, calibration,
+                      precision_setup.metric_score(captured, opts))
     with _stage("passes", timings):
         report.captured_ops = sum(n.op == "call_function" for n in captured.gm.graph.nodes)
-        report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec))
+        report.passes = pipeline.run(captured.gm, ctx)
     plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
-                      export_dynamic_shapes(captured.input_spec))
+                      export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
     _record_placement(plan, report)
-    draws = _verification_inputs(captured, opts)
+    precision_setup.record_plan(plan, opts, report, bool(calibration))
+    draws = _verification_inputs(captured, opts, calibration)
     workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
     deadline = None if opts.time_budget_s is None else start + opts.time_budget_s
     try:
@@ -95,9 +104,10 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
 
 
 def _cache(opts: CompileOptions) -> CompileCache | None:
-    if not opts.cache:
+    if not opts.cache or opts.cache_bypass_reason() is not None:
         return None
-    return CompileCache(Path(opts.cache_dir) if opts.cache_dir else default_dir(), int(opts.cache_max_gb * 2**30))
+    # looked up on the module at call time, so a redirected default (tests' private caches) takes effect
+    return CompileCache(Path(opts.cache_dir) if opts.cache_dir else compile_cache.default_dir(), int(opts.cache_max_gb * 2**30))
 
 
 def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: CompileOptions,
@@ -107,9 +117,11 @@ def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: 
     report.notes = [n for n in report.notes if not n.startswith("stored in the compile cache")]
     report.notes.append(f"loaded from the compile cache ({key[:16]}); passes and backend decisions are those of the "
                         "original build")
+    precision_setup.warn_again(report)
     if opts.verify:
         with _stage("verify", timings):
-            _verify_against_eager(model, compiled, captured, _verification_inputs(captured, opts), opts, report)
+            calibration = precision_setup.flat_calibration(captured, opts)
+            _verify_against_eager(model, compiled, captured, _verification_inputs(captured, opts, calibration), opts, report)
     else:
         report.verification = []
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
@@ -128,10 +140,13 @@ def _stage(name: str, timings: dict[str, float]):
 
 def _check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
     device = profile.primary
-    if opts.precision not in device.precisions:
-        raise OptionsError(f"profile {profile.name}'s device {device.name} does not run {opts.precision.value}",
-                           where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
-                           fix=f"choose one of {', '.join(sorted(p.value for p in device.precisions))}")
+    if opts.auto or opts.precision is Precision.FP32:
+        if Precision.FP32 not in device.precisions:  # the ops around lowered layers run in fp32
+            raise OptionsError(f"profile {profile.name}'s device {device.name} does not run fp32",
+                               where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
+                               fix=f"choose one of {', '.join(sorted(p.value for p in device.precisions))} with precision=...")
+    else:
+        precision_setup.check_requested(profile, opts.precision, opts.backend)
     if opts.backend is not None:
         from kiln.backends.registry import get
 
@@ -143,15 +158,16 @@ def _threads(profile: Profile, opts: CompileOptions) -> int:
     return opts.threads or max(1, min(profile.primary.cores or here, here))
 
 
-def _verification_inputs(captured: Captured, opts: CompileOptions) -> list[tuple[torch.Tensor, ...]]:
-    """The example inputs, then `verify_draws` fresh random draws of the same spec."""
+def _verification_inputs(captured: Captured, opts: CompileOptions, calibration: tuple = ()) -> list[tuple[torch.Tensor, ...]]:
+    """The example inputs, `verify_draws` fresh random draws of the same spec, then the
+    calibration samples (the inputs a lowered model's accuracy is proven on)."""
     draws = [captured.example_inputs]
     example_sizes = {d.name: captured.example_inputs[i].shape[axis]
                      for i, t in enumerate(captured.input_spec.tensors) for axis, d in enumerate(t.shape) if isinstance(d, Dim)}
     for k in range(opts.verify_draws if opts.verify else 0):
         sizes = example_sizes if k == 0 else None  # first draw at the example's sizes, later ones vary dynamic dims
         draws.append(tuple(random_inputs(captured.input_spec, opts.seed + k, sizes)))
-    return draws
+    return draws + [tuple(c) for c in calibration]
 
 
 def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report,
@@ -163,9 +179,10 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
         device = profile.devices[partition.device]
         eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
         names = (EAGER,) if eager else (opts.backend,) if opts.backend else device.backends
-        settings = BackendSettings(device, _threads(profile, opts), workdir, opts.precision,
-                                   fuse=opts.fusion, autotune=opts.autotune)
         graph = partition.graph
+        budget = opts.accuracy_budget if graph.precision.lowered else None
+        settings = BackendSettings(device, _threads(profile, opts), workdir, graph.precision.lowest(), budget=budget,
+                                   fuse=opts.fusion, autotune=opts.autotune)
         partition_draws = draws if len(plan.partitions) == 1 else _partition_draws(plan, partition, draws)
         with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
             references = [tuple(graph.gm(*inputs)) for inputs in partition_draws]
@@ -173,7 +190,7 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
         def check(engine, references=references, graph=graph, partition_draws=partition_draws) -> list[OutputCheck]:
             worst: dict[str, OutputCheck] = {}
             for inputs, want in zip(partition_draws, references):
-                for c in compare(graph.output_names, list(engine(*inputs)), list(want), opts.precision):
+                for c in compare(graph.output_names, list(engine(*inputs)), list(want), settings.precision, budget):
                     if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
                         worst[c.name] = c
             return list(worst.values())
@@ -264,6 +281,8 @@ def _check_primary_ready(profile: Profile, opts: CompileOptions) -> None:
 def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, opts: CompileOptions, report: Report) -> None:
     import torch.utils._pytree as pytree
 
+    budget = opts.accuracy_budget if report.lowered else None
+    precision = precision_setup.lowest_precision(report)
     worst: dict[str, OutputCheck] = {}
     for index, inputs in enumerate(draws):
         if index == 0:
@@ -273,16 +292,19 @@ def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, dr
             with torch.no_grad():
                 want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
         got = list(compiled.run_flat(inputs))
-        for c in compare(captured.output_names, got, want, opts.precision):
+        for c in compare(captured.output_names, got, want, precision, budget):
             if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
                 worst[c.name] = c
     checks = list(worst.values())
     report.verification = [c.to_dict() for c in checks]
     report.verified_draws = len(draws) - 1
+    if budget is not None:
+        precision_setup.record_cost(checks, compiled, captured, opts, report)
     if not all(c.ok for c in checks):
-        raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, opts.precision)}",
-                                where=f"model {report.model}, backends {', '.join(compiled.backends.values())}",
-                                fix="report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
+        fix = ("loosen accuracy_budget, pass calibration data like the real inputs, or use precision='fp32'" if budget is not None
+               else "report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
+        raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, precision, budget)}",
+                                where=f"model {report.model}, backends {', '.join(compiled.backends.values())}", fix=fix)
 
 
 @dataclass
@@ -327,12 +349,15 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
     captured = capture(model, example_inputs, example_kwargs, dynamic)
     if precision is not None:
+        # every op at one precision, in place of assign_precision's measured choice
         wanted = precision if isinstance(precision, Precision) else Precision.parse(precision)
         for node in captured.gm.graph.nodes:
             if node.op == "call_function":
                 node.meta["kiln"] = NodeDecision(precision=wanted, reasons=(f"planned at {wanted.value}",))
+        opts = CompileOptions.build(opts, disabled_passes=(*opts.disabled_passes, "assign_precision"))
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
-    report.passes = pipeline.run(captured.gm, PassContext(prof, opts, captured.input_spec, plan_only=True))
+    ctx = PassContext(prof, opts, captured.input_spec, captured.example_inputs, plan_only=True)
+    report.passes = pipeline.run(captured.gm, ctx)
     planned = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                          export_dynamic_shapes(captured.input_spec))
     _record_placement(planned, report)

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
+import torch
+
+from kiln.budget import Budget
 from kiln.errors import OptionsError
-from kiln.types import Precision
+from kiln.types import Auto, Precision
+
+OBSERVERS = ("minmax", "percentile", "mse")
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     backend: str | None = None  # force one backend instead of the profile's preference
     select: str | None = None  # "prefer" | "measure"; None takes the profile's
-    precision: Precision = Precision.FP32
+    # "auto": per layer, the cheapest precision the device runs that keeps accuracy_budget;
+    # or one of fp32, bf16, fp16, int8, int4-weight, fp8 for every layer that can take it.
+    precision: Precision | Auto = Auto.AUTO
+    accuracy_budget: Budget = Budget()
+    calibration: Any = None  # iterable of example inputs (each like example_inputs); read once, here
+    calibration_limit: int = 64  # at most this many calibration samples are read
+    calibration_observer: str = "minmax"  # activation ranges for static int8: minmax | percentile | mse
+    int4_group_size: int = 128  # weights per scale for int4 weight-only: 32, 64 or 128
     allow_fallback: bool = False  # in "prefer" mode, a failed build moves on (recorded) instead of raising
     verify: bool = True
     verify_draws: int = 2  # fresh random inputs checked besides the example inputs
@@ -39,14 +53,7 @@ class CompileOptions:
     eager_fallback: bool = True  # ops no backend supports run eagerly in PyTorch on the host (reported)
 
     def __post_init__(self) -> None:
-        if isinstance(self.precision, str):
-            try:
-                object.__setattr__(self, "precision", Precision.parse(self.precision))
-            except ValueError as exc:
-                raise OptionsError(str(exc), where="options.precision", fix="use fp32") from None
-        if self.precision is not Precision.FP32:
-            raise OptionsError(f"precision {self.precision.value!r} is not available in this version of kiln",
-                               where="options.precision", fix="use precision='fp32'")
+        self._check_precision()
         if self.select not in (None, "prefer", "measure"):
             raise OptionsError(f"unknown selection mode {self.select!r}", where="options.select", fix="use 'prefer' or 'measure'")
         if not isinstance(self.verify_draws, int) or self.verify_draws < 0:
@@ -68,6 +75,39 @@ class CompileOptions:
         if self.build_memory_mb is not None and (not isinstance(self.build_memory_mb, int) or self.build_memory_mb < 64):
             raise OptionsError(f"build_memory_mb must be an int >= 64, got {self.build_memory_mb!r}", where="options.build_memory_mb", fix="use megabytes, e.g. 8192")
 
+    def _check_precision(self) -> None:
+        if isinstance(self.precision, str):
+            if self.precision.lower() == "auto":
+                object.__setattr__(self, "precision", Auto.AUTO)
+            else:
+                try:
+                    object.__setattr__(self, "precision", Precision.parse(self.precision))
+                except ValueError as exc:
+                    raise OptionsError(str(exc), where="options.precision", fix="use 'auto', or e.g. 'fp32' or 'bf16'") from None
+        if not isinstance(self.precision, (Precision, Auto)):
+            raise OptionsError(f"precision must be a string or kiln.Precision, got {type(self.precision).__name__}",
+                               where="options.precision", fix="use 'auto', or e.g. 'fp32' or 'bf16'")
+        if self.precision is Precision.TF32:
+            raise OptionsError("tf32 is a GPU math mode kiln does not assign per layer", where="options.precision",
+                               fix="use 'fp32', 'bf16' or 'auto'")
+        if not isinstance(self.accuracy_budget, Budget):
+            raise OptionsError(f"accuracy_budget must be a kiln.Budget, got {type(self.accuracy_budget).__name__}",
+                               where="options.accuracy_budget", fix="use kiln.Budget(min_cosine=0.999) or kiln.Budget(max_rel_error=0.02)")
+        if self.calibration_observer not in OBSERVERS:
+            raise OptionsError(f"unknown calibration observer {self.calibration_observer!r}", where="options.calibration_observer",
+                               fix=f"use one of {', '.join(OBSERVERS)}")
+        if self.int4_group_size not in INT4_GROUP_SIZES:
+            raise OptionsError(f"int4_group_size must be one of {INT4_GROUP_SIZES}, got {self.int4_group_size!r}",
+                               where="options.int4_group_size", fix="use 32, 64 or 128")
+        if isinstance(self.calibration_limit, bool) or not isinstance(self.calibration_limit, int) or self.calibration_limit < 1:
+            raise OptionsError(f"calibration_limit must be a positive int, got {self.calibration_limit!r}",
+                               where="options.calibration_limit", fix="use e.g. 64")
+        object.__setattr__(self, "calibration", _read_calibration(self.calibration, self.calibration_limit))
+
+    @property
+    def auto(self) -> bool:
+        return self.precision is Auto.AUTO
+
     @classmethod
     def build(cls, base: "CompileOptions | None" = None, **overrides) -> "CompileOptions":
         """`base` with `overrides` applied; an unknown name is an error with a close match."""
@@ -84,11 +124,62 @@ class CompileOptions:
                         "build_timeout_s", "build_memory_mb")
 
     def cache_fields(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_IN_CACHE_KEY}
+        """The options that shape the build; calibration and the metric's dataset by content."""
+        data = {k: v for k, v in self.to_dict().items() if k not in self.NOT_IN_CACHE_KEY}
+        data["calibration"] = None if self.calibration is None else content_digest(self.calibration)
+        if self.accuracy_budget.dataset is not None:
+            data["accuracy_budget"]["dataset"] = content_digest(self.accuracy_budget.dataset)
+        return data
+
+    def cache_bypass_reason(self) -> str | None:
+        """Why a build with these options cannot be cached, or None."""
+        if self.accuracy_budget.metric is not None:
+            return "the accuracy budget has a metric function, whose behaviour kiln cannot hash; the compile cache was bypassed"
+        return None
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["precision"] = self.precision.value
         data["disabled_passes"] = list(self.disabled_passes)
         data["pin"] = dict(sorted(self.pin.items()))
+        data["accuracy_budget"] = self.accuracy_budget.to_dict()
+        data["calibration"] = None if self.calibration is None else f"{len(self.calibration)} samples"
         return data
+
+
+def _read_calibration(calibration: Any, limit: int) -> tuple | None:
+    """Materialise at most `limit` samples: an iterator is consumed once, at option time."""
+    if calibration is None or (isinstance(calibration, tuple) and len(calibration) <= limit and calibration):
+        return calibration
+    if isinstance(calibration, torch.Tensor):
+        raise OptionsError("calibration is a single tensor; kiln needs an iterable of example inputs",
+                           where="options.calibration", fix="pass a list of inputs, e.g. calibration=[x1, x2, ...], or a DataLoader")
+    try:
+        iterator = iter(calibration)
+    except TypeError:
+        raise OptionsError(f"calibration must be an iterable of example inputs, got {type(calibration).__name__}",
+                           where="options.calibration", fix="pass a list of inputs or a DataLoader yielding them") from None
+    samples = []
+    for sample in iterator:
+        samples.append(sample)
+        if len(samples) >= limit:
+            break
+    if not samples:
+        raise OptionsError("calibration yielded no samples", where="options.calibration",
+                           fix="pass a non-empty iterable, or leave calibration out")
+    return tuple(samples)
+
+
+def content_digest(value: Any) -> str:
+    """sha256 over tensors' bytes, shapes and dtypes and other leaves' reprs, in order."""
+    import torch.utils._pytree as pytree
+
+    digest = hashlib.sha256()
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().contiguous().cpu()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()

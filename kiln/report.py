@@ -61,6 +61,13 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # one record per op node: node, op, partition, device, backend, precision, est_us, inputs, reasons
     placement: list[dict] = field(default_factory=list)
+    precision: list[dict] = field(default_factory=list)  # precision.plan.LayerPlan dicts, one per weighted layer
+    precision_summary: str = ""  # what was requested and chosen, and the accuracy it cost
+
+    @property
+    def lowered(self) -> bool:
+        """Whether any layer runs below fp32 (verification then answers to the budget)."""
+        return any(row["scheme"] != "fp32" for row in self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +131,7 @@ class Report:
                 lines.append(f"  {'':9s} {'':31s} skipped {node}: {reason}")
             if len(p.skipped) > 5:
                 lines.append(f"  {'':9s} {'':31s} ... and {len(p.skipped) - 5} more skips")
+        lines += self._precision_lines()
         lines += ["", "Partitions"] + self.render_partitions()
         lines += self.render_placement()
         lines += ["", "Backend decisions"]
@@ -143,12 +151,25 @@ class Report:
             lines.append(text)
             if c.detail:
                 lines.append(f"  {'':4s}{'':12s} {c.detail}")
-        lines += ["", f"Verification against eager (example inputs + {self.verified_draws} random draws)"]
+        lines += ["", f"Verification against eager (example inputs + {self.verified_draws} more: random draws, calibration samples)"]
         if not self.verification:
             lines.append("  not verified")
         for v in self.verification:
             verdict = "ok" if v["ok"] else "FAILED"
-            lines.append(f"  {v['name']:28s} max abs err {v['max_abs_error']:.3g}, cosine {v['cosine']:.6f}  {verdict}")
+            lines.append(f"  {v['name']:28s} max abs err {v['max_abs_error']:.3g}, cosine {v['cosine']:.6f}, "
+                         f"rel. err {v.get('rel_error', 0.0):.3g}  {verdict}")
         lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())]
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _precision_lines(self) -> list[str]:
+        if not self.precision and not self.precision_summary:
+            return []
+        lines = ["", "Precision"]
+        if self.precision_summary:
+            lines.append(f"  {self.precision_summary}")
+        if self.precision:
+            lines.append(f"  {'layer':24s} {'op':7s} {'scheme':13s} {'error alone':>11s}  reason")
+        for row in self.precision:
+            lines.append(f"  {row['node']:24s} {row['op']:7s} {row['scheme']:13s} {row['error']:11.3g}  {row['reason']}")
+        return lines

@@ -19,11 +19,24 @@ class Precision(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> "Precision":
+        key = text.lower()
+        key = {"int4-weight": "int4", "fp8-e4m3": "fp8", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(key, key)
         try:
-            return cls(text.lower())
+            return cls(key)
         except ValueError:
             known = ", ".join(p.value for p in cls)
-            raise ValueError(f"unknown precision {text!r}; expected one of {known}") from None
+            raise ValueError(f"unknown precision {text!r}; expected one of {known} (int4 is weight-only, also "
+                             "spelled int4-weight), or 'auto'") from None
+
+    @property
+    def is_integer(self) -> bool:
+        return self in (Precision.INT8, Precision.INT4)
+
+
+class Auto(enum.Enum):
+    """precision="auto": kiln picks each layer's precision within the accuracy budget."""
+
+    AUTO = "auto"
 
 
 class DeviceKind(enum.Enum):

@@ -1,7 +1,8 @@
 """Verification against eager PyTorch: one tolerance table per precision, one comparison.
 
 An output passes when every element satisfies |got - want| <= atol + rtol * |want| (the
-allclose rule) for its precision. The report also carries the max absolute error and the
+allclose rule) for its precision. A model with layers lowered below fp32 answers instead to
+its accuracy Budget: every output's cosine and relative L2 error against eager, per input. The report also carries the max absolute error and the
 cosine similarity per output, so a user sees how close a pass was, not only that it passed.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.budget import Budget
 from kiln.types import Precision
 
 
@@ -25,8 +27,11 @@ class Tolerance:
 TOLERANCE: dict[Precision, Tolerance] = {
     Precision.FP32: Tolerance(rtol=1e-4, atol=1e-4),
     Precision.TF32: Tolerance(rtol=5e-3, atol=5e-3),
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per value), fp16 11 bits (2^-12);
+    # a few roundings per layer with fp32 accumulation stay within a few units of the last place.
     Precision.BF16: Tolerance(rtol=3e-2, atol=3e-2),
     Precision.FP16: Tolerance(rtol=5e-3, atol=5e-3),
+    # e4m3 keeps 4 significant bits; int8 rounds to 1/255 of the range, int4 to 1/15 of a group's.
     Precision.FP8: Tolerance(rtol=1e-1, atol=1e-1),
     Precision.INT8: Tolerance(rtol=1e-1, atol=1e-1),
     Precision.INT4: Tolerance(rtol=2e-1, atol=2e-1),
@@ -41,14 +46,32 @@ class OutputCheck:
     cosine: float
     ok: bool
     detail: str = ""
+    rel_error: float = 0.0  # ||got - want|| / ||want||
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+def output_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(cosine similarity, relative L2 error) of `got` against `want`, over finite values."""
+    g64, w64 = got.detach().double().flatten(), want.detach().double().flatten()
+    finite = torch.isfinite(w64) & torch.isfinite(g64)
+    gf, wf = g64[finite], w64[finite]
+    denom = float(gf.norm() * wf.norm())
+    # two all-zero (or empty) outputs agree perfectly; one zero and one not, not at all
+    cosine = float(gf @ wf) / denom if denom > 0 else (1.0 if not gf.any() and not wf.any() else 0.0)
+    ref = float(wf.norm())
+    diff = float((gf - wf).norm())
+    rel = diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+    if bool((~finite).any()) and not torch.equal(torch.isfinite(g64), torch.isfinite(w64)):
+        rel, cosine = float("inf"), min(cosine, 0.0)
+    return cosine, rel
+
+
 def compare(names: tuple[str, ...] | list[str], got: list[torch.Tensor], want: list[torch.Tensor],
-            precision: Precision = Precision.FP32) -> list[OutputCheck]:
-    """Check each output of `got` against `want` at `precision`'s tolerance."""
+            precision: Precision = Precision.FP32, budget: Budget | None = None) -> list[OutputCheck]:
+    """Check each output of `got` against `want` at `precision`'s tolerance or, given a
+    `budget` (a model with lowered layers), against the budget's cosine and relative error."""
     tol = TOLERANCE[precision]
     checks = []
     for name, g, w in zip(names, got, want):
@@ -69,18 +92,24 @@ def compare(names: tuple[str, ...] | list[str], got: list[torch.Tensor], want: l
         bound = (tol.atol + tol.rtol * w64.abs())[finite]
         max_abs = float(diff.max()) if diff.numel() else 0.0
         excess = float((diff - bound).max()) if diff.numel() else 0.0
-        gf, wf = g64[finite].flatten(), w64[finite].flatten()
-        denom = float(gf.norm() * wf.norm())
-        # two all-zero (or empty) outputs agree perfectly; one zero and one not, not at all
-        cosine = float(gf @ wf) / denom if denom > 0 else (1.0 if not gf.any() and not wf.any() else 0.0)
-        ok = same_nonfinite and excess <= 0
+        cosine, rel = output_error(g64, w64)
+        if budget is not None:  # the excess, in budget terms, ranks draws worst-first
+            excess = max(budget.min_cosine - cosine if budget.min_cosine is not None else -1.0,
+                         rel - budget.max_rel_error if budget.max_rel_error is not None else -1.0)
+            inside = budget.allows(cosine, rel)
+        else:
+            inside = excess <= 0
+        ok = same_nonfinite and inside
         detail = "" if same_nonfinite else "NaN/Inf positions differ from eager"
-        checks.append(OutputCheck(name, max_abs, excess, cosine, ok, detail))
+        checks.append(OutputCheck(name, max_abs, excess, cosine, ok, detail, rel))
     return checks
 
 
-def failures_text(checks: list[OutputCheck], precision: Precision) -> str:
+def failures_text(checks: list[OutputCheck], precision: Precision, budget: Budget | None = None) -> str:
     tol = TOLERANCE[precision]
     bad = [c for c in checks if not c.ok]
+    if budget is not None:
+        return "; ".join(f"output {c.name!r}: cosine {c.cosine:.6f}, relative error {c.rel_error:.3g} "
+                         f"(budget: {budget.describe()})" + (f", {c.detail}" if c.detail else "") for c in bad)
     return "; ".join(f"output {c.name!r}: max abs error {c.max_abs_error:.3g} (allowed {tol.atol:g} + {tol.rtol:g}*|eager|)"
                      + (f", {c.detail}" if c.detail else "") for c in bad)

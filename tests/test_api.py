@@ -46,9 +46,9 @@ def test_optimize_names_an_unknown_profile_and_lists_known_ones(tiny):
     assert "cpu-x68" in str(info.value) and "cpu-x86" in str(info.value)
 
 
-def test_optimize_refuses_a_precision_this_version_cannot_build(tiny):
-    with pytest.raises(kiln.OptionsError, match="bf16"):
-        kiln.optimize(tiny[0], "cpu-x86", tiny[1], precision="bf16")
+def test_optimize_refuses_a_precision_the_profiles_device_cannot_run(tiny):
+    with pytest.raises(kiln.OptionsError, match="does not run fp8"):
+        kiln.optimize(tiny[0], "cpu-x86", tiny[1], precision="fp8")
 
 
 def test_optimize_refuses_a_profile_whose_device_cannot_run_fp32(tiny):

@@ -15,7 +15,9 @@ from typing import Callable, ClassVar, Mapping, Protocol
 import torch
 from torch.fx import Node
 
+from kiln.budget import Budget
 from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.precision.plan import PrecisionPlan
 from kiln.types import Precision
 
 
@@ -71,7 +73,9 @@ class CapabilityTable:
 
 @dataclass(frozen=True)
 class BackendSettings:
-    """What a build may read: the device it targets, threads, and a scratch directory."""
+    """What a build may read: the device it targets, threads, and a scratch directory.
+    `precision` is the lowest precision the partition's plan uses (its element-wise tolerance);
+    `budget`, set when layers are lowered, is what the engine's outputs are checked against."""
 
     device: DeviceSpec
     threads: int
@@ -79,6 +83,7 @@ class BackendSettings:
     precision: Precision = Precision.FP32
     fuse: bool = True  # lower into the runtime's fused ops (CompileOptions.fusion)
     autotune: bool = False  # CompileOptions.autotune: search kernel variants at build time
+    budget: Budget | None = None
 
 
 @dataclass
@@ -100,6 +105,8 @@ class PartitionGraph:
     output_names: tuple[str, ...]
     example_inputs: tuple[torch.Tensor, ...]
     dynamic_shapes: tuple | None  # torch.export dynamic_shapes for gm's parameters
+    precision: PrecisionPlan = field(default_factory=PrecisionPlan)  # per-layer schemes to lower
+    calibration: tuple[tuple[torch.Tensor, ...], ...] = ()  # flat samples for static quantisation
 
 
 class Engine(Protocol):
@@ -116,7 +123,7 @@ class Backend(Protocol):
 
     def available(self) -> Availability: ...
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support: ...
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support: ...
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> Engine: ...
 

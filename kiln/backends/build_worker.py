@@ -19,6 +19,8 @@ def main(job: Path) -> int:
     import torch
 
     from kiln.backends.base import BackendSettings, PartitionGraph
+    from kiln.budget import Budget
+    from kiln.precision.plan import PrecisionPlan
     from kiln.frontend.capture import drop_guard_calls
     from kiln.hardware_profiles.schema import DeviceSpec
     from kiln.types import DeviceKind, Precision
@@ -38,13 +40,19 @@ def main(job: Path) -> int:
                                                         for axis, (name, lo, hi) in entry.items()}
                             for entry in request["dynamic"])
         partition = PartitionGraph(request["partition"], gm, tuple(request["input_names"]), tuple(request["output_names"]),
-                                   tuple(verify["draws"][0]), dynamic)
+                                   tuple(verify["draws"][0]), dynamic, PrecisionPlan.from_dict(request.get("precision_plan")),
+                                   tuple(tuple(c) for c in verify.get("calibration", ())))
+        budget = None
+        if request.get("budget") is not None:
+            min_cosine, max_rel_error = request["budget"]
+            # a metric-only budget is checked by the parent on the finished model; here only finiteness
+            budget = Budget(min_cosine, max_rel_error) if (min_cosine, max_rel_error) != (None, None) else Budget(min_cosine=-1.0)
         device = request["device"]
         settings = BackendSettings(
             DeviceSpec(device["name"], DeviceKind(device["kind"]), device["model"], device["memory_gb"],
                        device["memory_bandwidth_gbs"], {Precision(k): v for k, v in device["peak_tflops"].items()},
                        tuple(device["backends"]), device.get("cores"), tuple(device.get("features", ()))),
-            request["threads"], job, Precision(request["precision"]), fuse=request["fuse"],
+            request["threads"], job, Precision(request["precision"]), budget=budget, fuse=request["fuse"],
             autotune=bool(request.get("autotune", False)))
         module_name, class_name = request["backend_class"].split(":")
         import importlib
@@ -55,7 +63,7 @@ def main(job: Path) -> int:
         result["compile_seconds"] = time.perf_counter() - start
         worst: dict = {}
         for inputs, want in zip(verify["draws"], verify["references"]):
-            for check in compare(partition.output_names, list(engine(*inputs)), list(want), settings.precision):
+            for check in compare(partition.output_names, list(engine(*inputs)), list(want), settings.precision, settings.budget):
                 if check.name not in worst or check.worst_excess > worst[check.name].worst_excess:
                     worst[check.name] = check
         (job / "engine").mkdir(exist_ok=True)

@@ -89,8 +89,8 @@ class EagerBackend:
     def available(self) -> Availability:
         return Availability(True, version=torch.__version__)
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support:
-        return self.capabilities.supports(node, device)
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> EagerEngine:
         try:

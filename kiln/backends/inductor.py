@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport,
                                 PartitionGraph, Support, export_partition)
+from kiln.backends.inductor_precision import lowered_program
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DTYPE_NAMES, DTYPES, DeviceKind, Precision
@@ -50,7 +51,7 @@ def _device_ready(device: DeviceSpec) -> str | None:
 # table's default covers all ops; entries here would only narrow it.
 CAPABILITIES = CapabilityTable(
     ops={},
-    default=OpSupport(frozenset({Precision.FP32, Precision.BF16, Precision.FP16})),
+    default=OpSupport(frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8})),
     device_kinds=frozenset({"cpu", "gpu"}),
     device_ready=_device_ready,
 )
@@ -257,8 +258,13 @@ class InductorBackend:
             return Availability(False, "no C++ compiler on PATH (Inductor generates C++ on CPU)", "apt-get install g++")
         return Availability(True, version=torch.__version__)
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support:
-        return self.capabilities.supports(node, device)
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        from kiln.precision.capability import backend_runs
+
+        if precision is not Precision.FP32 and not backend_runs(self.name, device, precision):
+            return Support(False, f"kiln's Inductor path does not lower {precision.value} on {device.kind.value} "
+                                  "(it lowers bf16 and int8 on CPU)")
+        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> InductorEngine:
         status = self.available()
@@ -268,13 +274,22 @@ class InductorBackend:
             raise BackendUnavailable(reason, where=f"partition {partition.name}", fix="build for a CPU profile, or on a machine with a CUDA GPU")
         cuda = settings.device.kind is DeviceKind.GPU
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        dtype = LOW_PRECISION.get(settings.precision)
+        # On CPU a lowered precision plan is applied layer by layer (casts or PT2E int8); on CUDA
+        # the partition computes in the plan's lowest float type.
+        per_layer = not cuda and bool(partition.precision.lowered)
+        dtype = None if per_layer else LOW_PRECISION.get(settings.precision)
         source = _lowered_partition(partition, device, dtype) if cuda or dtype is not None else partition
         path = settings.workdir / f"{partition.name}.pt2"
+        lowered = ""
         try:
-            exported = export_partition(source)
+            if per_layer:
+                exported, lowered = lowered_program(partition)
+            else:
+                exported = export_partition(source)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
                                                      inductor_configs=_configs(settings, cuda))
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"AOTInductor failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                                where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
@@ -290,6 +305,8 @@ class InductorBackend:
             parts.append("CUDA graph replay" if meta["cuda_graph"] else "no CUDA graph (dynamic shapes)")
         if dtype is not None:
             parts.append(f"computes in {DTYPE_NAMES[dtype]}")
+        if lowered:
+            parts.append(lowered)
         if settings.autotune:
             parts.append("max-autotune")
         engine.summary = ", ".join(parts)

@@ -36,7 +36,8 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
     job = settings.workdir / f"{partition.name}-{backend.name}-build"
     job.mkdir(parents=True, exist_ok=True)
     torch.export.save(export_partition(partition), job / "program.pt2")
-    torch.save({"draws": [list(d) for d in draws], "references": [list(r) for r in references]}, job / "verify.pt")
+    torch.save({"draws": [list(d) for d in draws], "references": [list(r) for r in references],
+                "calibration": [list(c) for c in partition.calibration]}, job / "verify.pt")
     request = {
         "backend": backend.name, "partition": partition.name,
         # the class itself, so the child builds with exactly the backend the parent chose
@@ -45,8 +46,10 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "dynamic": _dims(partition.dynamic_shapes),
         "device": {**asdict(settings.device), "kind": settings.device.kind.value,
                    "peak_tflops": {p.value: v for p, v in settings.device.peak_tflops.items()}},
-        "threads": settings.threads, "precision": settings.precision.value, "fuse": settings.fuse,
-        "autotune": settings.autotune,
+        "threads": settings.threads, "precision": settings.precision.value,
+        "precision_plan": partition.precision.to_dict(),
+        "budget": None if settings.budget is None else [settings.budget.min_cosine, settings.budget.max_rel_error],
+        "fuse": settings.fuse, "autotune": settings.autotune,
     }
     (job / "request.json").write_text(json.dumps(request))
     command = [sys.executable, "-m", "kiln.backends.build_worker", str(job)]

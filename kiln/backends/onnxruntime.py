@@ -26,13 +26,13 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
+from kiln.backends.onnxruntime_precision import lower as lower_precision
 from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry,
                                 PartitionGraph, Support, export_partition)
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DeviceKind, Precision
 
-FLOAT_PRECISIONS = frozenset({Precision.FP32, Precision.FP16})
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 OPSET = 20
 
@@ -48,8 +48,8 @@ class _ExporterTable(CapabilityTable):
         target = node.target
         if not isinstance(target, torch._ops.OpOverload):
             return Support(True)  # operator.getitem and friends export as tuple plumbing
-        if precision not in FLOAT_PRECISIONS:
-            return Support(False, f"kiln's ONNX Runtime path does not lower {precision.value} yet")
+        if precision is not Precision.FP32 and (reason := _precision_reason(node, device, precision)) is not None:
+            return Support(False, reason)
         return exporter_supports(node)
 
 
@@ -66,6 +66,18 @@ def exporter_supports(node: Node) -> Support:
             or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
         return Support(True)
     return Support(False, f"the ONNX exporter has no conversion for {target}")
+
+
+def _precision_reason(node: Node, device: DeviceSpec, precision: Precision) -> str | None:
+    """Why kiln's ORT path does not run `node` at `precision` on `device` (None: it does)."""
+    from kiln.precision.capability import backend_runs
+
+    if not backend_runs("onnxruntime", device, precision):
+        return (f"ONNX Runtime has no fast {precision.value} kernels on {device.kind.value} "
+                f"(kiln lowers fp32, int8 and int4 weight-only there)")
+    if precision is Precision.INT4 and node.target is not torch.ops.aten.linear.default:
+        return "ONNX Runtime's int4 weight-only kernel (MatMulNBits) takes linear layers only"
+    return None
 
 
 def _rank4_query(node: Node) -> str | None:
@@ -309,20 +321,35 @@ class OnnxRuntimeBackend:
             return Availability(False, f"{exc.name} is not installed", "pip install onnxruntime onnx onnxscript")
         return Availability(True, version=onnxruntime.__version__)
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support:
-        return self.capabilities.supports(node, device)
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> OnnxRuntimeEngine:
         self._require()
         path = settings.workdir / f"{partition.name}.onnx"
         unfused = settings.workdir / f"{partition.name}.unfused.onnx"
         program = export_onnx(_spell_out_rms_norm(partition), unfused)
+        optimized = settings.workdir / f"{partition.name}.ort-optimized.onnx"
+        if partition.precision.lowered:
+            # ORT's quantisation tools match plain MatMul/Gemm/Conv nodes, so they run on the
+            # unfused graph; the session's own optimizer then fuses around the Q/DQ nodes.
+            shutil.copyfile(unfused, path)
+            try:
+                lowered = lower_precision(path, partition)
+            except BackendError:
+                raise
+            except Exception as exc:  # the tools raise plain exceptions; name them as this backend's failure
+                raise BackendError(f"ONNX Runtime quantisation failed: {type(exc).__name__}: {str(exc)[:300]}",
+                                   where=f"partition {partition.name}", fix="try backend='inductor' or precision='fp32'") from exc
+            # no fp32 fallback here: it would not be the plan
+            engine = OnnxRuntimeEngine(path, settings, partition.output_names, optimized)
+            engine.summary = f"{_runtime_graph_summary(optimized)}; {lowered}"
+            return engine
         if settings.fuse:
             rules = _fuse_for_ort(program, path)
         else:
             program.save(str(path))
             rules = "kiln's ORT fusion rules not applied (fusion=False)"
-        optimized = settings.workdir / f"{partition.name}.ort-optimized.onnx"
         try:
             engine = OnnxRuntimeEngine(path, settings, partition.output_names, optimized)
         except BackendError as exc:

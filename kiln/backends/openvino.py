@@ -357,8 +357,8 @@ class OpenVinoBackend:
             return Availability(False, f"{exc.name} is not installed", INSTALL_HINT)
         return Availability(True, version=ov.get_version())
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support:
-        return self.capabilities.supports(node, device)
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> OpenVinoEngine:
         self._require()

@@ -17,6 +17,7 @@ from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.report import CandidateRecord
+from kiln.types import Precision
 from kiln.verify import OutputCheck, failures_text
 
 # Checks a built engine: returns the worst output checks over the verification inputs.
@@ -124,7 +125,7 @@ def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: b
     record.detail = getattr(engine, "summary", "")
     record.max_abs_error = max((c.max_abs_error for c in checks), default=0.0)
     if not all(c.ok for c in checks):
-        record.status, record.reason = "mismatch", failures_text(checks, settings.precision)
+        record.status, record.reason = "mismatch", failures_text(checks, settings.precision, settings.budget)
         if strict:
             raise VerificationError(f"backend {backend.name} disagrees with eager: {record.reason}", where=f"partition {partition}",
                                     fix="pass allow_fallback=True to try the next backend, or report the model")
@@ -135,7 +136,11 @@ def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: b
 def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) -> str:
     reasons = {}
     for node in partition.gm.graph.nodes:
-        support = backend.supports(node, settings.device)
+        decision = node.meta.get("kiln")
+        precision = decision.precision if decision is not None else Precision.FP32
+        # fp32 is every backend's default; the precision argument is passed only when it says more
+        support = backend.supports(node, settings.device) if precision is Precision.FP32 \
+            else backend.supports(node, settings.device, precision)
         if not support.ok:
             reasons.setdefault(support.reason, node.name)
     return "; ".join(f"{reason} (e.g. node {node})" for reason, node in list(reasons.items())[:3])

@@ -187,8 +187,8 @@ class TensorRTBackend:
                                 "pip install onnx onnxscript", trt.__version__)
         return Availability(True, version=trt.__version__)
 
-    def supports(self, node: Node, device: DeviceSpec) -> Support:
-        return self.capabilities.supports(node, device)
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
+        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> TensorRTEngine:
         self._require()

@@ -13,6 +13,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.passes._graph import add_constant, attr_value
+from kiln.passes._aliases import returns_alias, written_inputs
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 
@@ -39,12 +40,17 @@ def fold_constants(gm: GraphModule, ctx: PassContext) -> PassResult:
                 continue
             foldable.append(node)
     folded = 0
+    written = _written_in_place(gm)
     for node in foldable:
         value = values[node]
         if not isinstance(value, torch.Tensor) or node.op != "call_function":
             continue  # tuples and Python scalars are folded through their tensor users
         if all(user in values for user in node.users):
             continue  # only boundary nodes (used by non-constant code) become stored constants
+        if node in written:
+            # a stored constant written in place would carry each call's write into the next
+            skipped.append(Skip(node.name, f"written in place later by {written[node].name}"))
+            continue
         # storage, not numel: an expanded view of a small weight holds only the weight's bytes
         source_bytes = sum(values[n].untyped_storage().nbytes() for n in node.all_input_nodes
                            if isinstance(values.get(n), torch.Tensor))
@@ -56,6 +62,19 @@ def fold_constants(gm: GraphModule, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(const)
         folded += 1
     return PassResult(changed=folded > 0, counts={"folded": folded}, skipped=tuple(skipped))
+
+
+def _written_in_place(gm: GraphModule) -> dict[Node, Node]:
+    """Every node whose memory an in-place op writes (through any chain of views) -> that op."""
+    written: dict[Node, Node] = {}
+    for node in gm.graph.nodes:
+        for target in written_inputs(node):
+            while True:
+                written.setdefault(target, node)
+                if not (returns_alias(target) and isinstance(target.args[0], Node)):
+                    break
+                target = target.args[0]
+    return written
 
 
 def _pure(node: Node) -> bool:

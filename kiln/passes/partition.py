@@ -23,6 +23,7 @@ from torch.fx import Graph, GraphModule, Node
 from kiln.backends.base import PartitionGraph
 from kiln.hardware_profiles.schema import Profile
 from kiln.placement import cost_model as cm
+from kiln.precision.plan import LAYER_META, PrecisionPlan
 from kiln.types import InputSpec, NodeDecision
 
 
@@ -62,7 +63,8 @@ class Plan:
 
 
 def build_plan(gm: GraphModule, profile: Profile, input_spec: InputSpec, output_names: tuple[str, ...],
-               example_inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None) -> Plan:
+               example_inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None,
+               calibration: tuple = (), observer: str = "minmax") -> Plan:
     for node in gm.graph.nodes:
         if node.op == "call_function" and not _decision(node):
             node.meta["kiln"] = NodeDecision(device=profile.primary_device, reasons=(f"primary device of profile {profile.name}",))
@@ -71,13 +73,20 @@ def build_plan(gm: GraphModule, profile: Profile, input_spec: InputSpec, output_
     names = {p: name for p, name in zip(placeholders, input_spec.names)}
     if len(runs) <= 1:
         key = _key(runs[0][0]) if runs and runs[0] else (profile.primary_device, "")
-        graph = PartitionGraph("p0", gm, input_spec.names, output_names, example_inputs, dynamic_shapes)
+        graph = PartitionGraph("p0", gm, input_spec.names, output_names, example_inputs, dynamic_shapes,
+                               _precision_plan(gm.graph.nodes, observer), tuple(calibration))
         partitions = [_partition(graph, key, profile)]
         plan = Plan(partitions, input_spec.names, output_names)
     else:
-        plan = _split(gm, runs, names, profile, input_spec, output_names, example_inputs, dynamic_shapes)
+        plan = _split(gm, runs, names, profile, input_spec, output_names, example_inputs, dynamic_shapes,
+                      tuple(calibration), observer)
     _estimate(gm, plan, profile, names)
     return plan
+
+
+def _precision_plan(nodes, observer: str) -> PrecisionPlan:
+    """The layers assign_precision planned among `nodes` (none when it did not run)."""
+    return PrecisionPlan([n.meta[LAYER_META] for n in nodes if LAYER_META in n.meta], observer)
 
 
 def _decision(node: Node) -> NodeDecision | None:
@@ -140,7 +149,8 @@ def _partition(graph: PartitionGraph, key: tuple[str, str], profile: Profile) ->
     return Partition(graph, device, placed_backend=backend, device_kind=profile.devices[device].kind.value)
 
 
-def _split(gm, runs, names, profile, input_spec, output_names, example_inputs, dynamic_shapes) -> Plan:
+def _split(gm, runs, names, profile, input_spec, output_names, example_inputs, dynamic_shapes,
+           calibration: tuple, observer: str) -> Plan:
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     graph_outputs = list(output_node.args[0]) if isinstance(output_node.args[0], (tuple, list)) else [output_node.args[0]]
     value_name = lambda node: names.get(node, node.name)  # noqa: E731
@@ -148,6 +158,8 @@ def _split(gm, runs, names, profile, input_spec, output_names, example_inputs, d
     needed = {n for _, inputs, _ in built for n in inputs} | set(graph_outputs)
     symbols = _symbol_dims(names, dynamic_shapes)
     values = dict(zip(input_spec.names, example_inputs))
+    # each calibration sample flows through the chain too, so every partition sees its own inputs
+    samples = [dict(zip(input_spec.names, sample)) for sample in calibration]
     partitions = []
     for index, (run, (graph, inputs, env)) in enumerate(zip(runs, built)):
         outputs = [n for n in run if n in needed]
@@ -158,7 +170,11 @@ def _split(gm, runs, names, profile, input_spec, output_names, example_inputs, d
         example = tuple(values[n] for n in in_names)
         with torch.no_grad():
             values.update(zip(out_names, module(*example)))
-        pg = PartitionGraph(f"p{index}", module, in_names, out_names, example, _partition_dynamic(inputs, symbols))
+            for sample in samples:
+                sample.update(zip(out_names, module(*(sample[n] for n in in_names))))
+        partition_calibration = tuple(tuple(sample[n] for n in in_names) for sample in samples)
+        pg = PartitionGraph(f"p{index}", module, in_names, out_names, example, _partition_dynamic(inputs, symbols),
+                            _precision_plan(run, observer), partition_calibration)
         partitions.append(_partition(pg, _key(run[0]), profile))
     _check_acyclic(partitions)
     return Plan(partitions, input_spec.names, output_names, output_sources=tuple(value_name(n) for n in graph_outputs))

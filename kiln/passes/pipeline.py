@@ -16,6 +16,7 @@ from typing import Callable
 from torch.fx import GraphModule
 
 from kiln.errors import KilnError, OptionsError, PassFailed
+from kiln.passes.assign_precision import assign_precision
 from kiln.passes.context import PassContext
 from kiln.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from kiln.passes.fold_batchnorm import fold_batchnorm
@@ -66,7 +67,9 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("fusion", (merge_qkv_projections,), when=lambda ctx: ctx.options.fusion and not onnxruntime_may_build(ctx)),
     # Fusion leaves folded statistics unused and may leave views and permutes that now cancel.
     Stage("cleanup", (remove_noop_views, remove_redundant_permutes, eliminate_common_subexpressions, remove_dead_code)),
-    # Placement last: it decides on the final graph and changes nothing (decide only).
+    # Precision is decided on the final graph, so each measured layer is one the backend sees.
+    Stage("precision", (assign_precision,)),
+    # Placement last: it decides on the final graph, at each node's precision (decide only).
     Stage("placement", (place_on_devices,)),
 )
 

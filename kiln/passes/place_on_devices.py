@@ -81,7 +81,10 @@ def _is_unit(node: Node) -> bool:
 
 def _precision(node: Node, ctx: PassContext) -> Precision:
     decision = node.meta.get("kiln")
-    return decision.precision if isinstance(decision, NodeDecision) else ctx.options.precision
+    if isinstance(decision, NodeDecision):
+        return decision.precision
+    # without assign_precision's decision: the requested precision, fp32 for "auto"
+    return ctx.options.precision if isinstance(ctx.options.precision, Precision) else Precision.FP32
 
 
 def _backend_names(ctx: PassContext, device) -> tuple[str, ...]:
@@ -289,7 +292,7 @@ def _decide(gm, units, labels, backends, options, refusals, pinned, evicted, eag
             reasons.append(evicted[node])
             skips.append(Skip(node.name, evicted[node]))
         old = node.meta.get("kiln")
-        base = old if isinstance(old, NodeDecision) else NodeDecision(precision=ctx.options.precision)
+        base = old if isinstance(old, NodeDecision) else NodeDecision(precision=_precision(node, ctx))
         node.meta["kiln"] = dataclasses.replace(base, device=device, backend=backends[node], reasons=(*base.reasons, *reasons))
     _follow_producers(gm, labels, backends)
     return skips

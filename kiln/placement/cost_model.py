@@ -144,6 +144,11 @@ def _counted_flops(gm: GraphModule, node: Node) -> int:
 def node_seconds(cost: NodeCost, device: DeviceSpec, precision: Precision) -> float | None:
     """Roofline time of the node on `device`, or None when the device has no such precision."""
     peak = device.peak_tflops.get(precision)
+    if peak is None and precision is Precision.INT4:
+        # weight-only int4 dequantises into the device's float math: the fastest float rate,
+        # while its weights move at a quarter of fp32's bytes (a bound, not a measurement)
+        floats = [device.peak_tflops[p] for p in (Precision.FP16, Precision.BF16, Precision.FP32) if p in device.peak_tflops]
+        peak = max(floats) if floats else None
     if peak is None:
         return None
     if cost.free:

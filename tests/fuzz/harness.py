@@ -50,12 +50,14 @@ class CaseResult:
 
 
 def _options(backend: str) -> dict:
-    """optimize() keywords: the backend, one verification draw, and no compile cache where this
-    kiln has one (a fuzz build must be fresh and must not fill the user's cache)."""
+    """optimize() keywords: the backend, one verification draw, fp32, and no compile cache where
+    this kiln has one (a fuzz build must be fresh and must not fill the user's cache)."""
     opts = {"backend": backend, "verify_draws": 1}
     names = {f.name for f in dataclasses.fields(kiln.CompileOptions)}
     if "cache" in names:
         opts["cache"] = False
+    if "accuracy_budget" in names:  # outputs are compared at fp32 tolerance: no layer may be lowered
+        opts["precision"] = "fp32"
     return opts
 
 

@@ -41,7 +41,7 @@ def efficientnet():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_minilm_matches_eager_after_reload_in_a_fresh_process(minilm, backend, tmp_path):
     model, inputs = minilm
-    compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend)
+    compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend, precision="fp32")
     assert compiled.backends == {"p0": backend}
     assert all(check["ok"] for check in compiled.report.verification)
     want = eager_leaves(model, inputs)
@@ -54,7 +54,7 @@ def test_minilm_matches_eager_after_reload_in_a_fresh_process(minilm, backend, t
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_efficientnet_lite0_matches_eager_after_reload_in_a_fresh_process(efficientnet, backend, tmp_path):
     model, inputs = efficientnet
-    compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend)
+    compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend, precision="fp32")
     folded = next(p for p in compiled.report.passes if p.name == "fold_batchnorm")
     assert folded.counts["folded"] == 49  # every BatchNorm of the network sits after a conv
     want = eager_leaves(model, inputs)
@@ -65,7 +65,7 @@ def test_efficientnet_lite0_matches_eager_after_reload_in_a_fresh_process(effici
 
 def test_minilm_sentence_embeddings_keep_their_similarities(minilm):
     model, inputs = minilm
-    compiled = kiln.optimize(model, "cpu-x86", inputs, backend="onnxruntime")
+    compiled = kiln.optimize(model, "cpu-x86", inputs, backend="onnxruntime", precision="fp32")
 
     def embed(fn):
         hidden = fn(*inputs)["last_hidden_state"]
@@ -83,7 +83,7 @@ def test_minilm_sentence_embeddings_keep_their_similarities(minilm):
 def test_minilm_with_dynamic_batch_and_sequence_runs_other_sizes(minilm):
     model, inputs = minilm
     dims = {0: kiln.Dim("batch", 1, 16), 1: kiln.Dim("seq", 8, 128)}
-    compiled = kiln.optimize(model, "cpu-x86", inputs, backend="onnxruntime",
+    compiled = kiln.optimize(model, "cpu-x86", inputs, backend="onnxruntime", precision="fp32",
                              dynamic={"input_ids": dims, "attention_mask": dims})
     ids, mask = models.sentence_tokens(SENTENCES[:3], seq=40)
     assert_fp32_close(list(compiled(ids, mask).values()), eager_leaves(model, (ids, mask)))
@@ -93,7 +93,7 @@ def test_minilm_with_dynamic_batch_and_sequence_runs_other_sizes(minilm):
 
 def test_cpu_x86_measures_every_backend_and_keeps_the_fastest_verified_one(efficientnet):
     model, inputs = efficientnet
-    compiled = kiln.optimize(model, "cpu-x86", inputs)
+    compiled = kiln.optimize(model, "cpu-x86", inputs, precision="fp32")
     statuses = {c.backend: c.status for c in compiled.report.candidates}
     timed = [c for c in compiled.report.candidates if c.median_ms is not None]
     openvino_here = statuses["openvino"] != "unavailable"  # built, verified and timed wherever it is installed

@@ -98,3 +98,20 @@ def test_remove_dead_code_drops_unused_nodes_and_weights(run_pass):
     assert result.counts["constants_dropped"] == 2
     assert not hasattr(run.gm.model, "unused") or not list(run.gm.model.unused.parameters())
     run.assert_same_numerics()
+
+
+def test_fold_constants_keeps_a_constant_that_is_written_in_place_with_a_reason(run_pass):
+    """Found on T5's relative position buckets (`buckets += ...`): stored as a constant, the
+    in-place add would write into it and every call would see the previous call's sum."""
+    class Buckets(nn.Module):
+        def forward(self, x):
+            positions = torch.arange(x.shape[1])
+            positions.add_(1)
+            return x * positions
+
+    run = run_pass(Buckets(), (torch.randn(2, 5),))
+    result = run.apply(fold_constants)
+    assert any("written in place" in s.reason for s in result.skipped)
+    first, second = run.gm(*run.inputs), run.gm(*run.inputs)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    run.assert_same_numerics()

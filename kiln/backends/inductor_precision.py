@@ -1,0 +1,100 @@
+"""Lower a partition's precision plan for Inductor, before AOTInductor compiles it.
+
+    bf16 / fp16   each lowered layer computes on cast inputs and weights (the weights are cast
+                  once, as constants) and casts its output back to fp32; oneDNN's bf16 GEMMs
+                  and convolutions accumulate in fp32
+    int8          PT2E with X86InductorQuantizer (static: calibrated on the plan's samples;
+                  dynamic: per-call activation scales); its annotations are kept only on the
+                  plan's layers, so the rest of the graph stays fp32; freezing then turns the
+                  Q/DQ pairs into oneDNN int8 kernels
+
+Both return an ExportedProgram ready for aoti_compile_and_package.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.fx import GraphModule
+
+from kiln.backends.base import PartitionGraph, export_partition
+from kiln.errors import BackendError
+from kiln.frontend.capture import export_program
+from kiln.passes._graph import add_constant, attr_value
+from kiln.precision.plan import Scheme
+
+FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
+
+
+def lowered_program(partition: PartitionGraph) -> tuple[torch.export.ExportedProgram, str]:
+    """The program to compile and a one-line summary of what was lowered."""
+    plan = partition.precision
+    schemes = plan.schemes()
+    if not schemes:
+        return export_partition(partition), ""
+    if len(schemes) > 1:
+        raise BackendError(f"the precision plan mixes {', '.join(sorted(schemes))}; kiln's Inductor lowering takes one "
+                           "scheme per partition", where=f"partition {partition.name}", fix="request one precision")
+    (scheme,) = schemes
+    names = {layer.node for layer in plan.lowered}
+    if scheme in FLOAT_TYPES:
+        gm = _cast_layers(partition.gm, names, FLOAT_TYPES[scheme])
+        program = export_program(gm, partition.example_inputs, partition.dynamic_shapes)
+    elif scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC):
+        program = _pt2e_int8(partition, names, dynamic=scheme == Scheme.INT8_DYNAMIC)
+    else:
+        raise BackendError(f"kiln's Inductor lowering has no {scheme} scheme", where=f"partition {partition.name}",
+                           fix="use backend='onnxruntime' for int4 weight-only, or another precision")
+    return program, f"{scheme}: {len(names)} layers"
+
+
+def _cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> GraphModule:
+    """A copy of `source` where each named layer runs in `dtype` between fp32 casts."""
+    gm = copy.deepcopy(source)
+    for node in list(gm.graph.nodes):
+        if node.name not in names:
+            continue
+        args = list(node.args)
+        with gm.graph.inserting_before(node):
+            cast_in = gm.graph.call_function(torch.ops.aten._to_copy.default, (args[0],), {"dtype": dtype})
+            cast_in.meta["val"] = args[0].meta["val"].to(dtype)
+        args[0] = cast_in
+        for index in (1, 2):  # weight and bias become constants of the low type
+            if index < len(args) and (value := attr_value(gm, args[index])) is not None:
+                args[index] = add_constant(gm, node, value.to(dtype), f"{dtype}".split(".")[-1])
+        node.args = tuple(args)
+        with gm.graph.inserting_after(node):
+            cast_out = gm.graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.float32})
+        node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not cast_out)
+        cast_out.meta["val"] = node.meta["val"]
+        node.meta["val"] = node.meta["val"].to(dtype)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _pt2e_int8(partition: PartitionGraph, names: set[str], dynamic: bool) -> torch.export.ExportedProgram:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (X86InductorQuantizer,
+                                                                            get_default_x86_inductor_quantization_config)
+
+    class _PlanQuantizer(X86InductorQuantizer):
+        """X86InductorQuantizer's annotations, kept only on the plan's layers."""
+
+        def annotate(self, model: GraphModule) -> GraphModule:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                if node.name not in names:
+                    node.meta.pop("quantization_annotation", None)
+            return model
+
+    quantizer = _PlanQuantizer().set_global(get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
+    model = export_partition(partition).module()
+    prepared = prepare_pt2e(model, quantizer)
+    with torch.no_grad():
+        for sample in partition.calibration or (partition.example_inputs,):
+            prepared(*sample)
+    converted = convert_pt2e(prepared)
+    return export_program(converted, partition.example_inputs, partition.dynamic_shapes)

@@ -1,0 +1,215 @@
+"""Decide each node's precision (decide only: backends lower the plan, passes never cast).
+
+Weighted layers (linear, convolution with a stored weight) are the candidates; every other
+node stays fp32. Numerically fragile ops (softmax, normalisations, reductions, exp/log,
+attention) stay fp32 by rule, and so does the final layer when it is sensitive. The rest is
+measured (precision/sensitivity.py): each layer lowered alone on calibration data, then the
+least sensitive layers lowered together while the accuracy budget holds.
+
+    precision="fp32"   nothing is lowered
+    precision=X        every eligible layer at X, except those the budget cannot afford
+    precision="auto"   per candidate the device and a tried backend run (integer types only
+                       with calibration data), the layers that fit the budget; the candidate
+                       that saves the most estimated time wins
+
+A model that already carries Q/DQ or fake-quant nodes (quantisation-aware training, PT2E)
+is honoured as it is: nothing is re-quantised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch.fx import GraphModule, Node
+
+from kiln.frontend.input_spec import random_inputs
+from kiln.passes._graph import attr_value, is_call
+from kiln.passes.context import PassContext
+from kiln.passes.result import PassResult, Skip
+from kiln.precision.capability import auto_candidates, device_runs
+from kiln.precision.plan import LAYER_META, LayerPlan, Scheme
+from kiln.precision.sensitivity import Analysis, Measurement
+from kiln.types import NodeDecision, Precision
+
+aten = torch.ops.aten
+LINEARS = (aten.linear.default,)
+CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+FRAGILE = {
+    "softmax": (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default),
+    "normalisation": (aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
+                      aten.native_group_norm.default, aten.batch_norm.default, aten.rms_norm.default,
+                      aten._native_batch_norm_legit_no_training.default),
+    "reduction": (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.var.correction,
+                  aten.std.correction, aten.amax.default, aten.logsumexp.default, aten.cumsum.default,
+                  aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default, aten.prod.default),
+    "exp/log": (aten.exp.default, aten.log.default, aten.log1p.default, aten.expm1.default, aten.pow.Tensor_Scalar),
+    "attention (softmax inside)": (aten.scaled_dot_product_attention.default,),
+}
+FRAGILE_KIND = {op: kind for kind, ops in FRAGILE.items() for op in ops}
+MEASURE_SAMPLES = 8  # samples each simulated configuration runs on
+# Plans spend this share of the budget: verification also runs inputs the plan never saw
+# (fresh draws), whose error differs from the measured ones by tens of percent on small models.
+SPEND_FRACTION = 0.8
+AUTO_MIN_WEIGHTS = 1024  # "auto" leaves smaller layers at fp32: the conversions cost more than they save
+SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precision.FP8: Scheme.FP8,
+              Precision.INT4: Scheme.INT4_WEIGHT}
+
+
+def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
+    opts = ctx.options
+    layers = _layers(gm)
+    quantized = [n.name for n in gm.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)]
+    if quantized:
+        reason = f"the model already carries {len(quantized)} Q/DQ or fake-quant nodes; its quantisation is kept as is"
+        _annotate(gm, {}, reason)
+        return PassResult(False, {"lowered": 0, "layers": len(layers)}, (Skip(quantized[0], reason),))
+    if opts.precision is Precision.FP32 or not layers:
+        plans = {name: _plain(node, "precision='fp32' was requested" if layers else "") for name, node in layers.items()}
+        _annotate(gm, plans, "")
+        return PassResult(False, {"lowered": 0, "layers": len(layers)})
+    schemes = _schemes(ctx)
+    if not schemes:
+        why = ("no precision below fp32 that this device and a tried backend both run" +
+               (" (integer types need calibration data)" if not ctx.calibration else "")) if opts.auto \
+            else f"device {ctx.profile.primary.name} does not run {opts.precision.value}"
+        plans = {name: _plain(node, why) for name, node in layers.items()}
+        _annotate(gm, plans, "")
+        return PassResult(False, {"lowered": 0, "layers": len(layers)})
+    analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
+                        _metric_drop(gm, ctx))
+    outcomes = [_try_scheme(gm, analysis, layers, scheme, ctx) for scheme in schemes]
+    plans, _ = max(outcomes, key=lambda o: _saving(layers, o[0], ctx))
+    if not any(p.scheme != Scheme.FP32 for p in plans.values()):
+        plans = outcomes[0][0]  # nothing fits: report why the fastest candidate did not
+    _annotate(gm, plans, "")
+    lowered = [p for p in plans.values() if p.scheme != Scheme.FP32]
+    kept = tuple(Skip(p.node, p.reason) for p in plans.values() if p.scheme == Scheme.FP32 and p.reason)
+    return PassResult(False, {"lowered": len(lowered), "layers": len(layers)}, kept)
+
+
+def _layers(gm: GraphModule) -> dict[str, Node]:
+    """Linear and convolution nodes whose weight is a stored tensor, in graph order."""
+    found = {}
+    for node in gm.graph.nodes:
+        if not is_call(node, *LINEARS, *CONVS) or attr_value(gm, node.args[1]) is None:
+            continue
+        if node.target is aten.convolution.default and node.args[6]:
+            continue  # transposed: its output channels sit on weight axis 1, which per-channel schemes assume is 0
+        found[node.name] = node
+    return found
+
+
+def _plain(node: Node, reason: str) -> LayerPlan:
+    return LayerPlan(node.name, "linear" if node.target in LINEARS else "conv", str(node.args[1].target), Scheme.FP32,
+                     reason=reason)
+
+
+def _schemes(ctx: PassContext) -> list[str]:
+    opts, device = ctx.options, ctx.profile.primary
+    calibrated = bool(ctx.calibration)
+    if opts.auto:
+        backends = (opts.backend,) if opts.backend else device.backends
+        precisions = auto_candidates(device, backends, calibrated)
+    else:
+        precisions = [opts.precision] if device_runs(device, opts.precision) else []
+    return [(Scheme.INT8_STATIC if calibrated else Scheme.INT8_DYNAMIC) if p is Precision.INT8 else SCHEME_FOR[p]
+            for p in precisions]
+
+
+def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], scheme: str,
+                ctx: PassContext) -> tuple[dict[str, LayerPlan], Measurement]:
+    opts = ctx.options
+    eligible, held = [], {}
+    for name, node in layers.items():
+        if scheme == Scheme.INT4_WEIGHT and node.target not in LINEARS:
+            held[name] = "int4 weight-only kernels take linear layers only"
+        elif opts.auto and attr_value(gm, node.args[1]).numel() < AUTO_MIN_WEIGHTS:
+            held[name] = f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights)"
+        else:
+            eligible.append(name)
+    final, final_error = _final_layer(gm, layers), 0.0
+    if final in eligible and (sensitive := _sensitive_final(analysis, final, scheme, opts)) is not None:
+        eligible.remove(final)
+        held[final], final_error = sensitive
+    plans, measured = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size)
+    for name, reason in held.items():
+        plans[name] = replace(plans[name], reason=reason, scheme=Scheme.FP32, input_range=None, group_size=None,
+                              error=final_error if name == final else 0.0)
+    return plans, measured
+
+
+def _final_layer(gm: GraphModule, layers: dict[str, Node]) -> str | None:
+    """The layer closest to the outputs (the classifier or projection head), if any."""
+    names = list(layers)
+    return names[-1] if names else None
+
+
+def _sensitive_final(analysis: Analysis, name: str, scheme: str, opts) -> tuple[str, float] | None:
+    """The final layer stays fp32 when lowering it alone uses over half of the error budget:
+    its error reaches the outputs with nothing after it to average it out."""
+    limit = opts.accuracy_budget.max_rel_error
+    if limit is None and opts.accuracy_budget.min_cosine is not None:
+        limit = (2 * (1 - opts.accuracy_budget.min_cosine)) ** 0.5  # cos ~ 1 - r^2/2
+    if limit is None:
+        return None
+    error = analysis.solo_error(analysis.lowered(analysis.layers[name], scheme, opts.int4_group_size))
+    if error > limit / 2:
+        return f"final layer, sensitive: {scheme} alone costs rel. error {error:.3g} (over half the budget's {limit:.3g})", error
+    return None
+
+
+def _saving(layers: dict[str, Node], plans: dict[str, LayerPlan], ctx: PassContext) -> float:
+    """Estimated seconds saved per call: multiply-adds moved from fp32 to each lowered precision."""
+    peaks = ctx.profile.primary.peak_tflops
+    fp32 = peaks.get(Precision.FP32) or min(peaks.values())
+    saved = 0.0
+    for plan in plans.values():
+        if plan.scheme == Scheme.FP32:
+            continue
+        node = layers[plan.node]
+        val, weight = node.meta.get("val"), node.args[1].meta.get("val")
+        macs = val.numel() * weight[0].numel() if val is not None and weight is not None else 1
+        peak = peaks.get(plan.precision, fp32)
+        saved += 2 * macs / 1e12 * (1 / fp32 - 1 / peak) if peak > 0 else 0.0
+    return saved
+
+
+def _samples(ctx: PassContext) -> tuple[list, list]:
+    """(observer samples, measurement samples). Measured: the example inputs (verification
+    checks them too) and calibration samples. Without calibration data: the example inputs and
+    two random draws of their spec, a weaker proof that api reports as such."""
+    if ctx.calibration:
+        examples = [tuple(ctx.example_inputs)] if ctx.example_inputs else []
+        return list(ctx.calibration), examples + list(ctx.calibration[:MEASURE_SAMPLES - len(examples)])
+    draws = [tuple(random_inputs(ctx.input_spec, ctx.options.seed + 100 + k)) for k in range(2)]
+    samples = [tuple(ctx.example_inputs), *draws] if ctx.example_inputs else draws
+    return samples, samples
+
+
+def _metric_drop(gm: GraphModule, ctx: PassContext):
+    if ctx.metric_score is None:
+        return None
+    baseline = ctx.metric_score(lambda *flat: tuple(gm(*flat)))
+
+    def drop(config: dict[str, LayerPlan]) -> float:
+        from kiln.precision.sensitivity import _Simulator
+
+        return baseline - ctx.metric_score(lambda *flat: tuple(_Simulator(gm, config, {}).run(*flat)))
+    return drop
+
+
+def _annotate(gm: GraphModule, plans: dict[str, LayerPlan], override: str) -> None:
+    """Write a NodeDecision on every op node, and the LayerPlan on each weighted layer."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        plan = plans.get(node.name)
+        if plan is not None:
+            node.meta[LAYER_META] = plan
+            reason = override or plan.reason or "kept at fp32"
+            node.meta["kiln"] = NodeDecision(precision=plan.precision, reasons=(reason,))
+        elif (kind := FRAGILE_KIND.get(node.target)) is not None:
+            node.meta["kiln"] = NodeDecision(reasons=(override or f"numerically fragile ({kind}): fp32 by rule",))
+        else:
+            node.meta["kiln"] = NodeDecision(reasons=(override or "not a weighted layer: fp32",))

@@ -1,0 +1,1 @@
+"""Precision assignment: numeric schemes, calibration observers, sensitivity analysis, plans."""

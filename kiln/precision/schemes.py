@@ -1,0 +1,144 @@
+"""Numeric schemes simulated in fp32 ("fake quantisation"), and calibration observers.
+
+Each scheme rounds a layer's weight and input activation the way its lowering does, then the
+layer runs in fp32, which is what fp32 accumulation computes:
+
+    bf16 / fp16   x, W rounded to the type; output rounded to the type (activations are stored in it)
+    fp8 e4m3      x, W scaled per tensor to the e4m3 range (amax / 448), cast, scaled back
+    int8 static   W per output channel, symmetric int8; x per tensor, affine uint8 over a calibrated range
+    int8 dynamic  as static, but x's range is taken from each call's own min/max
+    int4 weight   W group-wise along the input axis (32/64/128), affine uint4 with a zero point per group
+
+Sensitivity analysis runs these to measure each layer's error before any backend builds; the
+backends' own kernels then realise the same rounding (ONNX Runtime QDQ and MatMulNBits, PT2E).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.precision.plan import Scheme
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+RESERVOIR = 65536  # values an observer keeps for percentile and MSE searches
+
+
+def fake_weight(weight: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
+    if scheme in (Scheme.BF16, Scheme.FP16):
+        return weight.to(_float_type(scheme)).float()
+    if scheme == Scheme.FP8:
+        return _fp8(weight)
+    if scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC):
+        return per_channel_int8(weight)
+    if scheme == Scheme.INT4_WEIGHT:
+        return groupwise_int4(weight, group_size)
+    return weight
+
+
+def fake_input(x: torch.Tensor, scheme: str, input_range: tuple[float, float] | None = None) -> torch.Tensor:
+    if scheme in (Scheme.BF16, Scheme.FP16):
+        return x.to(_float_type(scheme)).float()
+    if scheme == Scheme.FP8:
+        return _fp8(x)
+    if scheme == Scheme.INT8_STATIC:
+        lo, hi = input_range if input_range is not None else (float(x.min()), float(x.max()))
+        return affine_uint8(x, lo, hi)
+    if scheme == Scheme.INT8_DYNAMIC:
+        return affine_uint8(x, float(x.min()), float(x.max()))
+    return x  # int4 is weight-only
+
+
+def fake_output(y: torch.Tensor, scheme: str) -> torch.Tensor:
+    if scheme in (Scheme.BF16, Scheme.FP16, Scheme.FP8):  # fp8 GEMMs write bf16
+        return y.to(torch.float16 if scheme == Scheme.FP16 else torch.bfloat16).float()
+    return y
+
+
+def _float_type(scheme: str) -> torch.dtype:
+    return torch.bfloat16 if scheme == Scheme.BF16 else torch.float16
+
+
+def _fp8(t: torch.Tensor) -> torch.Tensor:
+    amax = float(t.abs().max())
+    if amax == 0:
+        return t
+    scale = amax / FP8_MAX
+    return (t / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def per_channel_int8(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per output channel (axis 0), as ORT's per_channel=True and PT2E do."""
+    flat = weight.reshape(weight.shape[0], -1)
+    scale = (flat.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return (torch.clamp(torch.round(flat / scale), -127, 127) * scale).reshape(weight.shape)
+
+
+def affine_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Per-tensor affine uint8 over [lo, hi] widened to hold 0 (so zero padding stays exact)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi == lo:
+        return x
+    scale = (hi - lo) / 255.0
+    zero_point = round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    return (q - zero_point) * scale
+
+
+def groupwise_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Affine uint4 per group of `group_size` input features; a partial last group is padded."""
+    rows, cols = weight.shape[0], weight[0].numel()
+    flat = weight.reshape(rows, cols)
+    pad = (-cols) % group_size
+    padded = torch.nn.functional.pad(flat, (0, pad))
+    groups = padded.reshape(rows, -1, group_size)
+    lo = groups.amin(dim=2, keepdim=True).clamp(max=0)
+    hi = groups.amax(dim=2, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    zero_point = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(groups / scale) + zero_point, 0, 15)
+    deq = ((q - zero_point) * scale).reshape(rows, -1)[:, :cols]
+    return deq.reshape(weight.shape)
+
+
+class Observer:
+    """Collects an activation's range over calibration samples: exact min/max plus a random
+    reservoir of values for the percentile and MSE searches."""
+
+    def __init__(self, kind: str = "minmax", seed: int = 0):
+        self.kind = kind
+        self.lo, self.hi = float("inf"), float("-inf")
+        self.values: list[torch.Tensor] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()
+        if x.numel() == 0:
+            return
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        if self.kind != "minmax":
+            take = min(x.numel(), RESERVOIR // 8)
+            self.values.append(x[torch.randint(0, x.numel(), (take,), generator=self.generator)])
+
+    def range(self) -> tuple[float, float]:
+        if self.lo > self.hi:
+            return 0.0, 0.0
+        if self.kind == "minmax" or not self.values:
+            return self.lo, self.hi
+        sample = torch.cat(self.values)[:RESERVOIR]
+        if self.kind == "percentile":
+            lo, hi = torch.quantile(sample, torch.tensor([1e-4, 1 - 1e-4])).tolist()
+            return min(lo, 0.0), max(hi, 0.0)
+        return _mse_range(sample, self.lo, self.hi)
+
+
+def _mse_range(sample: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
+    """The clipping of [lo, hi] (shrunk by a common factor) whose uint8 rounding of the sample
+    has the least squared error: clipping a few outliers buys resolution for the rest."""
+    best, best_error = (lo, hi), float("inf")
+    for step in range(20):
+        factor = 1.0 - step * 0.04
+        candidate = (lo * factor, hi * factor)
+        error = float(((affine_uint8(sample, *candidate) - sample) ** 2).mean())
+        if error < best_error:
+            best, best_error = candidate, error
+    return best

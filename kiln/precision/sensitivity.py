@@ -1,0 +1,167 @@
+"""Per-layer sensitivity and the greedy lowering that spends an accuracy budget.
+
+1. Calibrate: run the fp32 graph on the calibration samples once, observing each weighted
+   layer's input range and keeping the fp32 outputs as the reference.
+2. Measure: for each layer and each candidate scheme, simulate only that layer lowered
+   (schemes.py) and record the relative L2 error of the outputs on the first sample.
+3. Spend: for a candidate scheme, sort the layers by their error and lower the longest prefix
+   of that order whose combined simulation stays inside the budget (a binary search over the
+   prefix length: errors grow with the prefix). Layers past the prefix stay at fp32, with the
+   figure that kept them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+from torch.fx import GraphModule, Interpreter
+
+from kiln.budget import Budget
+from kiln.precision.plan import LayerPlan, Scheme
+from kiln.precision.schemes import Observer, fake_input, fake_output, fake_weight
+from kiln.verify import output_error
+
+Samples = Sequence[tuple[torch.Tensor, ...]]
+MetricDrop = Callable[[dict[str, LayerPlan]], float]  # layers lowered -> metric lost vs fp32
+
+
+class _Simulator(Interpreter):
+    """Runs the graph with the given layers computed in their schemes (fake-quantised)."""
+
+    def __init__(self, gm: GraphModule, layers: dict[str, LayerPlan], weights: dict):
+        super().__init__(gm)
+        self.layers = layers
+        self.weights = weights  # (node, scheme) -> rounded weight, shared across runs
+
+    def run_node(self, n):
+        plan = self.layers.get(n.name)
+        if plan is None or plan.scheme == Scheme.FP32:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        key = (n.name, plan.scheme, plan.group_size)
+        if key not in self.weights:
+            self.weights[key] = fake_weight(args[1], plan.scheme, plan.group_size or 128)
+        x = fake_input(args[0], plan.scheme, plan.input_range)
+        return fake_output(n.target(x, self.weights[key], *args[2:], **kwargs), plan.scheme)
+
+
+class _Recorder(Interpreter):
+    def __init__(self, gm: GraphModule, observers: dict[str, Observer]):
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n):
+        if n.name in self.observers:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.observers[n.name].update(args[0])
+        return super().run_node(n)
+
+
+@dataclass
+class Measurement:
+    """What one simulated configuration costs: the worst output over all samples."""
+
+    cosine: float
+    rel_error: float
+    metric_drop: float | None = None
+
+    def text(self) -> str:
+        extra = f", metric drop {self.metric_drop:.3g}" if self.metric_drop is not None else ""
+        return f"cosine {self.cosine:.6f}, rel. error {self.rel_error:.3g}{extra}"
+
+
+class Analysis:
+    """Sensitivity analysis of one graph on a fixed set of samples."""
+
+    def __init__(self, gm: GraphModule, layers: list[LayerPlan], calibration: Samples, samples: Samples, observer: str,
+                 metric_drop: MetricDrop | None = None):
+        """`calibration` feeds the range observers; `samples` are what configurations are measured on."""
+        self.gm, self.samples, self.metric_drop = gm, list(samples), metric_drop
+        self.weights: dict = {}
+        observers = {layer.node: Observer(observer) for layer in layers}
+        with torch.no_grad():
+            for sample in calibration:
+                _Recorder(gm, observers).run(*sample)
+            first = Interpreter(gm, garbage_collect_values=False)  # keeps every value of the first sample, for solo runs
+            self.references = [self._run(first if i == 0 else Interpreter(gm), s) for i, s in enumerate(self.samples)]
+            self.first_env = dict(first.env) if self.samples else {}
+        self.ranges = {name: obs.range() for name, obs in observers.items()}
+        self.layers = {layer.node: layer for layer in layers}
+
+    @staticmethod
+    def _run(interpreter: Interpreter, sample) -> list[torch.Tensor]:
+        out = interpreter.run(*sample)
+        return [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+
+    def lowered(self, layer: LayerPlan, scheme: str, group_size: int) -> LayerPlan:
+        return replace(layer, scheme=scheme, input_range=self.ranges.get(layer.node) if scheme == Scheme.INT8_STATIC else None,
+                       group_size=group_size if scheme == Scheme.INT4_WEIGHT else None)
+
+    def measure(self, config: dict[str, LayerPlan], with_metric: bool = True, samples: int | None = None) -> Measurement:
+        """The worst output error of `config` over the first `samples` samples (all by default)."""
+        cosine, rel = 1.0, 0.0
+        with torch.no_grad():
+            for sample, want in list(zip(self.samples, self.references))[:samples]:
+                for got, ref in zip(self._run(_Simulator(self.gm, config, self.weights), sample), want):
+                    if ref.is_floating_point():
+                        c, r = output_error(got, ref)
+                        cosine, rel = min(cosine, c), max(rel, r)
+        drop = self.metric_drop(config) if with_metric and self.metric_drop is not None else None
+        return Measurement(cosine, rel, drop)
+
+    def solo_error(self, plan: LayerPlan) -> float:
+        """One layer lowered alone, on the first sample: it ranks layers; the combined
+        configurations the budget decides on run on every sample. Only the layer and what
+        depends on it run again; every other value comes from the fp32 reference run."""
+        if not self.samples:
+            return 0.0
+        node = next(n for n in self.gm.graph.nodes if n.name == plan.node)
+        stale, frontier = set(), [node]
+        while frontier:
+            current = frontier.pop()
+            if current not in stale:
+                stale.add(current)
+                frontier.extend(current.users)
+        kept = {n: v for n, v in self.first_env.items() if n not in stale}
+        with torch.no_grad():
+            out = _Simulator(self.gm, {plan.node: plan}, self.weights).run(*self.samples[0], initial_env=kept)
+        got = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        errors = [output_error(g, r)[1] for g, r in zip(got, self.references[0]) if r.is_floating_point()]
+        return max(errors, default=0.0)
+
+    def spend(self, budget: Budget, scheme: str, eligible: list[str], group_size: int) -> tuple[dict[str, LayerPlan], Measurement]:
+        """Lower the least sensitive of `eligible` to `scheme` while `budget` allows; returns every
+        layer's plan (lowered or not, each with its solo error and reason) and the measurement."""
+        trials = []
+        for name in eligible:
+            plan = self.lowered(self.layers[name], scheme, group_size)
+            trials.append((self.solo_error(plan), plan))
+        trials.sort(key=lambda t: t[0])
+        count = self._longest_prefix(trials, budget)
+        result = {name: layer for name, layer in self.layers.items()}
+        for index, (error, plan) in enumerate(trials):
+            if index < count:
+                result[plan.node] = replace(plan, error=error, reason=f"{scheme} keeps the budget; "
+                                                                      f"sensitivity rank {index + 1} of {len(trials)}")
+            else:
+                result[plan.node] = replace(self.layers[plan.node], error=error,
+                                            reason=f"{scheme} would exceed the budget (sensitivity rank {index + 1} of "
+                                                   f"{len(trials)}, alone: rel. error {error:.3g})")
+        chosen = {name: plan for name, plan in result.items() if plan.scheme != Scheme.FP32}
+        final = self.measure(chosen) if chosen else Measurement(1.0, 0.0)
+        return result, final
+
+    def _longest_prefix(self, trials: list, budget: Budget) -> int:
+        def fits(count: int) -> bool:
+            m = self.measure({plan.node: plan for _, plan in trials[:count]})
+            return budget.allows(m.cosine, m.rel_error, m.metric_drop)
+
+        if not trials or fits(len(trials)):
+            return len(trials)
+        lo, hi = 0, len(trials)  # invariant: prefix lo fits (none lowered fits), prefix hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo

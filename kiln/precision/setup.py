@@ -1,0 +1,117 @@
+"""What optimize() does around precision: read calibration data into the compiled input
+layout, wrap the budget's metric, and write the plan and its measured cost into the report."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.errors import InputMismatch, OptionsError
+from kiln.frontend.capture import Captured
+from kiln.frontend.input_spec import check_call, normalize_call
+from kiln.options import CompileOptions
+from kiln.precision.capability import check_requested  # noqa: F401  (api's entry point)
+from kiln.precision.plan import LayerPlan, PrecisionPlan
+from kiln.report import Report
+from kiln.types import Precision
+
+UNPROVEN = ("layers were lowered without calibration data: their accuracy was measured on the example inputs and "
+            "random draws only, so it is unproven on real inputs; pass calibration=[...] with real samples")
+COST = "; measured cost"
+
+
+class UnprovenAccuracyWarning(UserWarning):
+    """Layers were lowered without calibration data: accuracy rests on the example inputs."""
+
+
+def flat_calibration(captured: Captured, opts: CompileOptions) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Each calibration sample checked against the compiled input spec, as flat tensors."""
+    flat = []
+    for index, sample in enumerate(opts.calibration or ()):
+        try:
+            args, kwargs = normalize_call(sample, None)
+            flat.append(tuple(check_call(captured.input_spec, args, kwargs)))
+        except Exception as exc:  # CaptureError/InputMismatch say what; the index says which sample
+            what = getattr(exc, "what", str(exc))
+            raise OptionsError(f"calibration sample {index} does not match the example inputs: {what}",
+                               where=f"options.calibration[{index}]",
+                               fix="give samples shaped like example_inputs (declare varying sizes with dynamic=...); "
+                                   "a loader yielding (inputs, labels) needs a wrapper yielding inputs only") from None
+    return tuple(flat)
+
+
+def metric_score(captured: Captured, opts: CompileOptions):
+    """score(flat_fn) -> the budget's metric over its dataset, with flat_fn called like the model."""
+    budget = opts.accuracy_budget
+    if budget.metric is None:
+        return None
+    treespec = pytree.treespec_loads(captured.output_structure)
+    nones = set(captured.output_none_positions)
+
+    def score(flat_fn) -> float:
+        def predict(*args, **kwargs):
+            tensors = check_call(captured.input_spec, args, kwargs)
+            with torch.no_grad():
+                outs = iter(flat_fn(*tensors))
+            leaves = [None if i in nones else next(outs) for i in range(treespec.num_leaves)]
+            return pytree.tree_unflatten(leaves, treespec)
+        try:
+            return float(budget.metric(predict, budget.dataset))
+        except InputMismatch as exc:
+            raise OptionsError(f"the budget's dataset does not match the example inputs: {exc.what}",
+                               where="accuracy_budget.dataset", fix="give dataset items shaped like example_inputs") from None
+    return score
+
+
+def record_plan(plan, opts: CompileOptions, report: Report, calibrated: bool) -> None:
+    """The per-layer table, what was requested and chosen, and the calibration warning."""
+    layers = [layer for partition in plan.partitions for layer in partition.graph.precision.layers]
+    report.precision = [layer.to_dict() for layer in layers]
+    lowered = [layer for layer in layers if layer.precision is not Precision.FP32]
+    requested = opts.precision.value
+    schemes = sorted({layer.scheme for layer in lowered})
+    if lowered:
+        report.precision_summary = (f"precision={requested}: {', '.join(schemes)} for {len(lowered)} of {len(layers)} layers "
+                                    f"within the budget ({opts.accuracy_budget.describe()}); the rest fp32")
+    else:
+        report.precision_summary = f"precision={requested}: every layer fp32" + (f" ({len(layers)} weighted layers)" if layers else "")
+    if not opts.auto and opts.precision is not Precision.FP32 and len(lowered) < len(layers):
+        report.notes.append(f"precision={requested} was requested; {len(layers) - len(lowered)} of {len(layers)} layers stay fp32 "
+                            "(see the precision table for each reason)")
+    if lowered and not calibrated:
+        report.notes.append(UNPROVEN)
+        warnings.warn(UNPROVEN, UnprovenAccuracyWarning, stacklevel=3)
+
+
+def warn_again(report: Report) -> None:
+    """A cached build lowered without calibration data is as unproven as when it was built."""
+    if UNPROVEN in report.notes:
+        warnings.warn(UNPROVEN, UnprovenAccuracyWarning, stacklevel=3)
+
+
+def record_cost(checks, compiled, captured: Captured, opts: CompileOptions, report: Report) -> None:
+    """What the lowered layers cost in accuracy, measured on the built model; the metric too."""
+    report.precision_summary = report.precision_summary.split(COST)[0]  # a cache hit measures again
+    if checks:
+        worst_cos = min(c.cosine for c in checks)
+        worst_rel = max(c.rel_error for c in checks)
+        report.precision_summary += f"{COST}: worst cosine {worst_cos:.6f}, worst rel. error {worst_rel:.3g}"
+    budget = opts.accuracy_budget
+    if budget.metric is None:
+        return
+    score = metric_score(captured, opts)
+    eager = score(lambda *flat: tuple(captured.gm(*flat)))
+    built = score(lambda *flat: tuple(compiled.run_flat(flat)))
+    report.precision_summary += f"; {getattr(budget.metric, '__name__', 'metric')} {built:.4g} (eager {eager:.4g})"
+    if eager - built > budget.max_metric_drop:
+        from kiln.errors import VerificationError
+
+        raise VerificationError(f"the compiled model's metric dropped by {eager - built:.4g} ({eager:.4g} -> {built:.4g}), "
+                                f"more than the budget's {budget.max_metric_drop:g}",
+                                where=f"model {report.model}", fix="loosen max_metric_drop, or use precision='fp32'")
+
+
+def lowest_precision(report: Report) -> Precision:
+    return PrecisionPlan([LayerPlan.from_dict(row) for row in report.precision]).lowest()

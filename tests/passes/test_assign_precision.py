@@ -1,0 +1,192 @@
+"""assign_precision alone: decisions and their reasons, without compiling anything."""
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.budget import Budget
+from kiln.hardware_profiles import load
+from kiln.options import CompileOptions
+from kiln.passes.assign_precision import assign_precision
+from kiln.passes.context import PassContext
+from kiln.precision.plan import LAYER_META, Scheme
+from kiln.types import Precision
+
+
+class Head(nn.Module):
+    """conv -> pool -> linear -> relu -> layer_norm -> linear -> softmax: every kind of node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3)
+        self.fc1 = nn.Linear(32, 64)
+        self.norm = nn.LayerNorm(64)
+        self.fc2 = nn.Linear(64, 32)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return torch.softmax(self.fc2(self.norm(torch.relu(self.fc1(y)))), -1)
+
+
+def _run(run_pass, model=None, profile="cpu-x86", calibrate=False, **options):
+    torch.manual_seed(0)
+    model = (model or Head()).eval()
+    run = run_pass(model, (torch.randn(2, 3, 8, 8),))
+    samples = tuple((torch.randn(2, 3, 8, 8),) for _ in range(6)) if calibrate else ()
+    opts = CompileOptions(calibration=[s[0] for s in samples] or None, **options)
+    run.ctx = PassContext(load(profile), opts, run.captured.input_spec, run.inputs, samples)
+    result = run.apply(assign_precision)
+    return run, result
+
+
+def _plans(run):
+    return {n.name: n.meta[LAYER_META] for n in run.gm.graph.nodes if LAYER_META in n.meta}
+
+
+def test_every_op_node_gets_a_decision_with_a_reason_and_the_graph_is_unchanged(run_pass):
+    run, result = _run(run_pass, precision="bf16")
+    assert not result.changed
+    for node in run.gm.graph.nodes:
+        if node.op == "call_function":
+            assert node.meta["kiln"].reasons and node.meta["kiln"].reasons[0]
+    run.assert_same_numerics()
+
+
+def test_fragile_ops_stay_fp32_by_rule(run_pass):
+    run, _ = _run(run_pass, precision="bf16")
+    decisions = {str(n.target): n.meta["kiln"] for n in run.gm.graph.nodes if n.op == "call_function"}
+    for op in ("aten.softmax.int", "aten.layer_norm.default", "aten.mean.dim"):
+        assert decisions[op].precision is Precision.FP32
+        assert "fp32 by rule" in decisions[op].reasons[0]
+
+
+def test_explicit_bf16_lowers_every_layer_and_records_each_error(run_pass):
+    run, result = _run(run_pass, precision="bf16")
+    plans = _plans(run)
+    assert set(plans) == {"conv2d", "linear", "linear_1"}
+    assert all(p.scheme == Scheme.BF16 and 0 < p.error < 1e-2 for p in plans.values())
+    assert result.counts == {"lowered": 3, "layers": 3}
+    assert plans["linear"].weight.endswith("fc1.weight")
+
+
+def test_auto_without_calibration_never_picks_an_integer_type(run_pass):
+    run, _ = _run(run_pass)  # default: precision="auto", Budget()
+    schemes = {p.scheme for p in _plans(run).values()}
+    assert schemes <= {Scheme.FP32, Scheme.BF16}
+    assert Scheme.BF16 in schemes  # cpu-x86 runs bf16 (AVX512_BF16) through Inductor
+
+
+def test_auto_with_only_onnxruntime_and_no_calibration_keeps_fp32(run_pass):
+    # ONNX Runtime has no fast bf16 on CPU, and integer types need calibration data
+    run, result = _run(run_pass, backend="onnxruntime")
+    assert all(p.scheme == Scheme.FP32 for p in _plans(run).values())
+    assert result.counts["lowered"] == 0
+
+
+def test_auto_with_calibration_picks_static_int8_with_calibrated_ranges(run_pass):
+    run, _ = _run(run_pass, calibrate=True, backend="onnxruntime")
+    plans = _plans(run)
+    assert plans["linear"].scheme == plans["linear_1"].scheme == Scheme.INT8_STATIC
+    assert plans["conv2d"].scheme == Scheme.FP32 and "too small" in plans["conv2d"].reason  # 864 weights
+    lo, hi = plans["linear_1"].input_range
+    assert lo <= 0 <= hi and hi > 0  # the input of fc2 is a layer-normed activation
+
+
+def test_auto_leaves_tiny_layers_at_fp32(run_pass):
+    run, _ = _run(run_pass, model=nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), calibrate=True)
+    (plan,) = _plans(run).values()
+    assert plan.scheme == Scheme.FP32 and "too small" in plan.reason
+
+
+class Outlier(nn.Module):
+    """The middle layer's input has one huge feature that its weights ignore: a per-tensor int8
+    scale sized for that feature rounds every other input to zero, so that layer is far more
+    sensitive than its neighbours."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(48, 64), nn.Linear(64, 64), nn.Linear(64, 48)
+        with torch.no_grad():
+            self.a.bias[0] = 1000.0
+            self.b.weight[:, 0] = 0.0
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x.flatten(1)[:, :48])))))
+
+
+def test_the_most_sensitive_layer_stays_fp32_when_the_budget_cannot_afford_it(run_pass):
+    run, result = _run(run_pass, model=Outlier(), precision="int8")
+    plans = _plans(run)
+    assert plans["linear_1"].scheme == Scheme.FP32
+    assert "exceed the budget" in plans["linear_1"].reason
+    assert plans["linear"].scheme == Scheme.INT8_DYNAMIC  # no calibration: activations quantised per call
+    assert plans["linear_1"].error > plans["linear"].error
+    assert any(s.node == "linear_1" for s in result.skipped)
+
+
+def test_a_looser_budget_lowers_more_layers(run_pass):
+    tight, _ = _run(run_pass, model=Outlier(), precision="int8")
+    loose, _ = _run(run_pass, model=Outlier(), precision="int8", accuracy_budget=Budget(min_cosine=0.0))
+    count = lambda run: sum(p.scheme != Scheme.FP32 for p in _plans(run).values())  # noqa: E731
+    assert count(loose) > count(tight)
+
+
+def test_a_sensitive_final_layer_stays_fp32(run_pass):
+    model = Outlier()
+    with torch.no_grad():  # move the outlier to the input of the last layer
+        model.a.bias[0], model.b.weight[:, 0] = 0.0, 0.1
+        model.b.bias[0], model.c.weight[:, 0] = 1000.0, 0.0
+    run, _ = _run(run_pass, model=model, precision="int8")
+    final = _plans(run)["linear_2"]
+    assert final.scheme == Scheme.FP32 and "final layer, sensitive" in final.reason
+
+
+def test_int4_weight_only_takes_linear_layers_only(run_pass):
+    run, _ = _run(run_pass, precision="int4-weight", int4_group_size=32, accuracy_budget=Budget(min_cosine=0.99))
+    plans = _plans(run)
+    assert plans["conv2d"].scheme == Scheme.FP32 and "linear layers only" in plans["conv2d"].reason
+    assert plans["linear"].scheme == Scheme.INT4_WEIGHT and plans["linear"].group_size == 32
+
+
+def test_the_default_budget_keeps_layers_whose_fp8_error_it_cannot_afford(run_pass):
+    run, _ = _run(run_pass, profile="h100", precision="fp8")
+    plans = _plans(run)
+    assert all(p.scheme == Scheme.FP32 for p in plans.values())
+    assert all(p.error > 1e-2 / 2 for p in plans.values())  # each figure that kept it there is recorded
+
+
+def test_fp8_is_assigned_on_h100(run_pass):
+    run, _ = _run(run_pass, profile="h100", precision="fp8", accuracy_budget=Budget(min_cosine=0.99))
+    assert {p.scheme for p in _plans(run).values()} == {Scheme.FP8}
+
+
+def test_explicit_fp32_lowers_nothing(run_pass):
+    run, result = _run(run_pass, precision="fp32")
+    assert all(p.scheme == Scheme.FP32 and "fp32" in p.reason for p in _plans(run).values())
+    assert result.counts["lowered"] == 0
+
+
+class FakeQuantized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(48, 48)
+
+    def forward(self, x):
+        x = torch.fake_quantize_per_tensor_affine(x.flatten(1)[:, :48], 0.05, 0, -128, 127)
+        return self.fc(x)
+
+
+def test_a_model_with_fake_quant_nodes_is_honoured_not_requantised(run_pass):
+    run, result = _run(run_pass, model=FakeQuantized(), precision="int8", calibrate=True)
+    assert all(p.scheme == Scheme.FP32 for p in _plans(run).values())
+    assert result.counts["lowered"] == 0
+    assert "already carries" in result.skipped[0].reason
+    assert "kept as is" in next(n for n in run.gm.graph.nodes if n.name == "linear").meta["kiln"].reasons[0]
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_each_observer_gives_a_range_holding_zero(run_pass, observer):
+    run, _ = _run(run_pass, calibrate=True, precision="int8", calibration_observer=observer,
+                  accuracy_budget=Budget(min_cosine=0.99))
+    lo, hi = _plans(run)["linear"].input_range
+    assert lo <= 0 <= hi and hi - lo > 0

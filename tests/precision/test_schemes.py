@@ -1,0 +1,78 @@
+"""The simulated schemes round like the kernels they stand for; observers bound ranges."""
+
+import torch
+
+from kiln.precision.capability import auto_candidates, openvino_hint
+from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+from kiln.precision.schemes import Observer, affine_uint8, fake_input, fake_weight, groupwise_int4, per_channel_int8
+from kiln.hardware_profiles import load
+from kiln.types import Precision
+
+
+def test_per_channel_int8_error_is_at_most_half_a_step_of_each_row():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 32) * torch.linspace(0.01, 10, 16).unsqueeze(1)  # rows of very different scale
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((per_channel_int8(weight) - weight).abs() <= step / 2 + 1e-7).all())
+
+
+def test_groupwise_int4_keeps_values_on_its_grid_and_pads_a_partial_group():
+    grid = torch.arange(16, dtype=torch.float32).repeat(3, 2)[:, :40]  # 40 columns: one full group of 32 and a partial one
+    torch.testing.assert_close(groupwise_int4(grid, 32), grid)
+    noisy = grid + torch.rand_like(grid) * 0.3
+    assert float((groupwise_int4(noisy, 32) - noisy).abs().max()) <= (15.3 / 15) / 2 + 1e-5
+
+
+def test_affine_uint8_clips_outside_the_calibrated_range_and_keeps_zero_exact():
+    x = torch.tensor([-2.0, 0.0, 0.5, 1.0, 5.0])
+    q = affine_uint8(x, -1.0, 1.0)
+    assert float(q[1]) == 0.0
+    assert abs(float(q[0]) + 1.0) < 1e-2 and abs(float(q[4]) - 1.0) < 1e-2
+
+
+def test_bf16_and_fp16_round_to_their_significant_bits():
+    x = torch.tensor([1.0 + 2**-10, 3.0])
+    assert float(fake_input(x, Scheme.BF16)[0]) == 1.0  # 8 significant bits lose 2^-10
+    assert float(fake_input(x, Scheme.FP16)[0]) == 1.0 + 2**-10  # 11 keep it
+
+
+def test_fp8_scales_per_tensor_so_large_weights_survive():
+    weight = torch.tensor([[1000.0, -500.0, 3.0]])
+    rounded = fake_weight(weight, Scheme.FP8)
+    assert torch.allclose(rounded, weight, rtol=0.07)
+
+
+def test_observers_narrow_the_range_around_an_outlier():
+    torch.manual_seed(0)
+    data = torch.cat([torch.randn(100_000), torch.tensor([80.0])])
+    ranges = {}
+    for kind in ("minmax", "percentile", "mse"):
+        observer = Observer(kind)
+        for chunk in data.split(20_000):
+            observer.update(chunk)
+        ranges[kind] = observer.range()
+    assert ranges["minmax"][1] == 80.0
+    assert ranges["percentile"][1] < 10 and ranges["mse"][1] < 80.0
+    assert all(lo <= 0 <= hi for lo, hi in ranges.values())
+
+
+def test_auto_candidates_follow_the_profile_and_need_calibration_for_integers():
+    cpu = load("cpu-x86").primary
+    assert auto_candidates(cpu, cpu.backends, calibrated=False) == [Precision.BF16]
+    assert auto_candidates(cpu, cpu.backends, calibrated=True) == [Precision.INT8, Precision.BF16]
+    assert auto_candidates(cpu, ("onnxruntime",), calibrated=False) == []
+    h100 = load("h100").primary
+    assert Precision.FP8 in auto_candidates(h100, h100.backends, calibrated=False)
+
+
+def test_openvino_hint_names_float_precisions_only():
+    assert [openvino_hint(p) for p in (Precision.FP32, Precision.BF16, Precision.FP16)] == ["f32", "bf16", "f16"]
+    assert openvino_hint(Precision.INT8) is None
+
+
+def test_a_plan_round_trips_through_json_and_names_its_lowest_precision():
+    plan = PrecisionPlan([LayerPlan("linear", "linear", "fc.weight", Scheme.INT8_STATIC, 1e-3, "why", (-1.0, 2.0)),
+                          LayerPlan("conv2d", "conv", "conv.weight")])
+    again = PrecisionPlan.from_dict(plan.to_dict())
+    assert again.layers == plan.layers and again.lowest() is Precision.INT8
+    assert [layer.node for layer in again.lowered] == ["linear"]

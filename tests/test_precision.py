@@ -1,0 +1,214 @@
+"""Precision end to end: options, refusals, each scheme's numerics against eager at its own
+tolerance, the budget on held-out inputs, the report's per-layer table, cache and artifacts."""
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.backends import onnxruntime as ort_backend
+from kiln.cache import cache_key
+from kiln.frontend.capture import capture
+from kiln.options import CompileOptions
+from kiln.precision.setup import UnprovenAccuracyWarning
+from kiln.types import Precision
+from kiln.verify import TOLERANCE, output_error
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3)
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 32)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        y = self.fc2(torch.relu(self.fc1(y))).unsqueeze(1)  # a 3-d linear exports as MatMul + Add
+        return self.out(y)
+
+
+def draw(seed: int) -> torch.Tensor:
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net().eval(), draw(0)
+
+
+CALIBRATION = [draw(100 + k) for k in range(8)]
+
+
+def _rows(compiled):
+    return {row["node"]: row for row in compiled.report.precision}
+
+
+@pytest.mark.parametrize("precision, calibration, scheme, budget", [
+    ("int8", CALIBRATION, "int8-static", kiln.Budget()),
+    ("int8", None, "int8-dynamic", kiln.Budget()),
+    ("int4-weight", None, "int4-weight", kiln.Budget(min_cosine=0.999)),  # 4 bits cost more than the default allows
+])
+def test_each_onnxruntime_scheme_matches_eager_at_its_own_tolerance(net, precision, calibration, scheme, budget):
+    model, x = net
+    with pytest.warns(UnprovenAccuracyWarning) if calibration is None else _no_warning():
+        compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision=precision, calibration=calibration,
+                                 int4_group_size=32, accuracy_budget=budget)
+    assert scheme in {row["scheme"] for row in _rows(compiled).values()}
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    assert detail.startswith("ORT runs ") and f"; {scheme}: " in detail, detail
+    tol = TOLERANCE[Precision.parse(precision)]
+    for seed in (0, 7, 8):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(draw(seed)), model(draw(seed)), rtol=tol.rtol, atol=tol.atol)
+    got, want = compiled(draw(9)), model(draw(9))
+    assert float((got - want).abs().max()) > 1e-6  # it really runs lowered, not fp32
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+        warnings.simplefilter("error", UnprovenAccuracyWarning)
+
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)
+
+
+def test_static_int8_keeps_the_budget_on_held_out_inputs(net):
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)
+    budget = kiln.Budget()
+    for seed in range(200, 205):  # never seen by calibration or verification
+        with torch.no_grad():
+            cosine, rel = output_error(compiled(draw(seed)), model(draw(seed)))
+        assert budget.allows(cosine, rel), (seed, cosine, rel)
+
+
+def test_auto_without_calibration_assigns_no_integer_type_and_onnxruntime_stays_fp32(net):
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime")  # precision="auto" by default
+    assert {row["scheme"] for row in compiled.report.precision} == {"fp32"}
+    assert "precision=auto: every layer fp32" in compiled.report.precision_summary
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_with_calibration_picks_int8_and_reports_what_it_cost(net):
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", calibration=iter(CALIBRATION))
+    summary = compiled.report.precision_summary
+    assert "int8-static" in summary and "measured cost: worst cosine" in summary
+    text = compiled.report.render()
+    assert "Precision" in text and "error alone" in text
+    for name in ("conv2d", "linear", "linear_1", "linear_2"):
+        assert name in _rows(compiled) and name in text
+
+
+def test_fp8_on_cpu_x86_is_refused_naming_the_device_and_what_it_runs(net):
+    with pytest.raises(kiln.OptionsError) as info:
+        kiln.optimize(net[0], "cpu-x86", net[1], precision="fp8")
+    message = str(info.value)
+    assert "does not run fp8" in message and "cpu" in message
+    assert "bf16, fp32, int8" in message and "peak_tflops" in message
+
+
+def test_bf16_is_refused_when_only_onnxruntime_may_build(net):
+    with pytest.raises(kiln.OptionsError, match="backend='inductor'"):
+        kiln.optimize(net[0], "cpu-x86", net[1], precision="bf16", backend="onnxruntime")
+
+
+def test_an_unknown_precision_lists_the_known_ones():
+    with pytest.raises(kiln.OptionsError, match="int4-weight.*auto"):
+        CompileOptions(precision="int3")
+
+
+def test_a_lowered_model_over_its_budget_is_a_verification_error(net, monkeypatch):
+    real_call = ort_backend.OnnxRuntimeEngine.__call__
+    monkeypatch.setattr(ort_backend.OnnxRuntimeEngine, "__call__", lambda self, *x: tuple(o * 1.05 for o in real_call(self, *x)))
+    with pytest.raises(kiln.VerificationError) as info:
+        kiln.optimize(net[0], "cpu-x86", net[1], backend="onnxruntime", precision="int8", calibration=CALIBRATION)
+    assert "budget: cosine >= 0.9999 and relative L2 error <= 0.01" in str(info.value)
+
+
+def test_calibration_must_be_an_iterable_of_inputs_like_the_examples(net):
+    with pytest.raises(kiln.OptionsError, match="single tensor"):
+        CompileOptions(calibration=torch.randn(4, 3, 8, 8))
+    with pytest.raises(kiln.OptionsError) as info:
+        kiln.optimize(net[0], "cpu-x86", net[1], backend="onnxruntime", calibration=[draw(1), torch.randn(2, 3, 8, 8)])
+    assert "calibration[1]" in str(info.value)
+
+
+def test_calibration_is_read_once_and_bounded():
+    consumed = []
+
+    def samples():
+        for k in range(100):
+            consumed.append(k)
+            yield draw(k)
+
+    opts = CompileOptions(calibration=samples(), calibration_limit=5)
+    assert len(opts.calibration) == 5 and len(consumed) == 5
+    assert CompileOptions.build(opts, seed=1).calibration == opts.calibration
+
+
+def test_the_cache_key_includes_precision_budget_and_calibration_content(net):
+    captured = capture(net[0], (net[1],))
+
+    def key(**options):
+        return cache_key(captured.gm, captured.input_spec.to_dict(), captured.output_structure, "p",
+                         CompileOptions(**options).cache_fields())
+
+    base = key()
+    assert key(precision="int8") != base
+    assert key(accuracy_budget=kiln.Budget(min_cosine=0.99)) != base
+    assert key(calibration=[draw(1)]) != key(calibration=[draw(2)])
+    assert key(calibration=[draw(1)]) == key(calibration=[draw(1).clone()])
+
+
+def _agreement(predict, dataset):
+    """Top-1 agreement with the labels stored beside each input."""
+    hits = [float((predict(x).argmax(-1) == label).float().mean()) for x, label in dataset]
+    return sum(hits) / len(hits)
+
+
+def test_a_metric_budget_is_checked_on_its_dataset_and_bypasses_the_cache(net):
+    model, x = net
+    with torch.no_grad():
+        dataset = [(draw(300 + k), model(draw(300 + k)).argmax(-1)) for k in range(4)]
+
+    def metric(predict, data):
+        return _agreement(lambda inputs: predict(inputs), data)
+
+    budget = kiln.Budget(metric=metric, dataset=dataset, max_metric_drop=0.05)
+    with pytest.raises(kiln.OptionsError, match="dataset"):
+        kiln.Budget(metric=metric)
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION,
+                             accuracy_budget=budget)
+    assert "metric" in compiled.report.precision_summary and "(eager 1)" in compiled.report.precision_summary
+    assert any("compile cache was bypassed" in note for note in compiled.report.notes)
+
+
+def test_the_precision_table_and_outputs_survive_save_and_load(net, tmp_path):
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)
+    loaded = kiln.load(compiled.save(tmp_path / "int8.kiln"))
+    assert loaded.report.precision == compiled.report.precision
+    torch.testing.assert_close(loaded(x), compiled(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, calibration", [("bf16", None), ("int8", CALIBRATION)])
+def test_inductor_lowers_bf16_and_int8_within_their_tolerance(net, precision, calibration):
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision=precision, calibration=calibration)
+    assert compiled.backends == {"p0": "inductor"}
+    schemes = {row["scheme"] for row in compiled.report.precision}
+    assert schemes - {"fp32"} == {"bf16" if precision == "bf16" else "int8-static"}
+    tol = TOLERANCE[Precision.parse(precision)]
+    for seed in (0, 7):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(draw(seed)), model(draw(seed)), rtol=tol.rtol, atol=tol.atol)
