@@ -57,7 +57,7 @@ def build(model, inputs, backend: str, fusion: bool) -> dict:
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend, fusion=fusion, cache=False,
+        compiled = kiln.optimize(model, "cpu-x86", inputs, backend=backend, fusion=fusion, precision="fp32", cache=False,
                                  isolate=False)
     seconds = time.perf_counter() - start
     report = compiled.report

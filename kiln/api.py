@@ -344,7 +344,7 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     anything: devices this machine lacks are judged by their backends' capability tables.
 
     precision: plan as if every op ran at this precision (as a precision pass would decide),
-    e.g. "fp16" for an NPU without fp32; kiln builds fp32 only so far, so this is for planning."""
+    e.g. "fp16" for an NPU without fp32, in place of assign_precision's measured choice."""
     opts = CompileOptions.build(options, **option_overrides)
     prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
     captured = capture(model, example_inputs, example_kwargs, dynamic)
