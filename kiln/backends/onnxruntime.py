@@ -21,7 +21,7 @@ import re
 import warnings
 import shutil
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 from torch.fx import Node
@@ -34,6 +34,34 @@ from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DeviceKind, Precision
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@dataclasses.dataclass(frozen=True)
+class NpuProvider:
+    """The ONNX Runtime execution provider that drives one family of NPUs."""
+
+    keyword: str  # matched, lower case, against the profile device's `model`
+    provider: str
+    options: Mapping[str, object]
+    install: str
+
+
+# NPU families ONNX Runtime reaches through an execution provider; the first keyword found in a
+# device's model name picks the row. Nodes the provider cannot take run on ORT's CPU provider.
+NPU_PROVIDERS: tuple[NpuProvider, ...] = (
+    NpuProvider("intel", "OpenVINOExecutionProvider", {"device_type": "NPU"}, "pip install onnxruntime-openvino"),
+    NpuProvider("ascend", "CANNExecutionProvider", {}, "install an onnxruntime build with the CANN execution provider"),
+    NpuProvider("qualcomm", "QNNExecutionProvider", {"backend_path": "libQnnHtp.so"}, "pip install onnxruntime-qnn"),
+    NpuProvider("hexagon", "QNNExecutionProvider", {"backend_path": "libQnnHtp.so"}, "pip install onnxruntime-qnn"),
+    NpuProvider("deep learning accelerator", "TensorrtExecutionProvider", {"trt_dla_enable": True, "trt_dla_core": 0},
+                "install onnxruntime-gpu built with TensorRT (JetPack's onnxruntime wheel)"),
+    NpuProvider("ryzen ai", "VitisAIExecutionProvider", {}, "install AMD's Ryzen AI onnxruntime build"),
+)
+
+
+def npu_provider(device: DeviceSpec) -> NpuProvider | None:
+    model = device.model.lower()
+    return next((row for row in NPU_PROVIDERS if row.keyword in model), None)
 OPSET = 20
 
 
@@ -154,13 +182,13 @@ class OnnxRuntimeEngine:
         options.intra_op_num_threads = settings.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
-        providers = [p for p in _providers_for(settings.device) if p in ort.get_available_providers()]
+        providers = [p for p in _providers_for(settings.device) if p[0] in ort.get_available_providers()]
         if optimized_path is not None:  # the graph ORT really runs, after its own fusions
             options.optimized_model_filepath = str(optimized_path)
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              optimized_path.name + ".data")
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers or [("CPUExecutionProvider", {})])
         except Exception as exc:
             raise BackendError(f"ONNX Runtime could not load the exported model: {exc}", where=str(model_path),
                                fix="try backend='inductor', or report the model") from exc
@@ -298,14 +326,23 @@ def _device_ready(device: DeviceSpec) -> str | None:
     if device.kind is DeviceKind.GPU and not set(GPU_PROVIDERS) & set(ort.get_available_providers()):
         return f"device {device.name} is a GPU and this onnxruntime has no CUDA or TensorRT provider (pip install onnxruntime-gpu)"
     if device.kind is DeviceKind.NPU:
-        return f"device {device.name} is an NPU; kiln does not drive NPU execution providers yet"
+        row = npu_provider(device)
+        if row is None:
+            return (f"device {device.name} ({device.model}) is an NPU no ONNX Runtime execution provider in kiln's table "
+                    f"drives ({', '.join(sorted({r.provider for r in NPU_PROVIDERS}))})")
+        if row.provider not in ort.get_available_providers():
+            return (f"device {device.name} ({device.model}) needs ONNX Runtime's {row.provider}, which this onnxruntime "
+                    f"lacks ({row.install})")
     return None
 
 
-def _providers_for(device: DeviceSpec) -> list[str]:
+def _providers_for(device: DeviceSpec) -> list[tuple[str, dict]]:
+    """(provider, options) in ORT's order of preference; the CPU provider takes what the others refuse."""
     if device.kind is DeviceKind.GPU:
-        return [*GPU_PROVIDERS, "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        return [*((p, {}) for p in GPU_PROVIDERS), ("CPUExecutionProvider", {})]
+    if device.kind is DeviceKind.NPU and (row := npu_provider(device)) is not None:
+        return [(row.provider, dict(row.options)), ("CPUExecutionProvider", {})]
+    return [("CPUExecutionProvider", {})]
 
 
 class OnnxRuntimeBackend:

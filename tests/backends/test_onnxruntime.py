@@ -91,3 +91,37 @@ def test_onnxruntime_lowers_into_fused_ops_only_when_fusion_is_on(fuse, tmp_path
     assert ("Attention" in engine.summary.split(";")[0]) is fuse, engine.summary
     x = torch.randn(2, 8, 32)
     torch.testing.assert_close(engine(x)[0], graph.gm(x)[0], rtol=TOL.rtol, atol=TOL.atol)
+
+
+@pytest.mark.parametrize("profile, device, provider, hint", [
+    ("intel-npu", "npu", "OpenVINOExecutionProvider", "onnxruntime-openvino"),
+    ("ascend-910", "npu", "CANNExecutionProvider", "CANN"),
+    ("jetson-orin", "dla", "TensorrtExecutionProvider", "TensorRT"),
+])
+def test_onnxruntime_names_the_execution_provider_an_npu_needs_and_how_to_get_it(profile, device, provider, hint):
+    import onnxruntime as ort
+
+    if provider in ort.get_available_providers():
+        pytest.skip(f"{provider} is installed here")
+    support = backend.supports(_node(aten.relu.default), load(profile).devices[device])
+    assert not support.ok and provider in support.reason and hint in support.reason
+
+
+def test_onnxruntime_runs_an_npu_through_its_provider_with_the_cpu_provider_behind_it(monkeypatch):
+    import onnxruntime as ort
+
+    from kiln.backends import onnxruntime as ort_backend
+
+    npu = load("intel-npu").devices["npu"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    assert backend.supports(_node(aten.relu.default), npu).ok
+    assert ort_backend._providers_for(npu) == [("OpenVINOExecutionProvider", {"device_type": "NPU"}),
+                                               ("CPUExecutionProvider", {})]
+
+
+def test_onnxruntime_refuses_an_npu_no_provider_drives_naming_the_known_ones():
+    from dataclasses import replace
+
+    npu = replace(load("intel-npu").devices["npu"], model="Acme Tensor Engine 1")
+    support = backend.supports(_node(aten.relu.default), npu)
+    assert not support.ok and "Acme Tensor Engine 1" in support.reason and "QNNExecutionProvider" in support.reason
