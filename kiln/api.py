@@ -21,7 +21,7 @@ from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine
 from kiln import cache as compile_cache
 from kiln.cache import CompileCache, cache_key
-from kiln.errors import OptionsError, VerificationError
+from kiln.errors import BackendError, BackendUnavailable, OptionsError, VerificationError
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
 from kiln.precision import setup as precision_setup
@@ -74,26 +74,45 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     with _stage("passes", timings):
         report.captured_ops = sum(n.op == "call_function" for n in captured.gm.graph.nodes)
         report.passes = pipeline.run(captured.gm, ctx)
-    plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
-                      export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
-    _record_placement(plan, report)
-    precision_setup.record_plan(plan, opts, report, bool(calibration))
     draws = _verification_inputs(captured, opts, calibration)
-    workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
     deadline = None if opts.time_budget_s is None else start + opts.time_budget_s
+
+    def build_and_verify() -> CompiledModel:
+        plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
+                          export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
+        _record_placement(plan, report)
+        precision_setup.record_plan(plan, opts, report, bool(calibration))
+        workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
+        try:
+            with _stage("compile", timings):
+                engines = _build_engines(plan, prof, opts, draws, workdir, report, deadline)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        compiled = CompiledModel(plan, engines, captured.input_spec, captured.output_structure, report,
+                                 {"name": prof.name, "digest": prof.digest}, captured.output_none_positions)
+        weakref.finalize(compiled, shutil.rmtree, workdir, True)
+        if opts.verify:
+            with _stage("verify", timings):
+                _verify_against_eager(model, compiled, captured, draws, opts, report)
+        return compiled
+
     try:
-        with _stage("compile", timings):
-            engines = _build_engines(plan, prof, opts, draws, workdir, report, deadline)
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    compiled = CompiledModel(plan, engines, captured.input_spec, captured.output_structure, report,
-                             {"name": prof.name, "digest": prof.digest}, captured.output_none_positions)
-    weakref.finalize(compiled, shutil.rmtree, workdir, True)
-    if opts.verify:
-        with _stage("verify", timings):
-            _verify_against_eager(model, compiled, captured, draws, opts, report)
-    else:
+        compiled = build_and_verify()
+    except (BackendUnavailable, BackendError, VerificationError) as exc:
+        if not (opts.auto and report.lowered):
+            raise
+        # "auto" lowers precision as an optimisation: when no backend builds the lowered plan
+        # within the budget, the model is built at fp32 rather than refused (and the report says so)
+        lowered = precision_setup.back_to_fp32(captured.gm, f"auto: the lowered plan failed ({type(exc).__name__})")
+        report.notes = [n for n in report.notes if n != precision_setup.UNPROVEN]
+        report.notes.append(f"precision=auto: no backend built the plan with {lowered} lowered layers within the budget "
+                            f"({exc.what[:300]}); built at fp32 instead")
+        report.partitions, report.placement = [], []
+        report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)  # placement at fp32
+        compiled = build_and_verify()
+        report.notes = list(dict.fromkeys(report.notes))
+    if not opts.verify:
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
     report.timings = timings
     if cache is not None and opts.verify:  # only verified builds are reused

@@ -212,3 +212,41 @@ def test_inductor_lowers_bf16_and_int8_within_their_tolerance(net, precision, ca
     for seed in (0, 7):
         with torch.no_grad():
             torch.testing.assert_close(compiled(draw(seed)), model(draw(seed)), rtol=tol.rtol, atol=tol.atol)
+
+
+def test_auto_builds_at_fp32_with_a_note_when_no_backend_builds_the_lowered_plan(net, monkeypatch):
+    from kiln import api
+    from kiln.errors import BackendUnavailable
+
+    model, x = net
+    real, lowered_calls = api._build_engines, []
+
+    def refuse_lowered(plan, *args, **kwargs):
+        lowered = any(p.graph.precision.lowered for p in plan.partitions)
+        lowered_calls.append(lowered)
+        if lowered:
+            raise BackendUnavailable("no backend could run the lowered plan")
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_build_engines", refuse_lowered)
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", calibration=CALIBRATION)
+    assert lowered_calls == [True, False]
+    assert not compiled.report.lowered
+    assert any("built at fp32 instead" in note for note in compiled.report.notes)
+    tol = TOLERANCE[Precision.FP32]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(draw(3)), model(draw(3)), rtol=tol.rtol, atol=tol.atol)
+
+
+def test_an_explicit_precision_no_backend_builds_is_an_error_not_a_silent_fp32(net, monkeypatch):
+    from kiln import api
+    from kiln.errors import BackendUnavailable
+
+    model, x = net
+
+    def refuse(plan, *args, **kwargs):
+        raise BackendUnavailable("no backend could run the lowered plan")
+
+    monkeypatch.setattr(api, "_build_engines", refuse)
+    with pytest.raises(BackendUnavailable):
+        kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)

@@ -74,6 +74,10 @@ PIPELINE: tuple[Stage, ...] = (
 )
 
 
+# Placement again, alone: after "auto" falls back to fp32 the nodes' precisions changed.
+PLACEMENT_ONLY: tuple[Stage, ...] = (Stage("placement", (place_on_devices,)),)
+
+
 def onnxruntime_may_build(ctx: PassContext) -> bool:
     """Whether ONNX Runtime is the forced backend or a candidate on any device of the profile."""
     if ctx.options.backend is not None:

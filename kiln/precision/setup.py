@@ -115,3 +115,23 @@ def record_cost(checks, compiled, captured: Captured, opts: CompileOptions, repo
 
 def lowest_precision(report: Report) -> Precision:
     return PrecisionPlan([LayerPlan.from_dict(row) for row in report.precision]).lowest()
+
+
+def back_to_fp32(gm, reason: str) -> int:
+    """Put every lowered layer of `gm` back to fp32 with `reason`; returns how many were lowered."""
+    import dataclasses
+
+    from kiln.precision.plan import LAYER_META, Scheme
+    from kiln.types import NodeDecision
+
+    count = 0
+    for node in gm.graph.nodes:
+        layer = node.meta.get(LAYER_META)
+        if layer is not None and layer.scheme != Scheme.FP32:
+            count += 1
+            node.meta[LAYER_META] = dataclasses.replace(layer, scheme=Scheme.FP32, reason=reason, input_range=None,
+                                                        group_size=None)
+        decision = node.meta.get("kiln")
+        if isinstance(decision, NodeDecision) and decision.precision is not Precision.FP32:
+            node.meta["kiln"] = dataclasses.replace(decision, precision=Precision.FP32, reasons=(reason,))
+    return count
