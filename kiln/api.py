@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from kiln import hardware_profiles
 from kiln.artifact.manifest import usable_cores
 from kiln.backends.base import BackendSettings
 from kiln.backends.isolate import build_isolated
-from kiln.backends.select import select_engine
+from kiln.backends.select import select_engine, time_interleaved
 from kiln import cache as compile_cache
 from kiln.cache import CompileCache, cache_key
 from kiln.errors import BackendError, BackendUnavailable, OptionsError, VerificationError
@@ -112,6 +113,9 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)  # placement at fp32
         compiled = build_and_verify()
         report.notes = list(dict.fromkeys(report.notes))
+    else:
+        if opts.auto and report.lowered and _mode(prof, opts) == "measure":
+            compiled = _faster_than_fp32(compiled, build_and_verify, captured, ctx, opts, report)
     if not opts.verify:
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
     report.timings = timings
@@ -120,6 +124,48 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
             if cache.put(key, compiled) is not None:
                 report.notes.append(f"stored in the compile cache as {key[:16]}")
     return compiled
+
+
+def _mode(profile: Profile, opts: CompileOptions) -> str:
+    return "prefer" if opts.backend else (opts.select or profile.select)
+
+
+_REPORT_FIELDS = ("precision", "precision_summary", "partitions", "placement", "verification", "verified_draws", "notes",
+                  "candidates")
+
+
+def _faster_than_fp32(lowered: CompiledModel, build_and_verify, captured: Captured, ctx: PassContext,
+                      opts: CompileOptions, report: Report) -> CompiledModel:
+    """When measuring, "auto" keeps a lowered plan only if it runs faster than fp32 here: the
+    profile's peak figures that chose it are estimates, and a runtime's low-precision kernels
+    can lose to its fp32 ones. Both builds are verified; they are timed interleaved."""
+    kept = {name: copy.copy(getattr(report, name)) for name in _REPORT_FIELDS}
+    lowered_layers = precision_setup.back_to_fp32(captured.gm, "auto: fp32 measured against the lowered plan")
+    report.notes = [n for n in report.notes if n != precision_setup.UNPROVEN]
+    report.partitions, report.placement = [], []
+    report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)
+    try:
+        fp32 = build_and_verify()
+    except (BackendUnavailable, BackendError, VerificationError) as exc:
+        for name, value in kept.items():
+            setattr(report, name, value)
+        report.notes.append(f"precision=auto: the fp32 comparison build failed ({exc.what[:200]}); the lowered plan is kept")
+        return lowered
+    inputs = tuple(captured.example_inputs)
+    lowered_s, fp32_s = time_interleaved([lambda *x: lowered.run_flat(x), lambda *x: fp32.run_flat(x)], inputs,
+                                         2 * opts.measure_seconds)
+    verdict = (f"precision=auto: the lowered plan ({lowered_layers} layers) ran {lowered_s * 1e3:.2f} ms, fp32 "
+               f"{fp32_s * 1e3:.2f} ms (timed interleaved here)")
+    if fp32_s <= lowered_s:
+        for candidate in report.candidates[:len(kept["candidates"])]:
+            if candidate.status == "chosen":
+                candidate.status, candidate.reason = "slower", "with the lowered precision plan: slower than fp32 here"
+        report.notes.append(f"{verdict}; fp32 kept")
+        return fp32
+    for name, value in kept.items():
+        setattr(report, name, value)
+    report.notes.append(f"{verdict}; the lowered plan kept")
+    return lowered
 
 
 def _cache(opts: CompileOptions) -> CompileCache | None:

@@ -250,3 +250,23 @@ def test_an_explicit_precision_no_backend_builds_is_an_error_not_a_silent_fp32(n
     monkeypatch.setattr(api, "_build_engines", refuse)
     with pytest.raises(BackendUnavailable):
         kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)
+
+
+def test_auto_when_measuring_keeps_a_lowered_plan_only_if_it_beats_fp32_here(net, tmp_path):
+    model, x = net
+    profile = tmp_path / "ort-measure.yaml"
+    profile.write_text("extends: cpu-x86\nname: ort-measure\nselect: measure\n"
+                       "devices:\n  cpu:\n    backends: [onnxruntime]\n")
+    compiled = kiln.optimize(model, str(profile), x, calibration=CALIBRATION, isolate=False)
+    verdict = next(n for n in compiled.report.notes if "timed interleaved" in n)
+    fp32_kept = verdict.endswith("fp32 kept")
+    assert compiled.report.lowered is not fp32_kept
+    chosen = [c for c in compiled.report.candidates if c.status == "chosen"]
+    assert len(chosen) == len(compiled.plan.partitions)
+    tol = TOLERANCE[Precision.FP32] if fp32_kept else None
+    with torch.no_grad():
+        got, want = compiled(draw(5)), model(draw(5))
+    if tol is not None:
+        torch.testing.assert_close(got, want, rtol=tol.rtol, atol=tol.atol)
+    else:
+        assert output_error(got, want)[0] >= kiln.Budget().min_cosine
