@@ -90,10 +90,31 @@ def exporter_supports(node: Node) -> Support:
         return Support(True)  # operator.getitem and friends export as tuple plumbing
     if (check := _NODE_CHECKS.get(target)) is not None and (reason := check(node)) is not None:
         return Support(False, reason)
-    if target in _METADATA_CHECKS or _exporter_registry().is_registered(target) or target in _decompositions() \
-            or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
+    if _converts(target):
+        return Support(True)
+    if (functional := _functional_form(target)) is not None and _converts(functional):
+        # export functionalises an in-place op on an intermediate value (a residual `x += y`);
+        # writing into a model input or a weight has no ONNX form
+        written = node.args[0] if node.args else None
+        if isinstance(written, Node) and written.op in ("placeholder", "get_attr"):
+            return Support(False, f"{target} writes into {'an input' if written.op == 'placeholder' else 'a weight'} "
+                                  f"({written.name}) in place, which ONNX cannot express")
         return Support(True)
     return Support(False, f"the ONNX exporter has no conversion for {target}")
+
+
+def _converts(target) -> bool:
+    return (target in _METADATA_CHECKS or _exporter_registry().is_registered(target) or target in _decompositions()
+            or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"))
+
+
+def _functional_form(target):
+    """aten.add_.Tensor -> aten.add.Tensor (None when `target` is not an in-place variant)."""
+    name = target._schema.name.split("::")[-1]
+    if not (target._schema.is_mutable and name.endswith("_") and not name.endswith("__")):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 def _precision_reason(node: Node, device: DeviceSpec, precision: Precision) -> str | None:

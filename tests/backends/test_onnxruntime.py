@@ -125,3 +125,15 @@ def test_onnxruntime_refuses_an_npu_no_provider_drives_naming_the_known_ones():
     npu = replace(load("intel-npu").devices["npu"], model="Acme Tensor Engine 1")
     support = backend.supports(_node(aten.relu.default), npu)
     assert not support.ok and "Acme Tensor Engine 1" in support.reason and "QNNExecutionProvider" in support.reason
+
+
+def test_onnxruntime_takes_an_in_place_op_on_an_intermediate_but_not_on_an_input():
+    graph = torch.fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    total = graph.call_function(aten.add.Tensor, (x, y))
+    residual = graph.call_function(aten.add_.Tensor, (total, y))  # transformers' ResNet: hidden += residual
+    on_input = graph.call_function(aten.add_.Tensor, (x, y))
+    cpu = load("cpu-x86").primary
+    assert backend.supports(residual, cpu).ok
+    support = backend.supports(on_input, cpu)
+    assert not support.ok and "in place" in support.reason and "x" in support.reason
