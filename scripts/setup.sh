@@ -10,5 +10,5 @@ fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[examples,test]"
+python -m pip install --quiet -e ".[examples,test,pt2e]"
 python -c "import kiln, torch, onnxruntime; print(f'kiln {kiln.__version__} ready: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}')"

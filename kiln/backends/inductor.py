@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport,
                                 PartitionGraph, Support, export_partition)
 from kiln.backends.inductor_precision import lowered_program
-from kiln.errors import BackendError, BackendUnavailable
+from kiln.errors import BackendError, BackendUnavailable, KilnError
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DTYPE_NAMES, DTYPES, DeviceKind, Precision
 
@@ -288,8 +288,8 @@ class InductorBackend:
                 exported = export_partition(source)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
                                                      inductor_configs=_configs(settings, cuda))
-        except BackendError:
-            raise
+        except KilnError:
+            raise  # already says what, where and the fix (a precision plan it cannot lower, a missing torchao)
         except Exception as exc:
             raise BackendError(f"AOTInductor failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
                                where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc

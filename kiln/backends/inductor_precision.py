@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule
 
 from kiln.backends.base import PartitionGraph, export_partition
-from kiln.errors import BackendError
+from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
 from kiln.passes._graph import add_constant, attr_value
 from kiln.precision.plan import Scheme
@@ -76,9 +76,14 @@ def _cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> Gr
 
 
 def _pt2e_int8(partition: PartitionGraph, names: set[str], dynamic: bool) -> torch.export.ExportedProgram:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (X86InductorQuantizer,
-                                                                            get_default_x86_inductor_quantization_config)
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    except ImportError as exc:  # PT2E quantisation moved from torch to torchao
+        raise BackendUnavailable(f"int8 on Inductor needs torchao's PT2E quantizer: {exc}",
+                                 where=f"partition {partition.name}",
+                                 fix="pip install 'kiln[pt2e]' (torchao), or use backend='onnxruntime' for int8") from None
 
     class _PlanQuantizer(X86InductorQuantizer):
         """X86InductorQuantizer's annotations, kept only on the plan's layers."""
