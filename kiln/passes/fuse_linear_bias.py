@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from kiln.passes._graph import add_constant, attr_value, is_call
+from kiln.passes._graph import add_constant, attr_value, call, is_call
 from kiln.passes._match import erased, replace, users, val
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
@@ -39,10 +39,13 @@ def fuse_linear_bias(gm: GraphModule, ctx: PassContext) -> PassResult:
         if weight is None:
             continue  # activation @ activation (attention scores): no stored weight to fold
         if node.target is aten.addmm.default:
-            bias, x, out = _addmm_parts(node, weight)
+            bias, x, out, leading = _addmm_parts(node, weight)
             if bias is None:
                 skipped.append(Skip(node.name, "addmm's bias does not have the output's feature shape, or beta/alpha ≠ 1"))
                 continue
+            if leading is not None:  # x's rows were regrouped on the way in: reshape to the output's rows
+                with gm.graph.inserting_before(out):
+                    x = call(gm, aten.reshape.default, (x, [*leading, val(weight).shape[0]]), meta_from=node.args[1])
         else:
             x, (bias, out) = node.args[0], _bias_after(node, weight)
         replace(gm, out, aten.linear.default, (x, _stored_nk(gm, node, weight), bias))
@@ -104,22 +107,28 @@ def _is_feature_vector(bias, weight: Node) -> bool:
     return value is not None and value.dim() == 1 and value.shape[0] == w.shape[1] and value.dtype == w.dtype
 
 
-def _addmm_parts(node: Node, weight: Node) -> tuple[Node | None, Node, Node]:
-    """(bias, linear input, node to replace): the input before a flattening view and the view
-    that restores the leading dims, when both are there."""
+def _addmm_parts(node: Node, weight: Node) -> tuple[Node | None, Node, Node, list | None]:
+    """(bias, linear input, node to replace, leading dims to reshape the input to): the input
+    before a flattening view and the view that restores the leading dims, when both are there.
+    When the flattened input had other leading dims than the output (attention's heads merged
+    by the same reshape: GPT-2's c_proj), the input is reshaped to the output's leading dims,
+    so the GEMM still sees rows of the model's rank rather than a 2-d view between reshapes."""
     bias, left = node.args[0], node.args[1]
     if node.kwargs or not _is_feature_vector(bias, weight):
-        return None, left, node
+        return None, left, node, None
     following = users(node)
     if not (is_call(left, aten.view.default, aten.reshape.default, aten._unsafe_view.default) and len(users(left)) == 1
             and len(following) == 1 and is_call(following[0], aten.view.default, aten.reshape.default)):
-        return bias, left, node
+        return bias, left, node, None
     x, restored = left.args[0], following[0]
     if val(x) is None or val(restored) is None or val(x).dim() < 2:
-        return bias, left, node
+        return bias, left, node, None
     want = (*val(x).shape[:-1], val(weight).shape[1])
     got = tuple(val(restored).shape)
     if len(got) == len(want) and val(x).shape[-1] == val(weight).shape[0] \
             and all(statically_known_true(a == b) for a, b in zip(got, want)):
-        return bias, x, restored
-    return bias, left, node
+        return bias, x, restored, None
+    if len(got) >= 2 and statically_known_true(got[-1] == val(weight).shape[1]) \
+            and all(isinstance(d, int) for d in got[:-1]):  # static sizes only: a symbolic one would need its node
+        return bias, x, restored, list(got[:-1])
+    return bias, left, node, None

@@ -122,3 +122,26 @@ def test_fuse_linear_bias_keeps_an_add_that_is_not_a_per_feature_bias(run_pass):
     assert run.apply(fuse_linear_bias).counts == {"linear": 1, "with_bias": 0}
     assert run.ops() == [aten.linear.default, aten.add.Tensor]
     run.assert_same_numerics()
+
+
+def test_fuse_linear_bias_regroups_rows_when_the_flattening_view_also_merged_heads(run_pass):
+    """GPT-2's c_proj after cleanup: reshape(transpose(attn), [B*S, D]) -> addmm -> view(B, S, N).
+    The input is reshaped straight to [B, S, D], so the GEMM keeps the model's rank (ONNX
+    Runtime's attention fusion rewires a 2-d Gemm input to a 3-d tensor otherwise)."""
+    class HeadsMerged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 6))
+            self.bias = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, attn):  # attn: [B, H, S, E] with H * E = 8
+            b, h, s, e = attn.shape
+            flat = attn.transpose(1, 2).reshape(b * s, h * e)
+            return torch.addmm(self.bias, flat, self.weight).view(b, s, 6)
+
+    run = run_pass(HeadsMerged(), (torch.randn(2, 2, 3, 4),))
+    result = run.apply(fuse_linear_bias)
+    assert result.counts["linear"] == 1 and torch.ops.aten.addmm.default not in run.ops()
+    linear = next(n for n in run.gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    assert linear.meta["val"].dim() == 3
+    run.assert_same_numerics()
