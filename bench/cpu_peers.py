@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from kiln.placement.profile_host import cpu_model
+
 CONTENDERS = ("eager", "torch.compile", "onnxruntime", "openvino", "kiln")
 # Not run unless asked: OpenVINO's own default precision (bf16 on CPUs with AVX512_BF16), a
 # lower-precision peer for comparisons with kiln's precision options.
@@ -313,17 +315,6 @@ def markdown(rows: list[dict], header: list[str]) -> str:
                      f"{fmt(r.get('x_floor'), '.1f')} | {fmt(r.get('compile_s'), '.1f')} | "
                      f"{fmt(r.get('max_abs_err'), '.1e')} | {note} |")
     return "\n".join(lines) + "\n"
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _openvino_version() -> str:

@@ -72,7 +72,8 @@ def measure(seconds: float = 0.5, gemm_size: int = 1024, copy_mb: int = 64) -> d
             "launch_overhead_us": launch_overhead_us(seconds)}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform's guess elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -112,13 +113,13 @@ def profile_yaml(name: str, figures: dict) -> str:
     return f"""# Measured on this machine by `kiln profile-host` ({today}), {figures['threads']} threads.
 # Figures are best-of-rounds ceilings; edit them if this machine was busy while measuring.
 name: {name}
-description: {_cpu_model()} measured by kiln profile-host, {figures['threads']} threads
+description: {cpu_model()} measured by kiln profile-host, {figures['threads']} threads
 primary_device: cpu
 select: measure
 devices:
   cpu:
     kind: cpu
-    model: "{_cpu_model()}"
+    model: "{cpu_model()}"
     cores: {figures['threads']}
     # source: /proc/meminfo MemTotal
     memory_gb: {_memory_gb()}
