@@ -363,6 +363,7 @@ def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, dr
     checks = list(worst.values())
     report.verification = [c.to_dict() for c in checks]
     report.verified_draws = len(draws) - 1
+    report.verified_calibration = len(opts.calibration or ())  # read once into a tuple by CompileOptions
     if budget is not None:
         precision_setup.record_cost(checks, compiled, captured, opts, report)
     if not all(c.ok for c in checks):

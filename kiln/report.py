@@ -56,7 +56,8 @@ class Report:
     candidates: list[CandidateRecord] = field(default_factory=list)
     partitions: list[PartitionRecord] = field(default_factory=list)
     verification: list[dict] = field(default_factory=list)  # verify.OutputCheck dicts, worst draw per output
-    verified_draws: int = 0
+    verified_draws: int = 0  # inputs checked besides the example: random draws, then calibration samples
+    verified_calibration: int = 0  # how many of those were the user's calibration samples
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     notes: list[str] = field(default_factory=list)
     # one record per op node: node, op, partition, device, backend, precision, est_us, inputs, reasons
@@ -151,7 +152,10 @@ class Report:
             lines.append(text)
             if c.detail:
                 lines.append(f"  {'':4s}{'':12s} {c.detail}")
-        lines += ["", f"Verification against eager (example inputs + {self.verified_draws} more: random draws, calibration samples)"]
+        checked = f"example inputs + {self.verified_draws - self.verified_calibration} random draws"
+        if self.verified_calibration:
+            checked += f" + {self.verified_calibration} calibration samples"
+        lines += ["", f"Verification against eager ({checked})"]
         if not self.verification:
             lines.append("  not verified")
         for v in self.verification:
