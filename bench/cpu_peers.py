@@ -244,6 +244,20 @@ def time_interleaved(calls: dict, rounds: int, iters: int) -> tuple[dict, dict]:
     return {n: s for n, s in samples.items() if s and n not in errors}, errors
 
 
+def time_into_rows(calls: dict, rows: dict, rounds: int, iters: int) -> None:
+    """Time `calls` interleaved (eager among them) and write each row's median / p99 / speedup
+    over eager, or the error it raised while timed. Used by the other bench scripts."""
+    with torch.no_grad():
+        samples, errors = time_interleaved(calls, rounds, iters)
+    eager = statistics.median(samples["eager"]) if "eager" in samples else None
+    for label, row in rows.items():
+        if label in errors:
+            row["error"] = errors[label]
+        if label in samples:
+            med = statistics.median(samples[label])
+            row.update(median_ms=med * 1e3, p99_ms=p99(samples[label]) * 1e3, vs_eager=eager / med if eager else None)
+
+
 def p99(values: list[float]) -> float:
     """99th percentile, linear interpolation (the max for fewer than ~100 samples)."""
     return float(np.percentile(values, 99))

@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_peers import CORES, cpu_model, flat_outputs, fmt, log, p99, time_interleaved  # noqa: E402
+from cpu_peers import CORES, cpu_model, flat_outputs, fmt, log, time_into_rows  # noqa: E402
 
 MODELS = ("minilm", "minilm-eager", "efficientnet", "bert-base", "bert-base-eager", "gpt2", "gpt2-eager", "resnet50")
 BACKENDS = ("onnxruntime", "inductor", "openvino")
@@ -94,22 +93,14 @@ def run_model(name: str, batch: int, backends: list[str], args) -> list[dict]:
                 log(f"  FAILED: {row['error']}")
             rows[label] = row
     log(f"{name} b{batch}: timing {', '.join(calls)}")
-    with torch.no_grad():
-        samples, errors = time_interleaved(calls, args.rounds, args.iters)
-    eager = statistics.median(samples["eager"]) if "eager" in samples else None
-    for label, row in rows.items():
-        if label in errors:
-            row["error"] = errors[label]
-        if label in samples:
-            med = statistics.median(samples[label])
-            row.update(median_ms=med * 1e3, p99_ms=p99(samples[label]) * 1e3, vs_eager=eager / med if eager else None)
+    eager_row = {"model": name, "batch": batch, "backend": "eager", "fusion": None, "error": None}
+    time_into_rows(calls, {**rows, "eager": eager_row}, args.rounds, args.iters)
     for backend in backends:
         on, off = rows.get(f"{backend}/on", {}), rows.get(f"{backend}/off", {})
         if on.get("median_ms") and off.get("median_ms"):
             on["on_vs_off"] = off["median_ms"] / on["median_ms"]
-    if eager:
-        rows["eager"] = {"model": name, "batch": batch, "backend": "eager", "fusion": None, "error": None,
-                         "median_ms": eager * 1e3, "p99_ms": p99(samples["eager"]) * 1e3, "vs_eager": 1.0}
+    if "median_ms" in eager_row:
+        rows["eager"] = eager_row
     return list(rows.values())
 
 

@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_peers import CORES, cpu_model, fmt, log, p99, time_interleaved  # noqa: E402
+from cpu_peers import CORES, cpu_model, fmt, log, time_into_rows  # noqa: E402
 
 CONTENDERS = ("eager", "openvino-default", "onnxruntime-int8", "kiln-auto", "kiln-0.995")
 SEQ = 128
@@ -186,15 +185,7 @@ def run_case(name: str, batch: int, contenders: list[str], args) -> list[dict]:
             log(f"  FAILED: {row['error']}")
         rows[contender] = row
     log(f"{name} b{batch}: timing {', '.join(calls)}")
-    with torch.no_grad():
-        samples, errors = time_interleaved(calls, args.rounds, args.iters)
-    eager = statistics.median(samples["eager"]) if "eager" in samples else None
-    for contender, row in rows.items():
-        if contender in errors:
-            row["error"] = errors[contender]
-        if contender in samples:
-            med = statistics.median(samples[contender])
-            row.update(median_ms=med * 1e3, p99_ms=p99(samples[contender]) * 1e3, vs_eager=eager / med if eager else None)
+    time_into_rows(calls, rows, args.rounds, args.iters)
     return list(rows.values())
 
 
