@@ -393,7 +393,7 @@ class OnnxRuntimeBackend:
             # unfused graph; the session's own optimizer then fuses around the Q/DQ nodes.
             shutil.copyfile(unfused, path)
             try:
-                lowered = lower_precision(path, partition)
+                lowered = lower_precision(path, partition, program)
             except BackendError:
                 raise
             except Exception as exc:  # the tools raise plain exceptions; name them as this backend's failure

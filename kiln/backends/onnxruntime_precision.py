@@ -8,8 +8,11 @@
     fp16          float16 conversion keeping fp32 I/O, every node not in the plan blocked
 
 Each tool is told which ONNX nodes to touch. The exporter records the fx node each ONNX node
-came from (metadata `pkg.torch.onnx.fx_node`), so a plan keyed by fx node names maps onto
-ONNX node names exactly; layers with no ONNX node found are named in the summary.
+came from (metadata `pkg.torch.onnx.fx_node`), but those are the nodes of the re-exported
+program, whose names are renumbered from the partition's. A layer is therefore found by its
+weight: the program's signature names the attribute each lifted weight came from, which is
+the name the plan records (`LayerPlan.weight`). Layers with no ONNX node found are named in
+the summary.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv")
 _FX_NAME = re.compile(r"%([\w.]+)\s*:")
 
 
-def lower(path: Path, partition: PartitionGraph) -> str:
-    """Rewrite the ONNX model at `path` in place per `partition.precision`; returns a summary."""
+def lower(path: Path, partition: PartitionGraph, program) -> str:
+    """Rewrite the ONNX model at `path` (exported as `program`, an ONNXProgram) in place per
+    `partition.precision`; returns a summary."""
     import onnx
 
     plan = partition.precision
@@ -44,15 +48,18 @@ def lower(path: Path, partition: PartitionGraph) -> str:
                            "per partition", where=f"partition {partition.name}", fix="request one precision, e.g. precision='int8'")
     (scheme,) = schemes
     model = onnx.load(str(path))
-    by_fx = _layer_nodes(model)
-    wanted = {layer.node: layer for layer in plan.lowered}
-    targets = [name for fx in wanted for name in by_fx.get(fx, [])]
-    others = [name for fx, names in by_fx.items() if fx not in wanted for name in names]
-    missing = sorted(fx for fx in wanted if fx not in by_fx)
+    by_weight = _layer_nodes(model, program.exported_program)
+    wanted = {layer.weight: layer for layer in plan.lowered}
+    targets = [name for weight in wanted for name in by_weight.get(weight, [])]
+    # every other MatMul/Gemm/Conv stays float, including those no planned layer exported (the
+    # activation-by-activation MatMuls of a decomposed attention carry no weight to quantise)
+    others = [n.name for n in model.graph.node if n.op_type in LAYER_OP_TYPES and n.name not in set(targets)]
+    missing = sorted(layer.node for weight, layer in wanted.items() if weight not in by_weight)
     out = path.with_name(path.stem + f".{scheme}.onnx")
     with _quiet():
         if scheme == Scheme.INT8_STATIC:
-            _static_int8(path, out, partition, model, wanted, others)
+            _static_int8(path, out, partition, model, {name: wanted[w] for w, names in by_weight.items() if w in wanted
+                                                       for name in names}, others)
         elif scheme == Scheme.INT8_DYNAMIC:
             _dynamic_int8(path, out, others)
         elif scheme == Scheme.INT4_WEIGHT:
@@ -67,30 +74,35 @@ def lower(path: Path, partition: PartitionGraph) -> str:
     return text + (f"; not found in the ONNX graph (left fp32): {', '.join(missing)}" if missing else "")
 
 
-def _layer_nodes(model) -> dict[str, list[str]]:
-    """fx node name -> names of the MatMul/Gemm/Conv ONNX nodes exported from it."""
+def _layer_nodes(model, exported) -> dict[str, list[str]]:
+    """Weight attribute name -> names of the MatMul/Gemm/Conv ONNX nodes computing with it."""
+    signature = exported.graph_signature
+    owners = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+              **signature.inputs_to_lifted_tensor_constants}
+    weight_of = {node.name: owners[node.args[1].name] for node in exported.graph.nodes
+                 if node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "name", None) in owners}
     found: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type not in LAYER_OP_TYPES:
             continue
         for prop in node.metadata_props:
-            if prop.key == FX_NODE_KEY and (match := _FX_NAME.match(prop.value)):
-                found.setdefault(match.group(1), []).append(node.name)
+            if prop.key == FX_NODE_KEY and (match := _FX_NAME.match(prop.value)) and match.group(1) in weight_of:
+                found.setdefault(weight_of[match.group(1)], []).append(node.name)
     return found
 
 
 def _static_int8(path: Path, out: Path, partition: PartitionGraph, model, wanted: dict[str, LayerPlan], others: list[str]) -> None:
+    """`wanted`: ONNX node name -> the layer it computes."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     samples = partition.calibration or (partition.example_inputs,)
     reader = _Reader(partition.input_names, samples)
     overrides = {}
     for node in model.graph.node:  # kiln's observer ranges for the lowered layers' inputs
-        for prop in node.metadata_props:
-            if prop.key == FX_NODE_KEY and (m := _FX_NAME.match(prop.value)) and m.group(1) in wanted \
-                    and node.op_type in LAYER_OP_TYPES and wanted[m.group(1)].input_range is not None:
-                lo, hi = wanted[m.group(1)].input_range
-                overrides[node.input[0]] = [{"rmin": numpy.float32(min(lo, 0.0)), "rmax": numpy.float32(max(hi, 0.0))}]
+        layer = wanted.get(node.name)
+        if layer is not None and layer.input_range is not None:
+            lo, hi = layer.input_range
+            overrides[node.input[0]] = [{"rmin": numpy.float32(min(lo, 0.0)), "rmax": numpy.float32(max(hi, 0.0))}]
     quantize_static(str(path), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(LAYER_OP_TYPES),
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=others, calibrate_method=CalibrationMethod.MinMax,
@@ -99,6 +111,26 @@ def _static_int8(path: Path, out: Path, partition: PartitionGraph, model, wanted
                                    # sensitivity analysis measured them; a second rounding per layer
                                    # would spend budget the analysis did not see
                                    "OpTypesToExcludeOutputQuantization": list(LAYER_OP_TYPES)})
+    _float_for_the_rest(out, set(wanted))
+
+
+def _float_for_the_rest(path: Path, quantised: set[str]) -> None:
+    """quantize_static rounds a tensor once and hands the rounded value to every reader of it;
+    readers the plan keeps at fp32 (a residual add, an attention MatMul, an fp32 layer) read
+    the float tensor again, as the sensitivity analysis simulated them."""
+    import onnx
+
+    model = onnx.load(str(path))
+    quantised_from = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    float_of = {n.output[0]: quantised_from[n.input[0]] for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] in quantised_from}
+    for node in model.graph.node:
+        if node.name in quantised or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for index, name in enumerate(node.input):
+            if name in float_of:
+                node.input[index] = float_of[name]
+    onnx.save(model, str(path))
 
 
 def _dynamic_int8(path: Path, out: Path, others: list[str]) -> None:
