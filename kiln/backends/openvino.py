@@ -14,6 +14,13 @@ table its torch.compile partitioner uses, plus the ops it keeps from decompositi
 op its ExportedProgram path decomposes first; kiln keeps no copy of its own. Node checks add
 the argument patterns OpenVINO lists but crashes on or miscomputes (found by kiln's fuzzer).
 
+Int8 plans take the ONNX road instead: kiln's one ONNX export, quantised layer by layer with
+ONNX Runtime's QDQ tools exactly as the onnxruntime backend does (`onnxruntime_precision`), read
+by OpenVINO's ONNX frontend. OpenVINO turns each QuantizeLinear/DequantizeLinear pair into a
+FakeQuantize and its low-precision transformations run those layers on int8 kernels (VNNI);
+layers the plan keeps at fp32 stay fp32. Only static int8 goes this way: dynamic quantisation's
+per-call scales (DynamicQuantizeLinear) are not what OpenVINO's int8 kernels are built for.
+
 Conversion calls the frontend directly rather than ov.convert_model, which would send usage
 telemetry on the user's behalf. The engine always runs the saved IR (compile and load build
 it the same way), and load refuses IR written by a newer OpenVINO than the installed one:
@@ -53,6 +60,7 @@ PRECISION_HINTS: dict[Precision, tuple[str, str]] = {
     Precision.FP32: ("f32", "FP32"),
     Precision.BF16: ("bf16", "BF16"),
     Precision.FP16: ("f16", "FP16"),
+    Precision.INT8: ("f32", "INT8"),  # int8 comes from the model's QDQ nodes; the rest runs fp32
 }
 # Export-time shape and dtype assertions: OpenVINO's decoder skips them (its types are static).
 _METADATA_OPS = frozenset({"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
@@ -300,6 +308,31 @@ def _convert(exported: torch.export.ExportedProgram):
     return model
 
 
+def _quantised_onnx(partition: PartitionGraph, settings: BackendSettings):
+    """(OpenVINO model, its input names, lowering summary) for a partition with a static int8
+    plan: kiln's ONNX export with ONNX Runtime's QDQ nodes on the plan's layers."""
+    import openvino as ov
+
+    from kiln.backends import onnxruntime_precision
+    from kiln.backends.onnxruntime import export_onnx
+    from kiln.precision.plan import Scheme
+
+    schemes = partition.precision.schemes()
+    if schemes != {Scheme.INT8_STATIC}:
+        raise BackendError(f"kiln's OpenVINO backend lowers static int8 plans, not {', '.join(sorted(schemes))}",
+                           where=f"partition {partition.name}", fix="use backend='onnxruntime' or 'inductor' for this precision")
+    path = settings.workdir / f"{partition.name}.openvino.qdq.onnx"
+    program = export_onnx(partition, path)
+    lowering = onnxruntime_precision.lower(path, partition, program)
+    try:
+        with _quiet():
+            model = ov.Core().read_model(str(path))
+    except Exception as exc:
+        raise BackendError(f"OpenVINO's ONNX frontend failed on the quantised model: {_first_line(exc)}",
+                           where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
+    return model, list(partition.input_names), lowering
+
+
 def _distinct_outputs(partition: PartitionGraph) -> tuple[PartitionGraph, tuple[int, ...]]:
     """OpenVINO's frontend fails on a graph that returns one value twice, so it gets a graph
     returning each value once (sharing the weights) and the engine maps outputs back."""
@@ -366,22 +399,27 @@ class OpenVinoBackend:
 
         device = self._device(settings)
         partition, output_map = _distinct_outputs(partition)
-        exported = export_partition(partition)
         start = time.perf_counter()
-        try:
-            with _quiet():
-                model = _convert(exported)
-        except Exception as exc:
-            raise BackendError(f"OpenVINO's PyTorch frontend failed: {_first_line(exc)}", where=f"partition {partition.name}",
-                               fix="try backend='onnxruntime'") from exc
-        wiring = Wiring(_set_shapes_and_names(model, partition, list(exported.graph_signature.user_inputs)), output_map)
+        if partition.precision.lowered:
+            model, placeholders, lowering = _quantised_onnx(partition, settings)
+        else:
+            exported = export_partition(partition)
+            try:
+                with _quiet():
+                    model = _convert(exported)
+            except Exception as exc:
+                raise BackendError(f"OpenVINO's PyTorch frontend failed: {_first_line(exc)}",
+                                   where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
+            placeholders, lowering = list(exported.graph_signature.user_inputs), ""
+        wiring = Wiring(_set_shapes_and_names(model, partition, placeholders), output_map)
         convert_s = time.perf_counter() - start
         xml = settings.workdir / f"{partition.name}.openvino.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32 in the IR
         del model  # its constants may view the program's tensors; the engine runs the saved IR, as a reload would
         engine = OpenVinoEngine(ov.Core().read_model(str(xml)), xml, settings, settings.precision, device, wiring)
         engine.summary = (f"OpenVINO {_installed_version().split('-')[0]} {device}: inference precision {engine.used_precision}, "
-                          f"{engine.runtime_ops} runtime ops, converted from torch.export in {convert_s:.1f} s")
+                          f"{engine.runtime_ops} runtime ops, converted from "
+                          + (f"QDQ ONNX ({lowering}) in {convert_s:.1f} s" if lowering else f"torch.export in {convert_s:.1f} s"))
         return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> OpenVinoEngine:

@@ -10,7 +10,8 @@ Backend figures (what runs *fast*, not merely correctly), per device kind:
   (MatMulNBits). Its CPU provider has no bf16 kernels and few fp16 ones (fp16 graphs fall
   back to casts around fp32 kernels), so neither is offered there. On GPU, fp16 as well.
 - Inductor on CPU: fp32, bf16 (oneDNN, fp32 accumulation), int8 (PT2E X86InductorQuantizer).
-- OpenVINO: fp32, bf16, fp16 through its INFERENCE_PRECISION_HINT (see `openvino_hint`).
+- OpenVINO: fp32, bf16, fp16 through its INFERENCE_PRECISION_HINT (see `openvino_hint`); static
+  int8 from QDQ nodes in an ONNX model (its low-precision transformations, VNNI kernels on CPU).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ BACKEND_PRECISIONS: dict[str, dict[DeviceKind, frozenset[Precision]]] = {
                     DeviceKind.GPU: frozenset({Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT4})},
     "inductor": {DeviceKind.CPU: frozenset({Precision.FP32, Precision.BF16, Precision.INT8}),
                  DeviceKind.GPU: frozenset({Precision.FP32, Precision.BF16, Precision.FP16})},
-    "openvino": {kind: frozenset({Precision.FP32, Precision.BF16, Precision.FP16}) for kind in DeviceKind},
+    "openvino": {kind: frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8}) for kind in DeviceKind},
     "tensorrt": {DeviceKind.GPU: frozenset({Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.FP8})},
 }
 

@@ -135,8 +135,8 @@ def test_openvino_runs_bf16_when_bf16_is_asked(encoder_partition, settings):
 
 
 def test_openvino_refuses_a_precision_it_has_no_hint_for(encoder_partition, settings):
-    with pytest.raises(BackendError, match="int8"):
-        backend.compile(encoder_partition, dataclasses.replace(settings, precision=Precision.INT8))
+    with pytest.raises(BackendError, match="int4"):
+        backend.compile(encoder_partition, dataclasses.replace(settings, precision=Precision.INT4))
 
 
 def test_openvino_feeds_the_right_tensors_when_an_input_is_unused(settings):
