@@ -99,7 +99,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         return compiled
 
     try:
-        compiled = build_and_verify()
+        compiled = _build_within_budget(build_and_verify, captured, ctx, report)
     except (BackendUnavailable, BackendError, VerificationError) as exc:
         if not (opts.auto and report.lowered):
             raise
@@ -112,18 +112,41 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         report.partitions, report.placement = [], []
         report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)  # placement at fp32
         compiled = build_and_verify()
-        report.notes = list(dict.fromkeys(report.notes))
     else:
         if opts.auto and report.lowered and _mode(prof, opts) == "measure":
             compiled = _faster_than_fp32(compiled, build_and_verify, captured, ctx, opts, report)
     if not opts.verify:
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
+    report.notes = list(dict.fromkeys(report.notes))
     report.timings = timings
     if cache is not None and opts.verify:  # only verified builds are reused
         with _stage("cache store", timings):
             if cache.put(key, compiled) is not None:
                 report.notes.append(f"stored in the compile cache as {key[:16]}")
     return compiled
+
+
+# A lowered plan that misses the budget once built is rebuilt with these shares of its lowered
+# layers back at fp32, most sensitive first: the sensitivity analysis simulates each backend's
+# rounding and measures a few samples, so the built plan can land just outside the budget.
+BACK_OFF_SHARES = (0.25, 0.5)
+
+
+def _build_within_budget(build_and_verify, captured: Captured, ctx: PassContext, report: Report) -> CompiledModel:
+    for share in (*BACK_OFF_SHARES, None):
+        try:
+            return build_and_verify()
+        except VerificationError as exc:
+            if share is None or not report.lowered:
+                raise
+            lowered = sum(row["scheme"] != "fp32" for row in report.precision)
+            raised = precision_setup.raise_most_sensitive(
+                captured.gm, share, f"back to fp32: the plan with {lowered} lowered layers missed the budget once built")
+            report.notes.append(f"precision: the plan with {lowered} lowered layers missed the budget once built "
+                                f"({exc.what[:200]}); its {raised} most sensitive lowered layers went back to fp32 and it was rebuilt")
+            report.partitions, report.placement = [], []
+            report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)
+    raise AssertionError("unreachable")  # the last share re-raises
 
 
 def _mode(profile: Profile, opts: CompileOptions) -> str:

@@ -270,3 +270,56 @@ def test_auto_when_measuring_keeps_a_lowered_plan_only_if_it_beats_fp32_here(net
         torch.testing.assert_close(got, want, rtol=tol.rtol, atol=tol.atol)
     else:
         assert output_error(got, want)[0] >= kiln.Budget().min_cosine
+
+
+def test_openvino_runs_a_static_int8_plan_on_int8_kernels_within_the_int8_tolerance(net, tmp_path):
+    pytest.importorskip("openvino")
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="openvino", precision="int8", calibration=CALIBRATION)
+    assert compiled.backends == {"p0": "openvino"}
+    assert "int8-static" in {row["scheme"] for row in compiled.report.precision}
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    assert "converted from QDQ ONNX (int8-static: " in detail, detail
+    runtime = compiled.engines["p0"].compiled.get_runtime_model()
+    kernels = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+               for op in runtime.get_ordered_ops()}
+    assert ("Convolution", "u8") in kernels, kernels  # OpenVINO really computes the conv in int8
+    tol = TOLERANCE[Precision.INT8]
+    for seed in (0, 7):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(draw(seed)), model(draw(seed)), rtol=tol.rtol, atol=tol.atol)
+    loaded = kiln.load(compiled.save(tmp_path / "openvino-int8.kiln"))
+    torch.testing.assert_close(loaded(x), compiled(x))
+
+
+def test_openvino_refuses_a_dynamic_int8_plan_and_names_the_backends_that_run_it(net):
+    pytest.importorskip("openvino")
+    with pytest.warns(UnprovenAccuracyWarning), pytest.raises(kiln.BackendError) as info:
+        kiln.optimize(net[0], "cpu-x86", net[1], backend="openvino", precision="int8")  # no calibration: dynamic
+    assert "lowers static int8 plans, not int8-dynamic" in str(info.value) and "onnxruntime" in str(info.value)
+
+
+def test_a_plan_that_misses_the_budget_once_built_is_rebuilt_with_its_most_sensitive_layers_at_fp32(net, monkeypatch):
+    import math
+
+    from kiln import api
+
+    model, x = net
+    real, seen = api._verify_against_eager, []
+
+    def miss_once(model_, compiled, captured, draws, opts, report):
+        seen.append({row["node"]: row for row in report.precision})
+        if len(seen) == 1:  # as if the backend's rounding cost more than the simulation said
+            raise kiln.VerificationError("the compiled model disagrees with eager PyTorch: cosine 0.99")
+        return real(model_, compiled, captured, draws, opts, report)
+
+    monkeypatch.setattr(api, "_verify_against_eager", miss_once)
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)
+    first, second = seen
+    lowered = [name for name, row in first.items() if row["scheme"] != "fp32"]
+    raised = [name for name in lowered if second[name]["scheme"] == "fp32"]
+    assert len(raised) == math.ceil(0.25 * len(lowered)) >= 1
+    assert set(raised) == set(sorted(lowered, key=lambda name: -first[name]["error"])[:len(raised)])
+    assert all("missed the budget once built" in second[name]["reason"] for name in raised)
+    assert any("most sensitive lowered layers went back to fp32 and it was rebuilt" in note for note in compiled.report.notes)
+    assert compiled.report.lowered and _rows(compiled) == second

@@ -3,6 +3,8 @@ layout, wrap the budget's metric, and write the plan and its measured cost into 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 
 import torch
@@ -13,7 +15,7 @@ from kiln.frontend.capture import Captured
 from kiln.frontend.input_spec import check_call, normalize_call
 from kiln.options import CompileOptions
 from kiln.precision.capability import check_requested  # noqa: F401  (api's entry point)
-from kiln.precision.plan import LayerPlan, PrecisionPlan
+from kiln.precision.plan import LAYER_META, LayerPlan, PrecisionPlan, Scheme
 from kiln.report import Report
 from kiln.types import Precision
 
@@ -119,19 +121,39 @@ def lowest_precision(report: Report) -> Precision:
 
 def back_to_fp32(gm, reason: str) -> int:
     """Put every lowered layer of `gm` back to fp32 with `reason`; returns how many were lowered."""
-    import dataclasses
-
-    from kiln.precision.plan import LAYER_META, Scheme
     from kiln.types import NodeDecision
 
-    count = 0
+    count = len(_lowered_layers(gm))
     for node in gm.graph.nodes:
-        layer = node.meta.get(LAYER_META)
-        if layer is not None and layer.scheme != Scheme.FP32:
-            count += 1
-            node.meta[LAYER_META] = dataclasses.replace(layer, scheme=Scheme.FP32, reason=reason, input_range=None,
-                                                        group_size=None)
+        _to_fp32(node, reason)
         decision = node.meta.get("kiln")
         if isinstance(decision, NodeDecision) and decision.precision is not Precision.FP32:
             node.meta["kiln"] = dataclasses.replace(decision, precision=Precision.FP32, reasons=(reason,))
     return count
+
+
+def raise_most_sensitive(gm, share: float, reason: str) -> int:
+    """Put the most sensitive `share` of `gm`'s lowered layers (by the error each caused alone)
+    back to fp32 with `reason`, at least one; returns how many went back."""
+    lowered = sorted(_lowered_layers(gm), key=lambda node: -(node.meta[LAYER_META].error or 0.0))
+    chosen = lowered[:max(1, math.ceil(share * len(lowered)))] if lowered else []
+    for node in chosen:
+        _to_fp32(node, reason)
+    return len(chosen)
+
+
+def _lowered_layers(gm) -> list:
+    return [node for node in gm.graph.nodes
+            if (layer := node.meta.get(LAYER_META)) is not None and layer.scheme != Scheme.FP32]
+
+
+def _to_fp32(node, reason: str) -> None:
+    from kiln.types import NodeDecision
+
+    layer = node.meta.get(LAYER_META)
+    if layer is None or layer.scheme == Scheme.FP32:
+        return
+    node.meta[LAYER_META] = dataclasses.replace(layer, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None)
+    decision = node.meta.get("kiln")
+    if isinstance(decision, NodeDecision) and decision.precision is not Precision.FP32:
+        node.meta["kiln"] = dataclasses.replace(decision, precision=Precision.FP32, reasons=(reason,))
