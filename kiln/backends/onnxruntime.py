@@ -211,7 +211,7 @@ class OnnxRuntimeEngine:
                                              optimized_path.name + ".data")
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers or [("CPUExecutionProvider", {})],
-                                                **({"disabled_optimizers": list(self.disabled_optimizers)} if self.disabled_optimizers else {}))
+                                                disabled_optimizers=list(self.disabled_optimizers))
         except Exception as exc:
             raise BackendError(f"ONNX Runtime could not load the exported model: {exc}", where=str(model_path),
                                fix="try backend='inductor', or report the model") from exc
@@ -328,8 +328,9 @@ def _spell_out_skip_layer_norm(model) -> int:
                                  {"axis": -1, "epsilon": epsilon}, name=f"{node.name}_norm"))
         for made in new_nodes:
             made.outputs[0].name = f"{made.name}_out"
-        pairs = [(old, new) for old, new in ((outputs[0], new_nodes[-1].outputs[0]), (outputs[3], total)) if old is not None]
-        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [o for o, _ in pairs], [n for _, n in pairs])
+        kept = [(old, made) for old, made in ((outputs[0], new_nodes[-1].outputs[0]), (outputs[3], total)) if old is not None]
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old for old, _ in kept],
+                                                [made for _, made in kept])
         count += 1
     return count
 
