@@ -3,6 +3,7 @@ optimises (SessionOptions.optimized_model_filepath), not from kiln's own counts.
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ def _ort_graph(engine, tmp_path) -> list:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
-    ort.InferenceSession(str(engine.model_path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(engine.model_path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(engine.disabled_optimizers))
     return list(onnx.load(options.optimized_model_filepath).graph.node)
 
 
@@ -117,7 +119,7 @@ def test_ort_runs_rms_norm_as_simplified_layer_normalization(settings, tmp_path,
     assert [n.op_type for n in _ort_graph(engine, tmp_path)] == ["SimplifiedLayerNormalization"]
 
 
-def test_ort_fuses_residual_add_and_layer_norm_in_tiny_bert(tmp_path):
+def test_tiny_bert_keeps_residual_add_and_layer_norm_unfused_on_the_cpu_provider():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64)
@@ -125,6 +127,96 @@ def test_ort_fuses_residual_add_and_layer_norm_in_tiny_bert(tmp_path):
     model = transformers.BertModel(config).eval()
     compiled = kiln.optimize(model, "cpu-x86", (torch.randint(0, 100, (2, 16)),), backend="onnxruntime", cache=False)
     chosen = next(c for c in compiled.report.candidates if c.status == "chosen")
-    # two per layer: after attention and after the feed-forward block
-    assert "skip_layer_normalization 4" in chosen.detail
+    # two per layer (after attention and after the feed-forward block), all spelled back out
+    assert "4 SkipLayerNormalization kept as Add + LayerNormalization" in chosen.detail
+    assert "ORT optimizers off on the CPU provider: SkipLayerNormFusion" in chosen.detail
+    assert "SkipLayerNormalization" not in chosen.detail.split(";")[0]  # what ORT runs
     assert "bias_gelu 2" in chosen.detail
+
+
+class ResidualNorm(nn.Module):
+    """A post-norm residual block: LayerNorm(x + W·x + b), which onnxscript fuses into SkipLayerNormalization."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x + self.fc(x))
+
+
+def test_cpu_engine_runs_layer_norm_not_skip_layer_norm_and_keeps_that_after_save_and_load(settings, tmp_path):
+    torch.manual_seed(0)
+    engine, _ = _compile(ResidualNorm(), (torch.randn(2, 4, 16),), settings)
+    assert engine.disabled_optimizers == ("SkipLayerNormFusion",)
+    ops = collections.Counter(n.op_type for n in _ort_graph(engine, tmp_path))
+    assert ops["LayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 0, ops
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    entry = engine.save(saved, "p0")
+    assert entry.meta["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    reloaded = backend.load(saved, entry, settings)
+    assert reloaded.disabled_optimizers == engine.disabled_optimizers
+    x = torch.randn(2, 4, 16)
+    torch.testing.assert_close(reloaded(x)[0], engine(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_skip_layer_norm_is_spelled_out_only_for_the_cpu_provider(cpu, tmp_path):
+    import onnx
+
+    from backends.conftest import make_partition
+    from kiln.backends.onnxruntime import _fuse_for_ort, export_onnx
+
+    graph, _ = make_partition(ResidualNorm().eval(), (torch.randn(2, 4, 16),))
+    program = export_onnx(graph, tmp_path / "unfused.onnx")
+    summary = _fuse_for_ort(program, tmp_path / "fused.onnx", cpu)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node)
+    assert (ops["SkipLayerNormalization"], ops["LayerNormalization"]) == ((0, 1) if cpu else (1, 0)), ops
+    assert ("1 SkipLayerNormalization kept as Add + LayerNormalization" in summary) is cpu, summary
+    assert ("skip_layer_normalization 1" in summary) is not cpu, summary
+
+
+def _skip_layer_norm_model(outputs: list[str]):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), name) for name in ("g", "b", "bias")]
+    node = helper.make_node("SkipLayerNormalization", ["x", "skip", "g", "b", "bias"], outputs,
+                            domain="com.microsoft", epsilon=1e-5, name="sln")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 8]) for n in ("x", "skip")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs if n], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _run(proto, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def test_spelled_out_skip_layer_norm_computes_the_fused_outputs_under_their_names():
+    import onnx_ir as ir
+
+    from kiln.backends.onnxruntime import _spell_out_skip_layer_norm
+
+    proto = _skip_layer_norm_model(["y", "", "", "sum"])
+    model = ir.from_proto(proto)
+    assert _spell_out_skip_layer_norm(model) == 1
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Add", "LayerNormalization"]
+    assert [v.name for v in model.graph.outputs] == ["y", "sum"]
+    rng = np.random.default_rng(1)
+    feeds = {n: rng.standard_normal((2, 3, 8)).astype(np.float32) for n in ("x", "skip")}
+    for got, want in zip(_run(ir.to_proto(model), feeds), _run(proto, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_layer_norm_whose_mean_is_read_stays_fused():
+    import onnx_ir as ir
+
+    from kiln.backends.onnxruntime import _spell_out_skip_layer_norm
+
+    model = ir.from_proto(_skip_layer_norm_model(["y", "mean", "", ""]))
+    assert _spell_out_skip_layer_norm(model) == 0
+    assert [n.op_type for n in model.graph] == ["SkipLayerNormalization"]
