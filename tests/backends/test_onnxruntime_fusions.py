@@ -148,13 +148,13 @@ class ResidualNorm(nn.Module):
 def test_cpu_engine_runs_layer_norm_not_skip_layer_norm_and_keeps_that_after_save_and_load(settings, tmp_path):
     torch.manual_seed(0)
     engine, _ = _compile(ResidualNorm(), (torch.randn(2, 4, 16),), settings)
-    assert engine.disabled_optimizers == ("SkipLayerNormFusion",)
+    assert engine.disabled_optimizers == ("SkipLayerNormFusion", "MatMulAddFusion")
     ops = collections.Counter(n.op_type for n in _ort_graph(engine, tmp_path))
     assert ops["LayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 0, ops
     saved = tmp_path / "saved"
     saved.mkdir()
     entry = engine.save(saved, "p0")
-    assert entry.meta["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    assert entry.meta["disabled_optimizers"] == ["SkipLayerNormFusion", "MatMulAddFusion"]
     reloaded = backend.load(saved, entry, settings)
     assert reloaded.disabled_optimizers == engine.disabled_optimizers
     x = torch.randn(2, 4, 16)
