@@ -146,6 +146,19 @@ def test_node_decisions_become_layer_constraints_keyed_by_onnx_node_names(tmp_pa
     assert not has_qdq(n.op_type for n in program.model.graph)
 
 
+def test_layer_constraints_reach_the_right_layer_when_re_export_renumbers_fx_nodes(tmp_path):
+    from tests.backends.test_onnxruntime_precision import _renumbered_partition
+
+    graph, (first, second, third) = _renumbered_partition()  # named linear_9, linear, linear_1
+    second.meta["kiln"] = NodeDecision(precision=Precision.FP16, reasons=("test: the middle layer",))
+    program = export_onnx(graph, tmp_path / "p0.onnx")
+    owners = onnx_node_owners(program, graph.gm)
+    wanted = layer_precisions(graph.gm, owners, Precision.FP32)
+    assert wanted and {owners[name] for name in wanted} == {second.name}
+    (onnx_node,) = [n for n in program.model.graph if n.name in wanted]
+    assert "b.weight" in " ".join(v.name for v in onnx_node.inputs if v is not None)
+
+
 def test_layers_find_their_onnx_node_by_metadata_before_name():
     names = {"node_linear", "node_gelu"}
     assert layer_owner("node_linear_3", "[ONNX Layer: node_linear]", names) == "node_linear"
