@@ -14,6 +14,7 @@ Both return an ExportedProgram ready for aoti_compile_and_package.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch.fx import GraphModule
@@ -22,6 +23,7 @@ from kiln.backends.base import PartitionGraph, export_partition
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
 from kiln.passes._graph import add_constant, attr_value
+from kiln.precision.schemes import per_channel_int8
 from kiln.precision.plan import Scheme
 
 FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
@@ -42,7 +44,7 @@ def lowered_program(partition: PartitionGraph) -> tuple[torch.export.ExportedPro
         gm = _cast_layers(partition.gm, names, FLOAT_TYPES[scheme])
         program = export_program(gm, partition.example_inputs, partition.dynamic_shapes)
     elif scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC):
-        program = _pt2e_int8(partition, names, dynamic=scheme == Scheme.INT8_DYNAMIC)
+        program = _pt2e_int8(partition, dynamic=scheme == Scheme.INT8_DYNAMIC)
     else:
         raise BackendError(f"kiln's Inductor lowering has no {scheme} scheme", where=f"partition {partition.name}",
                            fix="use backend='onnxruntime' for int4 weight-only, or another precision")
@@ -75,7 +77,7 @@ def _cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> Gr
     return gm
 
 
-def _pt2e_int8(partition: PartitionGraph, names: set[str], dynamic: bool) -> torch.export.ExportedProgram:
+def _pt2e_int8(partition: PartitionGraph, dynamic: bool) -> torch.export.ExportedProgram:
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -85,18 +87,31 @@ def _pt2e_int8(partition: PartitionGraph, names: set[str], dynamic: bool) -> tor
                                  where=f"partition {partition.name}",
                                  fix="pip install 'kiln[pt2e]' (torchao), or use backend='onnxruntime' for int8") from None
 
+    model = export_partition(partition).module()
+    # re-export renumbers node names: the plan's layers are found by their weights, which keep
+    # their attribute names, and those weights are put on kiln's int8 grid (schemes.int8_grid)
+    # so that PT2E's per-channel observer, over the same [-127, 127] range, keeps kiln's integers
+    planned = {layer.weight for layer in partition.precision.lowered}
+    layers = {node.name for node in model.graph.nodes if node.op == "call_function" and len(node.args) > 1
+              and getattr(node.args[1], "op", None) == "get_attr" and node.args[1].target in planned}
+    with torch.no_grad():
+        for name in planned:
+            weight = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+            weight.copy_(per_channel_int8(weight))
+
     class _PlanQuantizer(X86InductorQuantizer):
         """X86InductorQuantizer's annotations, kept only on the plan's layers."""
 
         def annotate(self, model: GraphModule) -> GraphModule:
             model = super().annotate(model)
             for node in model.graph.nodes:
-                if node.name not in names:
+                if node.name not in layers:
                     node.meta.pop("quantization_annotation", None)
             return model
 
-    quantizer = _PlanQuantizer().set_global(get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
-    model = export_partition(partition).module()
+    config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-127))
+    quantizer = _PlanQuantizer().set_global(config)
     prepared = prepare_pt2e(model, quantizer)
     with torch.no_grad():
         for sample in partition.calibration or (partition.example_inputs,):

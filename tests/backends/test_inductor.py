@@ -93,3 +93,27 @@ def test_inductor_refuses_a_gpu_device_without_cuda_and_says_so(convnet_partitio
     assert not support.ok and "no CUDA GPU is present" in support.reason
     with pytest.raises(BackendUnavailable, match="no CUDA GPU is present"):
         backend.compile(graph, BackendSettings(a100, threads=2, workdir=tmp_path))
+
+
+def test_pt2e_int8_quantises_the_planned_layer_on_kiln_grid_even_when_re_export_renumbers_it():
+    import dataclasses
+
+    pytest.importorskip("torchao")
+    from kiln.backends.inductor_precision import lowered_program
+    from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+    from kiln.precision.schemes import per_channel_int8
+    from tests.backends.test_onnxruntime_precision import _renumbered_partition, _weight_of
+
+    partition, (first, second, third) = _renumbered_partition()  # named linear_9, linear, linear_1
+    plan = PrecisionPlan([LayerPlan(second.name, "linear", _weight_of(second), Scheme.INT8_STATIC, input_range=(-4.0, 4.0))])
+    partition = dataclasses.replace(partition, precision=plan, calibration=(partition.example_inputs,))
+    program, summary = lowered_program(partition)
+    assert summary == "int8-static: 1 layers"
+    module = program.module()
+    int8_weights = [value for value in [*module.parameters(), *module.buffers()] if value.dtype == torch.int8]
+    assert len(int8_weights) == 1
+    weights = dict(partition.gm.named_parameters())
+    for layer in (first, second):  # a and b have the same shape; only b's integers match
+        w = weights[_weight_of(layer)].detach()
+        expected = torch.round(per_channel_int8(w) / (w.abs().amax(dim=1, keepdim=True) / 127)).to(torch.int8)
+        assert torch.equal(int8_weights[0], expected) == (layer is second)

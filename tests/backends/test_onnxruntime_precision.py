@@ -96,3 +96,23 @@ def test_matmuls_the_plan_does_not_name_stay_float_and_read_their_inputs_unround
     # x is rounded for the projection only; the attention's own reads of x see the float input
     readers_of_x = [n for n in model.graph.node if "x" in n.input]
     assert {n.op_type for n in readers_of_x} >= {"QuantizeLinear", "MatMul"} and len(readers_of_x) >= 3
+
+
+def test_onnx_runtime_keeps_the_integers_kiln_rounded_each_weight_to(tmp_path):
+    from kiln.precision.schemes import per_channel_int8
+
+    partition, linears = _renumbered_partition()
+    plan = PrecisionPlan([LayerPlan(n.name, "linear", _weight_of(n), Scheme.INT8_STATIC, input_range=(-4.0, 4.0))
+                          for n in linears])
+    partition = dataclasses.replace(partition, precision=plan, calibration=(partition.example_inputs,))
+    path = tmp_path / "p0.onnx"
+    lower(path, partition, export_onnx(partition, path))
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = dict(partition.gm.named_parameters())
+    for node in linears:
+        name = _weight_of(node)
+        q, scale = inits[name + "_quantized"].astype(numpy.float32), inits[name + "_scale"]
+        dequantised = q * scale.reshape(-1, 1)  # Gemm with transposed B: per row, as torch stores it
+        kiln_rounded = per_channel_int8(weights[name].detach()).numpy()
+        numpy.testing.assert_allclose(dequantised, kiln_rounded, rtol=1e-6, atol=1e-7)

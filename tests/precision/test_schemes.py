@@ -9,11 +9,19 @@ from kiln.hardware_profiles import load
 from kiln.types import Precision
 
 
-def test_per_channel_int8_error_is_at_most_half_a_step_of_each_row():
+def test_per_channel_int8_puts_each_row_on_its_grid_within_a_step_and_keeps_its_sum():
     torch.manual_seed(0)
-    weight = torch.randn(16, 32) * torch.linspace(0.01, 10, 16).unsqueeze(1)  # rows of very different scale
+    weight = torch.randn(16, 9) * torch.linspace(0.01, 10, 16).unsqueeze(1)  # 3x3 kernels of very different scale
     step = weight.abs().amax(dim=1, keepdim=True) / 127
-    assert bool(((per_channel_int8(weight) - weight).abs() <= step / 2 + 1e-7).all())
+    q = per_channel_int8(weight) / step
+    torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-4)  # integers on each row's own grid
+    assert float(q.abs().max()) <= 127 + 1e-4
+    assert bool(((q - weight / step).abs() < 1).all())  # no weight moves by a whole step
+    sum_error = (q.sum(dim=1) - (weight / step).sum(dim=1)).abs()
+    assert float(sum_error.max()) <= 0.5 + 1e-4  # the row's sum is kept to within half a step
+    plain = ((weight / step).round().sum(dim=1) - (weight / step).sum(dim=1)).abs()
+    assert float(plain.max()) > 1  # which plain rounding does not do
+    torch.testing.assert_close(per_channel_int8(weight).abs().amax(dim=1), weight.abs().amax(dim=1))  # the grid is unchanged
 
 
 def test_groupwise_int4_keeps_values_on_its_grid_and_pads_a_partial_group():
