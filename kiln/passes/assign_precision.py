@@ -51,7 +51,11 @@ MEASURE_SAMPLES = 8  # samples each simulated configuration runs on
 # Plans spend this share of the budget: verification also runs inputs the plan never saw
 # (fresh draws), whose error differs from the measured ones by tens of percent on small models.
 SPEND_FRACTION = 0.8
-AUTO_MIN_WEIGHTS = 1024  # "auto" leaves smaller layers at fp32: the conversions cost more than they save
+# "auto" leaves a layer at fp32 when it has few weights and does little work: its conversions
+# would cost more than it saves. A small kernel over a large activation (an image model's
+# first convolutions) does much work and stays a candidate.
+AUTO_MIN_WEIGHTS = 1024
+AUTO_MIN_MACS = 1_000_000
 SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precision.FP8: Scheme.FP8,
               Precision.INT4: Scheme.INT4_WEIGHT}
 
@@ -124,8 +128,9 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
     for name, node in layers.items():
         if scheme == Scheme.INT4_WEIGHT and node.target not in LINEARS:
             held[name] = "int4 weight-only kernels take linear layers only"
-        elif opts.auto and attr_value(gm, node.args[1]).numel() < AUTO_MIN_WEIGHTS:
-            held[name] = f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights)"
+        elif opts.auto and attr_value(gm, node.args[1]).numel() < AUTO_MIN_WEIGHTS and _macs(node) < AUTO_MIN_MACS:
+            held[name] = (f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights "
+                          f"and {AUTO_MIN_MACS // 10**6}M multiply-adds)")
         else:
             eligible.append(name)
     final, final_error = _final_layer(gm, layers), 0.0
@@ -167,12 +172,15 @@ def _saving(layers: dict[str, Node], plans: dict[str, LayerPlan], ctx: PassConte
     for plan in plans.values():
         if plan.scheme == Scheme.FP32:
             continue
-        node = layers[plan.node]
-        val, weight = node.meta.get("val"), node.args[1].meta.get("val")
-        macs = val.numel() * weight[0].numel() if val is not None and weight is not None else 1
         peak = peaks.get(plan.precision, fp32)
-        saved += 2 * macs / 1e12 * (1 / fp32 - 1 / peak) if peak > 0 else 0.0
+        saved += 2 * _macs(layers[plan.node]) / 1e12 * (1 / fp32 - 1 / peak) if peak > 0 else 0.0
     return saved
+
+
+def _macs(node: Node) -> int:
+    """Multiply-adds of a linear or convolution layer at the example size: one weight row per output element."""
+    val, weight = node.meta.get("val"), node.args[1].meta.get("val")
+    return val.numel() * weight[0].numel() if val is not None and weight is not None else 1
 
 
 def _samples(ctx: PassContext) -> tuple[list, list]:

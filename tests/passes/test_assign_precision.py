@@ -28,11 +28,11 @@ class Head(nn.Module):
         return torch.softmax(self.fc2(self.norm(torch.relu(self.fc1(y)))), -1)
 
 
-def _run(run_pass, model=None, profile="cpu-x86", calibrate=False, **options):
+def _run(run_pass, model=None, profile="cpu-x86", calibrate=False, shape=(2, 3, 8, 8), **options):
     torch.manual_seed(0)
     model = (model or Head()).eval()
-    run = run_pass(model, (torch.randn(2, 3, 8, 8),))
-    samples = tuple((torch.randn(2, 3, 8, 8),) for _ in range(6)) if calibrate else ()
+    run = run_pass(model, (torch.randn(*shape),))
+    samples = tuple((torch.randn(*shape),) for _ in range(6)) if calibrate else ()
     opts = CompileOptions(calibration=[s[0] for s in samples] or None, **options)
     run.ctx = PassContext(load(profile), opts, run.captured.input_spec, run.inputs, samples)
     result = run.apply(assign_precision)
@@ -96,6 +96,17 @@ def test_auto_leaves_tiny_layers_at_fp32(run_pass):
     run, _ = _run(run_pass, model=nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), calibrate=True)
     (plan,) = _plans(run).values()
     assert plan.scheme == Scheme.FP32 and "too small" in plan.reason
+
+
+def test_auto_keeps_a_small_kernel_over_a_large_image_a_candidate(run_pass):
+    # 3x3 kernels from 3 to 8 channels: 216 weights, but 27 multiply-adds for each of the 127k
+    # outputs over a 128x128 image (3.4M): an image model's first convolutions do much work
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    run, _ = _run(run_pass, model=model, calibrate=True, shape=(1, 3, 128, 128), accuracy_budget=Budget(min_cosine=0.99))
+    plans = _plans(run)
+    assert plans["conv2d"].scheme == Scheme.INT8_STATIC, plans["conv2d"].reason
+    assert plans["conv2d_1"].scheme == Scheme.FP32  # 32 weights, 0.5M multiply-adds
+    assert "too small" in plans["conv2d_1"].reason and "multiply-adds" in plans["conv2d_1"].reason
 
 
 class Outlier(nn.Module):
