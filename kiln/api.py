@@ -83,10 +83,14 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
                           export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
         _record_placement(plan, report)
         precision_setup.record_plan(plan, opts, report, bool(calibration))
+        checked = draws
+        if _integer_plan(plan) and calibration and len(draws) > 1 + len(calibration):
+            checked = _real_inputs_only(draws, opts, calibration)
+            report.notes.append(INTEGER_CHECKS)
         workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
         try:
             with _stage("compile", timings):
-                engines = _build_engines(plan, prof, opts, draws, workdir, report, deadline)
+                engines = _build_engines(plan, prof, opts, checked, workdir, report, deadline)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -95,7 +99,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         weakref.finalize(compiled, shutil.rmtree, workdir, True)
         if opts.verify:
             with _stage("verify", timings):
-                _verify_against_eager(model, compiled, captured, draws, opts, report)
+                _verify_against_eager(model, compiled, captured, checked, opts, report)
         return compiled
 
     try:
@@ -106,7 +110,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         # "auto" lowers precision as an optimisation: when no backend builds the lowered plan
         # within the budget, the model is built at fp32 rather than refused (and the report says so)
         lowered = precision_setup.back_to_fp32(captured.gm, f"auto: the lowered plan failed ({type(exc).__name__})")
-        report.notes = [n for n in report.notes if n != precision_setup.UNPROVEN]
+        report.notes = [n for n in report.notes if n not in (precision_setup.UNPROVEN, INTEGER_CHECKS)]
         report.notes.append(f"precision=auto: no backend built the plan with {lowered} lowered layers within the budget "
                             f"({exc.what[:300]}); built at fp32 instead")
         report.partitions, report.placement = [], []
@@ -164,7 +168,7 @@ def _faster_than_fp32(lowered: CompiledModel, build_and_verify, captured: Captur
     can lose to its fp32 ones. Both builds are verified; they are timed interleaved."""
     kept = {name: copy.copy(getattr(report, name)) for name in _REPORT_FIELDS}
     lowered_layers = precision_setup.back_to_fp32(captured.gm, "auto: fp32 measured against the lowered plan")
-    report.notes = [n for n in report.notes if n != precision_setup.UNPROVEN]
+    report.notes = [n for n in report.notes if n not in (precision_setup.UNPROVEN, INTEGER_CHECKS)]
     report.partitions, report.placement = [], []
     report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)
     try:
@@ -256,6 +260,21 @@ def _verification_inputs(captured: Captured, opts: CompileOptions, calibration: 
         sizes = example_sizes if k == 0 else None  # first draw at the example's sizes, later ones vary dynamic dims
         draws.append(tuple(random_inputs(captured.input_spec, opts.seed + k, sizes)))
     return draws + [tuple(c) for c in calibration]
+
+
+INTEGER_CHECKS = ("integer layers were verified on the example inputs and the calibration samples, not on random draws: "
+                  "their activation ranges are calibrated on real inputs, which random draws do not resemble")
+
+
+def _integer_plan(plan: Plan) -> bool:
+    return any(layer.precision.is_integer for partition in plan.partitions for layer in partition.graph.precision.lowered)
+
+
+def _real_inputs_only(draws: list, opts: CompileOptions, calibration: tuple) -> list:
+    """An integer plan's activation ranges are calibrated on the user's samples: random draws
+    of the input spec fall outside them (an image model's first layer sees noise, not pixels),
+    so its accuracy is verified on the example inputs and the calibration samples."""
+    return [draws[0], *draws[len(draws) - len(calibration):]]
 
 
 def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report,

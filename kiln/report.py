@@ -152,7 +152,8 @@ class Report:
             lines.append(text)
             if c.detail:
                 lines.append(f"  {'':4s}{'':12s} {c.detail}")
-        checked = f"example inputs + {self.verified_draws - self.verified_calibration} random draws"
+        random_draws = self.verified_draws - self.verified_calibration
+        checked = "example inputs" + (f" + {random_draws} random draws" if random_draws else "")
         if self.verified_calibration:
             checked += f" + {self.verified_calibration} calibration samples"
         lines += ["", f"Verification against eager ({checked})"]

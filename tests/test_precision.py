@@ -323,3 +323,17 @@ def test_a_plan_that_misses_the_budget_once_built_is_rebuilt_with_its_most_sensi
     assert all("missed the budget once built" in second[name]["reason"] for name in raised)
     assert any("most sensitive lowered layers went back to fp32 and it was rebuilt" in note for note in compiled.report.notes)
     assert compiled.report.lowered and _rows(compiled) == second
+
+
+def test_an_int8_plan_is_verified_on_the_example_and_calibration_samples_not_random_draws(net):
+    from kiln.api import INTEGER_CHECKS
+
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)
+    report = compiled.report
+    assert report.verified_draws == report.verified_calibration == len(CALIBRATION)
+    assert INTEGER_CHECKS in report.notes
+    assert f"Verification against eager (example inputs + {len(CALIBRATION)} calibration samples)" in report.render()
+    floating = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="bf16", calibration=CALIBRATION)
+    assert floating.report.verified_draws == 2 + len(CALIBRATION)  # a float plan still meets random draws
+    assert INTEGER_CHECKS not in floating.report.notes
