@@ -85,7 +85,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         precision_setup.record_plan(plan, opts, report, bool(calibration))
         checked = draws
         if _integer_plan(plan) and calibration and len(draws) > 1 + len(calibration):
-            checked = _real_inputs_only(draws, opts, calibration)
+            checked = _real_inputs_only(draws, calibration)
             report.notes.append(INTEGER_CHECKS)
         workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
         try:
@@ -270,7 +270,7 @@ def _integer_plan(plan: Plan) -> bool:
     return any(layer.precision.is_integer for partition in plan.partitions for layer in partition.graph.precision.lowered)
 
 
-def _real_inputs_only(draws: list, opts: CompileOptions, calibration: tuple) -> list:
+def _real_inputs_only(draws: list, calibration: tuple) -> list:
     """An integer plan's activation ranges are calibrated on the user's samples: random draws
     of the input spec fall outside them (an image model's first layer sees noise, not pixels),
     so its accuracy is verified on the example inputs and the calibration samples."""
