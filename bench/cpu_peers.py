@@ -331,6 +331,15 @@ def markdown(rows: list[dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(table: str, rows: list[dict], out: Path) -> None:
+    """Print the markdown table and write it to `out`, with the rows and argv as JSON beside it."""
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1, default=str))
+    log(f"wrote {out}")
+
+
 def _openvino_version() -> str:
     try:
         import openvino

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_peers import CORES, cpu_model, flat_outputs, fmt, log, time_into_rows  # noqa: E402
+from cpu_peers import CORES, cpu_model, flat_outputs, fmt, log, time_into_rows, write_results  # noqa: E402
 
 MODELS = ("minilm", "minilm-eager", "efficientnet", "bert-base", "bert-base-eager", "gpt2", "gpt2-eager", "resnet50")
 BACKENDS = ("onnxruntime", "inductor", "openvino")
@@ -151,13 +150,7 @@ def main(argv: list[str] | None = None) -> None:
               f"- {args.rounds} rounds x {args.iters} timed calls per build, interleaved with eager",
               "- off = `fusion=False` (kiln's fusion passes and fused-op lowering skipped; runtimes' own "
               "optimizers still on)"]
-    table = markdown(rows, header)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1, default=str))
-    log(f"wrote {out}")
+    write_results(markdown(rows, header), rows, Path(args.out))
 
 
 if __name__ == "__main__":

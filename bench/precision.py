@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_peers import CORES, cpu_model, fmt, log, time_into_rows  # noqa: E402
+from cpu_peers import CORES, cpu_model, fmt, log, time_into_rows, write_results  # noqa: E402
 
 CONTENDERS = ("eager", "openvino-default", "onnxruntime-int8", "kiln-auto", "kiln-0.995")
 SEQ = 128
@@ -234,13 +233,7 @@ def main(argv: list[str] | None = None) -> None:
               f"- {args.rounds} rounds x {args.iters} timed calls, interleaved; MiniLM at seq {SEQ}",
               f"- accuracy: MiniLM on {3 * EVAL_GROUPS} bundled sentence pairs (calibration from the other groups); "
               f"EfficientNet-Lite0 on photo views after the first {CALIBRATION_IMAGES} (which calibrate)"]
-    table = markdown(rows, header)
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1, default=str))
-    log(f"wrote {out}")
+    write_results(markdown(rows, header), rows, Path(args.out))
 
 
 if __name__ == "__main__":
