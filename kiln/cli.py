@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import statistics
@@ -80,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=8")
     p.add_argument("--backend", help="use this backend only")
     p.add_argument("--select", choices=["prefer", "measure"], help="override the profile's backend selection")
+    p.add_argument("--precision", help="auto (default), or every layer at one of fp32, bf16, fp16, int8, int4-weight, fp8")
+    p.add_argument("--min-cosine", type=float, metavar="C",
+                   help="accuracy budget: each output's cosine to eager at least C (e.g. 0.995); default 0.9999 with rel. error 1e-2")
+    p.add_argument("--max-rel-error", type=float, metavar="E", help="accuracy budget: each output's relative L2 error at most E")
+    p.add_argument("--calibration", metavar="MODULE:FACTORY|FILE.pt",
+                   help="calibration samples for integer precisions: a factory returning an iterable of inputs shaped like "
+                        "the example (given the --factory-arg keys it accepts), or a torch.save'd list of them")
+    p.add_argument("--calibration-observer", choices=["minmax", "percentile", "mse"], help="activation ranges for static int8")
+    p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128], help="weights per scale for int4 weight-only")
     p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
     p.add_argument("--autotune", action="store_true", help="let backends benchmark kernel variants while building (slower builds)")
     p.add_argument("-o", "--output", help="artifact path (a file, or a directory if it ends with /)")
@@ -154,6 +164,7 @@ def _compile(args: argparse.Namespace) -> int:
         overrides["autotune"] = True
     if args.pin:
         overrides["pin"] = dict(_parse_kv(item) for item in args.pin)
+    overrides.update(_precision_options(args))
     kwargs = {}
     if isinstance(example, dict):
         example, kwargs = (), example
@@ -177,6 +188,62 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--precision, the budget, calibration data and their settings as optimize() options."""
+    import kiln
+
+    options: dict[str, Any] = {}
+    if args.precision:
+        options["precision"] = args.precision
+    if args.min_cosine is not None or args.max_rel_error is not None:
+        options["accuracy_budget"] = kiln.Budget(min_cosine=args.min_cosine, max_rel_error=args.max_rel_error)
+    if args.calibration:
+        options["calibration"] = _load_calibration(args.calibration, args.factory_arg)
+    if args.calibration_observer:
+        options["calibration_observer"] = args.calibration_observer
+    if args.int4_group_size:
+        options["int4_group_size"] = args.int4_group_size
+    return options
+
+
+def _load_calibration(source: str, factory_args: list[str]) -> list:
+    """Calibration samples from a torch.save'd file or a MODULE:FACTORY; the factory gets the
+    --factory-arg keys its signature names (batch=8 shapes the samples as it shapes the model)."""
+    if source.endswith(".pt") or Path(source).is_file():
+        try:
+            samples = torch.load(source, weights_only=True)
+        except Exception as exc:
+            first = str(exc).split(". ")[0]  # torch's own message runs on for a paragraph
+            raise UsageError(f"cannot read calibration samples from {source}: {type(exc).__name__}: {first}",
+                             fix="save a list of samples (each a tensor or a tuple of tensors) with torch.save(samples, path)") from None
+    else:
+        factory = _factory(source, "--calibration", "a .pt file", "kiln.examples.accuracy:photo_calibration",
+                           "a list of samples")
+        accepted = inspect.signature(factory).parameters
+        samples = factory(**{k: v for k, v in (_parse_kv(item) for item in factory_args) if k in accepted})
+    try:
+        return list(samples)
+    except TypeError:
+        raise UsageError(f"--calibration {source} gave {type(samples).__name__}, not an iterable of samples",
+                         fix="return or save a list of inputs, each shaped like the example inputs") from None
+
+
+def _factory(target: str, what: str, file_kind: str, example: str, returning: str):
+    """The callable MODULE:FACTORY names (the current directory importable)."""
+    if ":" not in target:
+        raise UsageError(f"{what} {target!r} is neither MODULE:FACTORY nor {file_kind}", fix=f"e.g. {example}")
+    module_name, factory_name = target.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}", fix="check the module path and that its packages are installed") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable {factory_name!r}", fix=f"name a function returning {returning}")
+    return factory
+
+
 def _load_model(target: str, factory_args: list[str]) -> tuple[torch.nn.Module, Any]:
     if target.endswith(".pt2") or Path(target).is_file():
         try:
@@ -193,18 +260,16 @@ def _load_model(target: str, factory_args: list[str]) -> tuple[torch.nn.Module, 
                 delattr(module, name)
         module.eval()
         return module, (tuple(example[0]) if example else None)
-    if ":" not in target:
-        raise UsageError(f"model {target!r} is neither MODULE:FACTORY nor a .pt2 file", fix="e.g. kiln.examples.models:minilm")
-    module_name, factory_name = target.split(":", 1)
-    sys.path.insert(0, str(Path.cwd()))
+    factory = _factory(target, "model", "a .pt2 file", "kiln.examples.models:minilm", "the model")
+    kwargs = dict(_parse_kv(item) for item in factory_args)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}", fix="check the module path and that its packages are installed") from None
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise UsageError(f"{module_name} has no callable {factory_name!r}", fix="name a function returning the model")
-    result = factory(**dict(_parse_kv(item) for item in factory_args))
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise UsageError(f"{target} does not take {', '.join(f'{k}=' for k in kwargs)} ({exc})",
+                         fix="give --factory-arg only for the factory's own parameters") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call itself will tell
+    result = factory(**kwargs)
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
         return result
     if isinstance(result, torch.nn.Module):

@@ -422,3 +422,62 @@ def test_python_m_kiln_cli_debug_prints_the_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" in result.stderr
     assert "kiln.errors.ArtifactError" in result.stderr and "no such file" in result.stderr
+
+
+# ---------------------------------------------------------------- precision
+
+def test_compile_lowers_to_int8_with_calibration_from_a_factory_and_a_budget(cli, tmp_path):
+    # the model factory takes out_features, the calibration factory only what it names (batch)
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--factory-arg", "out_features=4",
+                 "--precision", "int8", "--calibration", "tiny_models:calibration",
+                 "--min-cosine", "0.99", "--json", "-o", tmp_path / "int8.kiln")
+    assert result.rc == 0, result.err
+    summary = json.loads(result.out)["report"]["precision_summary"]
+    assert summary.startswith("precision=int8: int8-static for 1 of 1 layers") and "cosine >= 0.99" in summary
+
+
+def test_compile_takes_calibration_samples_from_a_torch_save_file(cli, tmp_path):
+    torch.save([torch.randn(2, 8) for _ in range(3)], tmp_path / "samples.pt")
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+                 "--calibration", tmp_path / "samples.pt", "--max-rel-error", "0.05", "--json", "-o", tmp_path / "o.kiln")
+    assert result.rc == 0, result.err
+    assert "int8-static for 1 of 1 layers" in json.loads(result.out)["report"]["precision_summary"]
+
+
+def test_compile_with_an_unknown_precision_exits_1_naming_it(cli, tmp_path):
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int7", "-o", tmp_path / "o.kiln")
+    assert result.rc == 1
+    assert "'int7'" in one_error_line(result.err)
+
+
+def test_compile_refuses_a_precision_the_backend_cannot_run_with_one_line(cli, tmp_path):
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "bf16", "-o", tmp_path / "o.kiln")
+    assert result.rc == 1
+    line = one_error_line(result.err)
+    assert "bf16" in line and "onnxruntime" in line
+
+
+@pytest.mark.parametrize("source, words", [
+    ("tiny_models:not_samples", "gave int, not an iterable of samples"),
+    ("tiny_models:nosuch", "no callable 'nosuch'"),
+    ("nocolon", "neither MODULE:FACTORY nor a .pt file"),
+])
+def test_compile_refuses_bad_calibration_sources_as_usage_errors(cli, tmp_path, source, words):
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+                 "--calibration", source, "-o", tmp_path / "o.kiln")
+    assert result.rc == 2
+    assert words in one_error_line(result.err, "kiln: usage error:")
+
+
+def test_compile_refuses_an_unreadable_calibration_file_as_a_usage_error(cli, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+                 "--calibration", tmp_path / "junk.pt", "-o", tmp_path / "o.kiln")
+    assert result.rc == 2
+    assert "cannot read calibration samples" in one_error_line(result.err, "kiln: usage error:")
+
+
+def test_compile_refuses_a_factory_arg_the_factory_does_not_take_as_a_usage_error(cli, tmp_path):
+    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--factory-arg", "batch=2", "-o", tmp_path / "o.kiln")
+    assert result.rc == 2
+    assert "tiny_models:tiny does not take batch=" in one_error_line(result.err, "kiln: usage error:")

@@ -50,3 +50,13 @@ def all_zero() -> torch.nn.Module:
 
 def not_a_model():
     return 42
+
+
+def calibration(batch: int = 2) -> list[torch.Tensor]:
+    """Calibration samples for `tiny`: `batch` rows each, as its example inputs have."""
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(batch, 8, generator=generator) for _ in range(4)]
+
+
+def not_samples():
+    return 42
