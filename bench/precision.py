@@ -35,8 +35,6 @@ from cpu_peers import CORES, cpu_model, fmt, log, time_into_rows, write_results 
 
 CONTENDERS = ("eager", "openvino-default", "onnxruntime-int8", "kiln-auto", "kiln-0.995")
 SEQ = 128
-EVAL_GROUPS = 90  # sentence groups evaluated; the remaining groups calibrate
-CALIBRATION_IMAGES = 24  # the first views calibrate; the rest are evaluated
 
 
 # ---------------------------------------------------------------- data
@@ -45,11 +43,8 @@ def minilm_data(batch: int):
     from kiln.examples import accuracy, models
 
     model, _ = models.minilm(batch, SEQ)
-    pairs = accuracy.load_pairs()
-    evaluated = pairs[: 3 * EVAL_GROUPS]
-    held_out = [s for s in accuracy.distinct_sentences(pairs[3 * EVAL_GROUPS:])][:32]
-    ids, mask = models.sentence_tokens(held_out, seq=SEQ)
-    calibration = [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(held_out) - batch + 1, batch)]
+    evaluated = accuracy.load_pairs(accuracy.EVAL_GROUPS)
+    calibration = accuracy.sentence_calibration(batch, SEQ)
     inputs = models.sentence_tokens(accuracy.distinct_sentences(evaluated)[:batch], seq=SEQ)
     return model, tuple(inputs), calibration, evaluated
 
@@ -58,10 +53,8 @@ def efficientnet_data(batch: int):
     from kiln.examples import accuracy, models
 
     model, _ = models.efficientnet_lite0(batch)
-    images = accuracy.load_images()
-    calib_pixels = images.pixels[:CALIBRATION_IMAGES]
-    evaluated = accuracy.ImageSet(images.pixels[CALIBRATION_IMAGES:], images.names[CALIBRATION_IMAGES:])
-    calibration = [(calib_pixels[i:i + batch],) for i in range(0, CALIBRATION_IMAGES - batch + 1, batch)]
+    evaluated = accuracy.load_images()
+    calibration = accuracy.photo_calibration(batch)
     return model, (evaluated.pixels[:batch],), calibration, evaluated
 
 
@@ -220,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
     if "eager" not in contenders:
         contenders.insert(0, "eager")
+    from kiln.examples import accuracy
+
     load_before = os.getloadavg()[0]
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -231,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
               f"- machine: {cpu_model()}, {CORES} usable cores; 1-min load average {load_before:.2f} at start, "
               f"{os.getloadavg()[0]:.2f} at end",
               f"- {args.rounds} rounds x {args.iters} timed calls, interleaved; MiniLM at seq {SEQ}",
-              f"- accuracy: MiniLM on {3 * EVAL_GROUPS} bundled sentence pairs (calibration from the other groups); "
-              f"EfficientNet-Lite0 on photo views after the first {CALIBRATION_IMAGES} (which calibrate)"]
+              f"- accuracy: MiniLM on {3 * accuracy.EVAL_GROUPS} bundled sentence pairs (calibration from the other groups); "
+              f"EfficientNet-Lite0 on all {len(accuracy.VIEWS) * len(accuracy.PHOTOS)} photo views "
+              f"(calibration: {len(accuracy.CALIBRATION_VIEWS) * len(accuracy.PHOTOS)} other views of the same photos)"]
     write_results(markdown(rows, header), rows, Path(args.out))
 
 

@@ -35,6 +35,7 @@ from kiln.examples import models
 from kiln.examples.models import MissingExample
 
 LABELS = {0: "unrelated", 1: "related", 2: "paraphrase"}
+EVAL_GROUPS = 90  # sentence groups 1-90 are evaluated; the sentences of the rest calibrate
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png")
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 LITE_MEAN, LITE_STD = 127.0, 128.0
@@ -61,6 +62,15 @@ def load_pairs(groups: int | None = None) -> list[SentencePair]:
 def distinct_sentences(pairs: Sequence[SentencePair]) -> list[str]:
     """Every sentence of `pairs` once, in first-seen order."""
     return list(dict.fromkeys(s for p in pairs for s in (p.a, p.b)))
+
+
+def sentence_calibration(batch: int = 1, seq: int = 128, count: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Calibration samples for MiniLM: (input_ids, attention_mask) batches of `batch` sentences
+    from the groups after EVAL_GROUPS, which the sentence agreement does not evaluate.
+    `kiln compile kiln.examples.models:minilm --calibration kiln.examples.accuracy:sentence_calibration`"""
+    held_out = distinct_sentences([p for p in load_pairs() if p.group > EVAL_GROUPS])[:count]
+    ids, mask = models.sentence_tokens(held_out, seq=seq)
+    return [(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(held_out) - batch + 1, batch)]
 
 
 def _last_hidden_state(out: Any) -> torch.Tensor:
@@ -275,23 +285,42 @@ VIEWS: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...] = (
     ("flip-zoom", lambda im: _crop(im, 0.7, 0.4, 0.5)[:, ::-1]),
 )
 
+# Views for calibrating quantised builds, none of them among VIEWS: calibration data must not be
+# the data the accuracy is measured on. 4 views x 6 photos -> 24 samples.
+CALIBRATION_VIEWS: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...] = (
+    ("zoom80-left", lambda im: _crop(im, 0.8, 0.5, 0.2)),
+    ("zoom80-right-flip", lambda im: _crop(im, 0.8, 0.5, 0.8)[:, ::-1]),
+    ("rot+4", lambda im: _rotate(_crop(im, 0.95, 0.5, 0.5), 4)),
+    ("dim", lambda im: _scaled(_crop(im, 0.9, 0.6, 0.4), gain=0.85, contrast=0.9)),
+)
 
-def load_images(limit: int | None = None, size: int = 224, photos: Sequence[str] = PHOTOS) -> ImageSet:
+
+def load_images(limit: int | None = None, size: int = 224, photos: Sequence[str] = PHOTOS,
+                views: Sequence[tuple[str, Callable]] = VIEWS) -> ImageSet:
     """Every view of every photo, view by view (the first len(photos) are the centre crops), so a
-    small `limit` still covers each photo; resized to size x size and normalised for Lite models."""
+    small `limit` still covers each photo; resized to size x size and normalised for Lite models.
+    `views=CALIBRATION_VIEWS` gives calibration samples that are none of the evaluated views."""
     from skimage.transform import resize
 
-    count = len(VIEWS) * len(photos) if limit is None else min(limit, len(VIEWS) * len(photos))
+    count = len(views) * len(photos) if limit is None else min(limit, len(views) * len(photos))
     originals = {name: photo(name) for name in photos[:count]}
     arrays, names = [], []
     for i in range(count):
-        (view, make), name = VIEWS[i // len(photos)], photos[i % len(photos)]
+        (view, make), name = views[i // len(photos)], photos[i % len(photos)]
         square = resize(np.asarray(make(originals[name]), dtype=np.float32), (size, size),
                         anti_aliasing=True, preserve_range=True, order=1)
         arrays.append(square)
         names.append(f"{Path(name).stem}/{view}")
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(((pixels - LITE_MEAN) / LITE_STD).float(), tuple(names))
+
+
+def photo_calibration(batch: int = 1, size: int = 224) -> list[tuple[torch.Tensor]]:
+    """Calibration samples for EfficientNet-Lite0: batches of the CALIBRATION_VIEWS of the photos,
+    none of which the image agreement evaluates.
+    `kiln compile kiln.examples.models:efficientnet_lite0 --calibration kiln.examples.accuracy:photo_calibration`"""
+    pixels = load_images(size=size, views=CALIBRATION_VIEWS).pixels
+    return [(pixels[i:i + batch],) for i in range(0, len(pixels) - batch + 1, batch)]
 
 
 @dataclass(frozen=True)
