@@ -26,6 +26,7 @@ from kiln.errors import BackendError, BackendUnavailable, OptionsError, Verifica
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
 from kiln.precision import setup as precision_setup
+from kiln.precision.lowering import with_lowered_weights
 from kiln.hardware_profiles.schema import Profile
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
@@ -287,6 +288,8 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
         eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
         names = (EAGER,) if eager else (opts.backend,) if opts.backend else device.backends
         graph = partition.graph
+        # backends build from the plan's rounded weights and corrected biases; the references stay fp32
+        built = graph if eager else with_lowered_weights(graph)
         budget = opts.accuracy_budget if graph.precision.lowered else None
         settings = BackendSettings(device, _threads(profile, opts), workdir, graph.precision.lowest(), budget=budget,
                                    fuse=opts.fusion, autotune=opts.autotune)
@@ -302,14 +305,14 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
                         worst[c.name] = c
             return list(worst.values())
 
-        def build_isolated_candidate(backend, references=references, graph=graph, settings=settings, partition_draws=partition_draws):
-            engine, checks, _ = build_isolated(backend, graph, settings, partition_draws, references,
+        def build_isolated_candidate(backend, references=references, built=built, settings=settings, partition_draws=partition_draws):
+            engine, checks, _ = build_isolated(backend, built, settings, partition_draws, references,
                                                opts.build_timeout_s, opts.build_memory_mb)
             return engine, checks
 
         log.info("building partition %s on %s: candidates %s (%s%s)", partition.name, device.name, ", ".join(names), mode,
                  ", each in a child process" if isolate and not eager else "")
-        selection = select_engine(graph, names, "prefer" if eager else mode, settings, check, opts.measure_seconds,
+        selection = select_engine(built, names, "prefer" if eager else mode, settings, check, opts.measure_seconds,
                                   opts.allow_fallback, build_isolated_candidate if isolate and not eager else None, deadline)
         partition.backend = selection.backend
         engines[partition.name] = selection.engine
@@ -464,10 +467,13 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
                 node.meta["kiln"] = NodeDecision(precision=wanted, reasons=(f"planned at {wanted.value}",))
         opts = CompileOptions.build(opts, disabled_passes=(*opts.disabled_passes, "assign_precision"))
     report = Report(type(model).__name__, prof.name, captured.input_spec.describe(), list(captured.output_names))
-    ctx = PassContext(prof, opts, captured.input_spec, captured.example_inputs, plan_only=True)
+    # the precision pass decides as optimize() would: integer types only with calibration data
+    calibration = precision_setup.flat_calibration(captured, opts)
+    ctx = PassContext(prof, opts, captured.input_spec, captured.example_inputs, calibration,
+                      precision_setup.metric_score(captured, opts), plan_only=True)
     report.passes = pipeline.run(captured.gm, ctx)
     planned = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
-                         export_dynamic_shapes(captured.input_spec))
+                         export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
     _record_placement(planned, report)
     for partition in planned.partitions:
         ops = op_counts(partition.graph.gm) if len(planned.partitions) > 1 else op_counts(captured.gm)

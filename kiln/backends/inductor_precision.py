@@ -23,7 +23,6 @@ from kiln.backends.base import PartitionGraph, export_partition
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
 from kiln.passes._graph import add_constant, attr_value
-from kiln.precision.schemes import per_channel_int8
 from kiln.precision.plan import Scheme
 
 FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
@@ -89,15 +88,11 @@ def _pt2e_int8(partition: PartitionGraph, dynamic: bool) -> torch.export.Exporte
 
     model = export_partition(partition).module()
     # re-export renumbers node names: the plan's layers are found by their weights, which keep
-    # their attribute names, and those weights are put on kiln's int8 grid (schemes.int8_grid)
-    # so that PT2E's per-channel observer, over the same [-127, 127] range, keeps kiln's integers
+    # their attribute names. Those weights arrive on kiln's int8 grid (precision.lowering), and
+    # PT2E's per-channel observer, over the same [-127, 127] range, keeps kiln's integers
     planned = {layer.weight for layer in partition.precision.lowered}
     layers = {node.name for node in model.graph.nodes if node.op == "call_function" and len(node.args) > 1
               and getattr(node.args[1], "op", None) == "get_attr" and node.args[1].target in planned}
-    with torch.no_grad():
-        for name in planned:
-            weight = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
-            weight.copy_(per_channel_int8(weight))
 
     class _PlanQuantizer(X86InductorQuantizer):
         """X86InductorQuantizer's annotations, kept only on the plan's layers."""

@@ -13,6 +13,9 @@ program, whose names are renumbered from the partition's. A layer is therefore f
 weight: the program's signature names the attribute each lifted weight came from, which is
 the name the plan records (`LayerPlan.weight`). Layers with no ONNX node found are named in
 the summary.
+
+int8 weights arrive on kiln's grid with corrected biases (`precision.lowering`), so the
+quantisers' round-to-nearest keeps the integers kiln's analysis measured.
 """
 
 from __future__ import annotations
@@ -56,9 +59,6 @@ def lower(path: Path, partition: PartitionGraph, program) -> str:
     others = [n.name for n in model.graph.node if n.op_type in LAYER_OP_TYPES and n.name not in set(targets)]
     missing = sorted(layer.node for weight, layer in wanted.items() if weight not in by_weight)
     out = path.with_name(path.stem + f".{scheme}.onnx")
-    if scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC) and _onto_int8_grid(model, set(targets)):
-        onnx.save(model, str(path), save_as_external_data=path.with_name(path.name + ".data").exists(),
-                  location=path.name + ".data")
     with _quiet():
         if scheme == Scheme.INT8_STATIC:
             _static_int8(path, out, partition, model, {name: wanted[w] for w, names in by_weight.items() if w in wanted
@@ -92,33 +92,6 @@ def _layer_nodes(model, exported) -> dict[str, list[str]]:
             if prop.key == FX_NODE_KEY and (match := _FX_NAME.match(prop.value)) and match.group(1) in weight_of:
                 found.setdefault(weight_of[match.group(1)], []).append(node.name)
     return found
-
-
-def _onto_int8_grid(model, targets: set[str]) -> int:
-    """Put the targets' weights on kiln's int8 grid (`schemes.int8_grid`, per output channel)
-    so that ONNX Runtime's quantiser, which rounds to nearest, keeps kiln's integers: the
-    rounding the sensitivity analysis measured. Returns how many weights were rewritten."""
-    import torch
-    from onnx import helper, numpy_helper
-
-    from kiln.precision.schemes import int8_grid
-
-    inits = {init.name: init for init in model.graph.initializer}
-    done = set()
-    for node in model.graph.node:
-        if node.name not in targets or len(node.input) < 2 or node.input[1] not in inits or node.input[1] in done:
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        if weight.dtype != numpy.float32 or weight.ndim < 2:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        # the output-channel axis ORT quantises per channel: Conv's first; Gemm's first when B is transposed
-        axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and attrs.get("transB", 0)) else weight.ndim - 1
-        rows = numpy.moveaxis(weight, axis, 0)
-        snapped = int8_grid(torch.from_numpy(rows.reshape(rows.shape[0], -1).copy())).numpy().reshape(rows.shape)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(numpy.moveaxis(snapped, 0, axis).copy(), node.input[1]))
-        done.add(node.input[1])
-    return len(done)
 
 
 def _static_int8(path: Path, out: Path, partition: PartitionGraph, model, wanted: dict[str, LayerPlan], others: list[str]) -> None:

@@ -18,7 +18,6 @@ is honoured as it is: nothing is re-quantised.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import torch
 from torch.fx import GraphModule, Node
@@ -47,7 +46,7 @@ FRAGILE = {
     "attention (softmax inside)": (aten.scaled_dot_product_attention.default,),
 }
 FRAGILE_KIND = {op: kind for kind, ops in FRAGILE.items() for op in ops}
-MEASURE_SAMPLES = 8  # samples each simulated configuration runs on
+MEASURE_SAMPLES = 32  # samples each simulated configuration runs on
 # Plans spend this share of the budget: verification also runs inputs the plan never saw
 # (fresh draws), whose error differs from the measured ones by tens of percent on small models.
 SPEND_FRACTION = 0.8
@@ -139,8 +138,7 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
         held[final], final_error = sensitive
     plans, measured = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size)
     for name, reason in held.items():
-        plans[name] = replace(plans[name], reason=reason, scheme=Scheme.FP32, input_range=None, group_size=None,
-                              error=final_error if name == final else 0.0)
+        plans[name] = plans[name].at_fp32(reason, error=final_error if name == final else 0.0)
     return plans, measured
 
 

@@ -8,7 +8,7 @@ data, so it crosses into isolated build processes and into the artifact's report
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from kiln.types import Precision
 
@@ -42,21 +42,30 @@ class LayerPlan:
     reason: str = ""
     input_range: tuple[float, float] | None = None  # calibrated activation range (static int8)
     group_size: int | None = None  # int4 weight-only
+    # static int8: per output channel, the mean shift the rounding put on the layer's output over
+    # the calibration samples; the lowering subtracts it from the bias (bias correction)
+    bias_shift: tuple[float, ...] | None = None
 
     @property
     def precision(self) -> Precision:
         return SCHEME_PRECISION[self.scheme]
 
+    def at_fp32(self, reason: str, **changes) -> "LayerPlan":
+        """This layer kept at fp32 for `reason`, with nothing of a lowering left on it."""
+        return replace(self, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None, bias_shift=None, **changes)
+
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["input_range"] = None if self.input_range is None else list(self.input_range)  # as JSON reads it back
+        for key in ("input_range", "bias_shift"):
+            data[key] = None if data[key] is None else list(data[key])  # as JSON reads it back
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerPlan":
         data = dict(data)
-        if data.get("input_range") is not None:
-            data["input_range"] = tuple(data["input_range"])
+        for key in ("input_range", "bias_shift"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 

@@ -70,7 +70,8 @@ def metric_score(captured: Captured, opts: CompileOptions):
 def record_plan(plan, opts: CompileOptions, report: Report, calibrated: bool) -> None:
     """The per-layer table, what was requested and chosen, and the calibration warning."""
     layers = [layer for partition in plan.partitions for layer in partition.graph.precision.layers]
-    report.precision = [layer.to_dict() for layer in layers]
+    # the per-channel bias corrections are the lowering's business; the table notes them in the reason
+    report.precision = [{k: v for k, v in layer.to_dict().items() if k != "bias_shift"} for layer in layers]
     lowered = [layer for layer in layers if layer.precision is not Precision.FP32]
     requested = opts.precision.value
     schemes = sorted({layer.scheme for layer in lowered})
@@ -153,7 +154,7 @@ def _to_fp32(node, reason: str) -> None:
     layer = node.meta.get(LAYER_META)
     if layer is None or layer.scheme == Scheme.FP32:
         return
-    node.meta[LAYER_META] = dataclasses.replace(layer, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None)
+    node.meta[LAYER_META] = layer.at_fp32(reason)
     decision = node.meta.get("kiln")
     if isinstance(decision, NodeDecision) and decision.precision is not Precision.FP32:
         node.meta["kiln"] = dataclasses.replace(decision, precision=Precision.FP32, reasons=(reason,))

@@ -101,13 +101,14 @@ def test_pt2e_int8_quantises_the_planned_layer_on_kiln_grid_even_when_re_export_
     pytest.importorskip("torchao")
     from kiln.backends.inductor_precision import lowered_program
     from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+    from kiln.precision.lowering import with_lowered_weights
     from kiln.precision.schemes import per_channel_int8
     from tests.backends.test_onnxruntime_precision import _renumbered_partition, _weight_of
 
     partition, (first, second, third) = _renumbered_partition()  # named linear_9, linear, linear_1
     plan = PrecisionPlan([LayerPlan(second.name, "linear", _weight_of(second), Scheme.INT8_STATIC, input_range=(-4.0, 4.0))])
     partition = dataclasses.replace(partition, precision=plan, calibration=(partition.example_inputs,))
-    program, summary = lowered_program(partition)
+    program, summary = lowered_program(with_lowered_weights(partition))
     assert summary == "int8-static: 1 layers"
     module = program.module()
     int8_weights = [value for value in [*module.parameters(), *module.buffers()] if value.dtype == torch.int8]

@@ -99,6 +99,7 @@ def test_matmuls_the_plan_does_not_name_stay_float_and_read_their_inputs_unround
 
 
 def test_onnx_runtime_keeps_the_integers_kiln_rounded_each_weight_to(tmp_path):
+    from kiln.precision.lowering import with_lowered_weights
     from kiln.precision.schemes import per_channel_int8
 
     partition, linears = _renumbered_partition()
@@ -106,7 +107,8 @@ def test_onnx_runtime_keeps_the_integers_kiln_rounded_each_weight_to(tmp_path):
                           for n in linears])
     partition = dataclasses.replace(partition, precision=plan, calibration=(partition.example_inputs,))
     path = tmp_path / "p0.onnx"
-    lower(path, partition, export_onnx(partition, path))
+    built = with_lowered_weights(partition)
+    lower(path, built, export_onnx(built, path))
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     weights = dict(partition.gm.named_parameters())

@@ -1,0 +1,105 @@
+"""What backends build int8 layers from: weights on kiln's grid and corrected biases, in a copy
+of the partition's graph. The user's model, whose parameters the captured graph shares, keeps
+its own values."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.precision.lowering import with_lowered_weights
+from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+from kiln.precision.schemes import per_channel_int8
+
+from backends.conftest import make_partition
+
+
+class ConvThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _partition_with_plan(shift_conv=(0.5,) * 8, shift_fc=(0.25, -0.25, 0.0, 1.0)):
+    torch.manual_seed(0)
+    partition, _ = make_partition(ConvThenLinear().eval(), (torch.randn(2, 3, 8, 8),))
+    conv, fc = [n for n in partition.gm.graph.nodes if n.op == "call_function" and str(n.target).startswith(("aten.conv", "aten.linear"))]
+    plan = PrecisionPlan([
+        LayerPlan(conv.name, "conv", str(conv.args[1].target), Scheme.INT8_STATIC, input_range=(-3.0, 3.0), bias_shift=shift_conv),
+        LayerPlan(fc.name, "linear", str(fc.args[1].target), Scheme.INT8_STATIC, input_range=(0.0, 2.0), bias_shift=shift_fc)])
+    return dataclasses.replace(partition, precision=plan), conv, fc
+
+
+def test_int8_layers_get_rounded_weights_and_corrected_biases_in_a_new_graph_module():
+    partition, conv, fc = _partition_with_plan()
+    params = dict(partition.gm.named_parameters())
+    before = {name: value.clone() for name, value in params.items()}
+    built = with_lowered_weights(partition)
+    assert built.gm is not partition.gm
+    got = {name: value for name, value in [*built.gm.named_parameters(), *built.gm.named_buffers()]}
+    for layer in (conv, fc):
+        weight = str(layer.args[1].target)
+        assert torch.equal(got[weight], per_channel_int8(before[weight]))
+    fc_bias = str(fc.args[2].target)
+    torch.testing.assert_close(got[fc_bias], before[fc_bias] - torch.tensor([0.25, -0.25, 0.0, 1.0]))
+    # the conv had no bias: it gets one that takes the shift off
+    new_conv = next(n for n in built.gm.graph.nodes if n.name == conv.name)
+    torch.testing.assert_close(got[str(new_conv.args[2].target)], torch.full((8,), -0.5))
+    x = partition.example_inputs[0]
+    conv_w, fc_w = (per_channel_int8(before[str(n.args[1].target)]) for n in (conv, fc))
+    hidden = torch.relu(torch.nn.functional.conv2d(x, conv_w) - 0.5).mean((2, 3))
+    want = torch.nn.functional.linear(hidden, fc_w, got[fc_bias])
+    with torch.no_grad():
+        torch.testing.assert_close(built.gm(x)[0], want)
+    for name, value in dict(partition.gm.named_parameters()).items():
+        assert torch.equal(value, before[name]), f"{name} of the partition was written"
+
+
+def test_a_plan_without_int8_layers_builds_from_the_partition_as_it_is():
+    partition, conv, fc = _partition_with_plan()
+    bf16 = PrecisionPlan([dataclasses.replace(layer, scheme=Scheme.BF16, input_range=None, bias_shift=None)
+                          for layer in partition.precision.layers])
+    unchanged = dataclasses.replace(partition, precision=bf16)
+    assert with_lowered_weights(unchanged) is unchanged
+
+
+def test_a_weight_other_nodes_also_read_keeps_its_values():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) + x @ self.fc.weight  # the weight is read by the layer and by a matmul
+
+    torch.manual_seed(0)
+    partition, _ = make_partition(Tied().eval(), (torch.randn(2, 8),))
+    fc = next(n for n in partition.gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    plan = PrecisionPlan([LayerPlan(fc.name, "linear", str(fc.args[1].target), Scheme.INT8_DYNAMIC)])
+    built = with_lowered_weights(dataclasses.replace(partition, precision=plan))
+    weight = str(fc.args[1].target)
+    assert torch.equal(dict(built.gm.named_parameters())[weight], dict(partition.gm.named_parameters())[weight])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "inductor", "openvino"])
+def test_an_int8_build_leaves_the_users_model_as_it_was(backend):
+    if backend == "inductor":
+        pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    calibration = [(torch.randn(8, 64),) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = kiln.optimize(model, "cpu-x86", (torch.randn(8, 64),), backend=backend, precision="int8",
+                                 calibration=calibration, accuracy_budget=kiln.Budget(min_cosine=0.99), cache=False)
+    assert "int8-static for 2 of 2 layers" in compiled.report.precision_summary
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{backend}'s int8 build wrote the user's {name}"

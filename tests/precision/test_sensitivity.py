@@ -1,0 +1,51 @@
+"""The sensitivity analysis' bias correction: a static int8 layer carries the mean shift its
+rounding puts on each output channel, and the simulation of the layer takes it off."""
+
+import torch
+from torch import nn
+
+from kiln.frontend.capture import capture
+from kiln.precision.plan import LayerPlan, Scheme
+from kiln.precision.schemes import fake_input, fake_weight
+from kiln.precision.sensitivity import Analysis
+
+
+def _layer_over_skewed_inputs():
+    """A linear layer whose input features sit near different means, far from zero: the rounding
+    of its weights and inputs moves each output by nearly the same amount on every sample."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32).eval()
+    means = torch.linspace(-3.0, 5.0, 64)[torch.randperm(64)]
+    samples = [(0.002 * torch.randn(16, 64) + means,) for _ in range(8)]
+    captured = capture(model, samples[0])
+    node = next(n for n in captured.gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    return model, captured.gm, LayerPlan(node.name, "linear", str(node.args[1].target)), samples
+
+
+def test_a_static_int8_layer_carries_the_mean_shift_of_its_rounding_over_the_calibration_samples():
+    model, gm, layer, samples = _layer_over_skewed_inputs()
+    analysis = Analysis(gm, [layer], samples[:4], samples[:4], "minmax")
+    lowered = analysis.lowered(layer, Scheme.INT8_STATIC, 128)
+    weight = fake_weight(model.weight.detach(), Scheme.INT8_STATIC)
+    with torch.no_grad():
+        diffs = [(nn.functional.linear(fake_input(x, Scheme.INT8_STATIC, lowered.input_range), weight, model.bias)
+                  - model(x)).mean(0) for (x,) in samples[:4]]
+    torch.testing.assert_close(torch.tensor(lowered.bias_shift), torch.stack(diffs).mean(0))
+    assert torch.tensor(lowered.bias_shift).abs().max() > 1e-3  # a real shift, not rounding dust
+
+
+def test_the_correction_lowers_the_simulated_error_on_samples_it_was_not_computed_on():
+    _, gm, layer, samples = _layer_over_skewed_inputs()
+    analysis = Analysis(gm, [layer], samples[:4], samples[4:], "minmax")  # measured on the other four
+    corrected = analysis.lowered(layer, Scheme.INT8_STATIC, 128)
+    uncorrected = corrected.__class__(**{**corrected.__dict__, "bias_shift": None})
+    with_shift = analysis.measure({layer.node: corrected})
+    without = analysis.measure({layer.node: uncorrected})
+    assert with_shift.rel_error < 0.5 * without.rel_error
+
+
+def test_only_static_int8_is_corrected():
+    _, gm, layer, samples = _layer_over_skewed_inputs()
+    analysis = Analysis(gm, [layer], samples[:4], samples[:4], "minmax")
+    for scheme in (Scheme.INT8_DYNAMIC, Scheme.BF16, Scheme.INT4_WEIGHT):
+        assert analysis.lowered(layer, scheme, 32).bias_shift is None
