@@ -1,7 +1,7 @@
 """Budget: how much accuracy a user lets kiln spend on lower precisions.
 
-A budget holds any of three limits, each checked per output and per input the model is
-verified on (the worst case counts, not the average):
+A budget holds any of three limits, each checked per output and per example the model is
+verified on, each row of a batched output on its own (the worst case counts, not the average):
 
 - `min_cosine`: cosine similarity between kiln's output and eager PyTorch's;
 - `max_rel_error`: relative L2 error ||got - eager|| / ||eager||;

@@ -43,3 +43,20 @@ def test_compare_requires_integer_outputs_to_be_equal():
     ids = torch.tensor([1, 2, 3])
     assert compare(["ids"], [ids.clone()], [ids])[0].ok
     assert not compare(["ids"], [ids + 1], [ids])[0].ok
+
+
+def test_a_budget_holds_per_example_so_one_bad_row_of_a_batch_fails_it():
+    from kiln.budget import Budget
+    from kiln.verify import output_error, worst_per_example
+
+    torch.manual_seed(0)
+    want = torch.randn(8, 1000) * torch.tensor([10.0] * 7 + [1.0])[:, None]  # seven large rows, one small
+    got = want.clone()
+    got[7] += 0.3 * torch.randn(1000)  # only the small row is off
+    whole, _ = output_error(got, want)
+    worst, worst_rel = worst_per_example(got, want)
+    assert whole > 0.999 > 0.99 > worst  # over the batch the error hides; per example it shows
+    (check,) = compare(["logits"], [got], [want], budget=Budget(min_cosine=0.99))
+    assert not check.ok and check.cosine == worst and check.rel_error == worst_rel
+    (one,) = compare(["logits"], [got[:1]], [want[:1]], budget=Budget(min_cosine=0.99))  # a batch of one: the row itself
+    assert one.ok

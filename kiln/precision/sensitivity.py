@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Interpreter
 from kiln.budget import Budget
 from kiln.precision.plan import LayerPlan, Scheme
 from kiln.precision.schemes import Observer, fake_input, fake_output, fake_weight
-from kiln.verify import output_error
+from kiln.verify import output_error, worst_per_example
 
 Samples = Sequence[tuple[torch.Tensor, ...]]
 MetricDrop = Callable[[dict[str, LayerPlan]], float]  # layers lowered -> metric lost vs fp32
@@ -151,13 +151,14 @@ class Analysis:
         return self._shifts
 
     def measure(self, config: dict[str, LayerPlan], with_metric: bool = True, samples: int | None = None) -> Measurement:
-        """The worst output error of `config` over the first `samples` samples (all by default)."""
+        """The worst output error of `config` over the first `samples` samples (all by default),
+        per example within a batch, as verification measures it."""
         cosine, rel = 1.0, 0.0
         with torch.no_grad():
             for sample, want in list(zip(self.samples, self.references))[:samples]:
                 for got, ref in zip(self._run(_Simulator(self.gm, config, self.weights), sample), want):
                     if ref.is_floating_point():
-                        c, r = output_error(got, ref)
+                        c, r = worst_per_example(got, ref)
                         cosine, rel = min(cosine, c), max(rel, r)
         drop = self.metric_drop(config) if with_metric and self.metric_drop is not None else None
         return Measurement(cosine, rel, drop)
