@@ -49,9 +49,11 @@ def _device_ready(device: DeviceSpec) -> str | None:
 
 # Inductor lowers every ATen op (falling back to ATen kernels where it has no codegen), so the
 # table's default covers all ops; entries here would only narrow it.
+_FLOATS_AND_INT8 = frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8})
 CAPABILITIES = CapabilityTable(
-    ops={},
-    default=OpSupport(frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8})),
+    # int4 weight-only: linear layers, through PyTorch's packed int4 matmul (inductor_precision)
+    ops={torch.ops.aten.linear.default: OpSupport(_FLOATS_AND_INT8 | {Precision.INT4})},
+    default=OpSupport(_FLOATS_AND_INT8),
     device_kinds=frozenset({"cpu", "gpu"}),
     device_ready=_device_ready,
 )
@@ -263,7 +265,7 @@ class InductorBackend:
 
         if precision is not Precision.FP32 and not backend_runs(self.name, device, precision):
             return Support(False, f"kiln's Inductor path does not lower {precision.value} on {device.kind.value} "
-                                  "(it lowers bf16 and int8 on CPU)")
+                                  "(on CPU it lowers bf16, int8 and int4 weight-only)")
         return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> InductorEngine:

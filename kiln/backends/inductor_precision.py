@@ -7,6 +7,9 @@
                   dynamic: per-call activation scales); its annotations are kept only on the
                   plan's layers, so the rest of the graph stays fp32; freezing then turns the
                   Q/DQ pairs into oneDNN int8 kernels
+    int4-weight   each lowered linear layer becomes PyTorch's CPU int4 weight-only matmul
+                  (`_weight_int4pack_mm_for_cpu`, the kernel torchao's Int4CPULayout calls), its
+                  weight packed once from kiln's group-wise uint4 rounding; activations stay fp32
 
 Both return an ExportedProgram ready for aoti_compile_and_package.
 """
@@ -44,9 +47,12 @@ def lowered_program(partition: PartitionGraph) -> tuple[torch.export.ExportedPro
         program = export_program(gm, partition.example_inputs, partition.dynamic_shapes)
     elif scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC):
         program = _pt2e_int8(partition, dynamic=scheme == Scheme.INT8_DYNAMIC)
+    elif scheme == Scheme.INT4_WEIGHT:
+        gm = _int4_layers(partition, {layer.node: layer.group_size or 128 for layer in plan.lowered})
+        program = export_program(gm, partition.example_inputs, partition.dynamic_shapes)
     else:
         raise BackendError(f"kiln's Inductor lowering has no {scheme} scheme", where=f"partition {partition.name}",
-                           fix="use backend='onnxruntime' for int4 weight-only, or another precision")
+                           fix="use backend='onnxruntime' or 'openvino', or another precision")
     return program, f"{scheme}: {len(names)} layers"
 
 
@@ -70,6 +76,58 @@ def _cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> Gr
         node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not cast_out)
         cast_out.meta["val"] = node.meta["val"]
         node.meta["val"] = node.meta["val"].to(dtype)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def int4_tinygemm(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kiln's group-wise uint4 rounding (`schemes.groupwise_int4`) in the form PyTorch's CPU int4
+    kernel reads: q in 0..15 as int32 [N, K], and per group (scale, zero) as [K / group, N, 2]
+    with w = (q - 8) * scale + zero, i.e. zero = (8 - zero_point) * scale."""
+    rows, cols = weight.shape
+    groups = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    lo = groups.amin(dim=2, keepdim=True).clamp(max=0)
+    hi = groups.amax(dim=2, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    zero_point = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(groups / scale) + zero_point, 0, 15).reshape(rows, cols).to(torch.int32)
+    zero = (8 - zero_point) * scale
+    scale_and_zero = torch.cat([scale, zero], dim=2).permute(1, 0, 2).contiguous()  # [K / group, N, 2]
+    return q, scale_and_zero
+
+
+def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int) -> torch.Tensor:
+    """linear(x, W, bias) with W in PyTorch's packed int4 form; traced by torch.export into the program."""
+    out_features = scale_and_zero.shape[1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, group_size, scale_and_zero)
+    y = y.reshape(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
+def _int4_layers(partition: PartitionGraph, group_sizes: dict[str, int]) -> GraphModule:
+    """A copy of the partition where each planned linear layer computes with packed int4 weights."""
+    gm = copy.deepcopy(partition.gm)
+    for node in list(gm.graph.nodes):
+        if node.name not in group_sizes:
+            continue
+        group_size = group_sizes[node.name]
+        weight = attr_value(gm, node.args[1])
+        if node.target is not torch.ops.aten.linear.default or weight is None or weight.shape[1] % group_size:
+            raise BackendError(f"layer {node.name} cannot take int4 weights in groups of {group_size} "
+                               f"(weight {tuple(weight.shape) if weight is not None else '?'})", where=f"partition {partition.name}",
+                               fix="use int4_group_size=32, or backend='onnxruntime' (MatMulNBits pads the last group)")
+        q, scale_and_zero = int4_tinygemm(weight, group_size)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        bias = node.args[2] if len(node.args) > 2 else None
+        with gm.graph.inserting_before(node):
+            packed_attr = add_constant(gm, node, packed, "int4_packed")
+            scales_attr = add_constant(gm, node, scale_and_zero, "int4_scale_and_zero")
+            replacement = gm.graph.call_function(_int4_linear, (node.args[0], packed_attr, scales_attr, bias, group_size))
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -3,13 +3,14 @@
 The device's own list is its profile's `peak_tflops` keys: kiln never assigns a precision the
 device has no throughput figure for. Weight-only int4 is the exception that proves the rule:
 it stores weights in 4 bits but computes in the device's float type, so it needs a backend
-kernel (ONNX Runtime's MatMulNBits, torchao), not int4 math units.
+kernel (ONNX Runtime's MatMulNBits, PyTorch's int4pack matmul), not int4 math units.
 
 Backend figures (what runs *fast*, not merely correctly), per device kind:
 - ONNX Runtime on CPU: fp32; int8 (QDQ static, dynamic; VNNI kernels); int4 weight-only
   (MatMulNBits). Its CPU provider has no bf16 kernels and few fp16 ones (fp16 graphs fall
   back to casts around fp32 kernels), so neither is offered there. On GPU, fp16 as well.
-- Inductor on CPU: fp32, bf16 (oneDNN, fp32 accumulation), int8 (PT2E X86InductorQuantizer).
+- Inductor on CPU: fp32, bf16 (oneDNN, fp32 accumulation), int8 (PT2E X86InductorQuantizer),
+  int4 weight-only (PyTorch's packed int4 CPU matmul, the kernel torchao uses there).
 - OpenVINO: fp32, bf16, fp16 through its INFERENCE_PRECISION_HINT (see `openvino_hint`); static
   int8 from QDQ nodes in an ONNX model (its low-precision transformations, VNNI kernels on CPU).
 """
@@ -26,7 +27,7 @@ FLOATS_BELOW_FP32 = (Precision.BF16, Precision.FP16, Precision.FP8)
 BACKEND_PRECISIONS: dict[str, dict[DeviceKind, frozenset[Precision]]] = {
     "onnxruntime": {DeviceKind.CPU: frozenset({Precision.FP32, Precision.INT8, Precision.INT4}),
                     DeviceKind.GPU: frozenset({Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT4})},
-    "inductor": {DeviceKind.CPU: frozenset({Precision.FP32, Precision.BF16, Precision.INT8}),
+    "inductor": {DeviceKind.CPU: frozenset({Precision.FP32, Precision.BF16, Precision.INT8, Precision.INT4}),
                  DeviceKind.GPU: frozenset({Precision.FP32, Precision.BF16, Precision.FP16})},
     "openvino": {kind: frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8}) for kind in DeviceKind},
     "tensorrt": {DeviceKind.GPU: frozenset({Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.FP8})},

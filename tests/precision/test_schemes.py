@@ -1,5 +1,6 @@
 """The simulated schemes round like the kernels they stand for; observers bound ranges."""
 
+import pytest
 import torch
 
 from kiln.precision.capability import auto_candidates, openvino_hint
@@ -84,3 +85,21 @@ def test_a_plan_round_trips_through_json_and_names_its_lowest_precision():
     again = PrecisionPlan.from_dict(plan.to_dict())
     assert again.layers == plan.layers and again.lowest() is Precision.INT8
     assert [layer.node for layer in again.lowered] == ["linear"]
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_the_int4_kernel_form_dequantises_to_kiln_group_wise_rounding(group_size):
+    from kiln.backends.inductor_precision import int4_tinygemm
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256) * torch.linspace(0.1, 3.0, 256)
+    q, scale_and_zero = int4_tinygemm(weight, group_size)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15
+    scale, zero = scale_and_zero[..., 0].T, scale_and_zero[..., 1].T  # [N, K / group]
+    dequantised = (q.reshape(48, -1, group_size) - 8) * scale[..., None] + zero[..., None]
+    torch.testing.assert_close(dequantised.reshape(48, 256), groupwise_int4(weight, group_size), rtol=0, atol=1e-5)
+    # and PyTorch's packed CPU kernel computes with exactly those weights
+    x = torch.randn(5, 256)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+    torch.testing.assert_close(got, x @ groupwise_int4(weight, group_size).T, rtol=1e-4, atol=1e-4)
