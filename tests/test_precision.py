@@ -337,3 +337,38 @@ def test_an_int8_plan_is_verified_on_the_example_and_calibration_samples_not_ran
     floating = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="bf16", calibration=CALIBRATION)
     assert floating.report.verified_draws == 2 + len(CALIBRATION)  # a float plan still meets random draws
     assert INTEGER_CHECKS not in floating.report.notes
+
+
+def test_int4_weight_on_inductor_runs_packed_int4_matmuls_at_int4_tolerance(net):
+    model, x = net
+    with pytest.warns(UnprovenAccuracyWarning):
+        compiled = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="int4-weight", int4_group_size=32,
+                                 accuracy_budget=kiln.Budget(min_cosine=0.999))
+    lowered = [row for row in compiled.report.precision if row["scheme"] == "int4-weight"]
+    assert lowered and all(row["op"] == "linear" for row in lowered)
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    assert f"int4-weight: {len(lowered)} layers" in detail, detail
+    tol = TOLERANCE[Precision.INT4]
+    for seed in (0, 7, 8):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(draw(seed)), model(draw(seed)), rtol=tol.rtol, atol=tol.atol)
+    got, want = compiled(draw(9)), model(draw(9))
+    assert float((got - want).abs().max()) > 1e-6  # it really runs lowered, not fp32
+
+
+def test_a_lowered_layer_left_to_eager_pytorch_is_reported_at_fp32(net, monkeypatch):
+    import dataclasses
+
+    from kiln.backends.inductor import InductorBackend
+
+    # an Inductor whose capability table has no int4 for linear layers: placement leaves them to eager PyTorch
+    table = InductorBackend.capabilities
+    monkeypatch.setattr(InductorBackend, "capabilities", dataclasses.replace(table, ops={}))
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="int4-weight", int4_group_size=32,
+                             accuracy_budget=kiln.Budget(min_cosine=0.999))  # nothing runs lowered: no unproven warning
+    assert "eager" in compiled.backends.values()
+    rows = _rows(compiled)
+    assert {row["scheme"] for row in rows.values()} == {"fp32"}
+    assert rows["linear"]["reason"] == "runs eagerly in PyTorch at fp32: no tried backend runs this layer at int4-weight"
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

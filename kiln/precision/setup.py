@@ -69,6 +69,7 @@ def metric_score(captured: Captured, opts: CompileOptions):
 
 def record_plan(plan, opts: CompileOptions, report: Report, calibrated: bool) -> None:
     """The per-layer table, what was requested and chosen, and the calibration warning."""
+    _eager_runs_fp32(plan)
     layers = [layer for partition in plan.partitions for layer in partition.graph.precision.layers]
     # the per-channel bias corrections are the lowering's business; the table notes them in the reason
     report.precision = [{k: v for k, v in layer.to_dict().items() if k != "bias_shift"} for layer in layers]
@@ -86,6 +87,22 @@ def record_plan(plan, opts: CompileOptions, report: Report, calibrated: bool) ->
     if lowered and not calibrated:
         report.notes.append(UNPROVEN)
         warnings.warn(UNPROVEN, UnprovenAccuracyWarning, stacklevel=3)
+
+
+def _eager_runs_fp32(plan) -> None:
+    """A lowered layer that placement left to eager PyTorch (no backend runs it at its
+    precision) computes in fp32 there: its plan says so, rather than claim a precision it
+    does not run at."""
+    from kiln.passes.place_on_devices import EAGER
+
+    for partition in plan.partitions:
+        graph = partition.graph
+        if partition.placed_backend != EAGER or not graph.precision.lowered:
+            continue
+        graph.precision.layers[:] = [
+            layer if layer.scheme == Scheme.FP32 else
+            layer.at_fp32(f"runs eagerly in PyTorch at fp32: no tried backend runs this layer at {layer.scheme}")
+            for layer in graph.precision.layers]
 
 
 def warn_again(report: Report) -> None:
