@@ -66,7 +66,8 @@ def accuracy_of(name: str, model, fn, evaluated, batch: int) -> dict:
         return {"cosine_min": result.cosine_min, "cosine_mean": result.cosine_mean,
                 "neighbours_kept": result.neighbour_agreement, "spearman": result.pair_spearman}
     result = accuracy.classification_agreement(model, fn, evaluated, batch=batch)
-    return {"top1": result.top1, "top5": result.top5, "logit_error_max": result.logit_error_max}
+    return {"top1": result.top1, "top5": result.top5, "logit_error_max": result.logit_error_max,
+            "logit_cosine_min": result.cosine_min, "top1_changed_on": list(result.disagreements)}
 
 
 # ---------------------------------------------------------------- contenders (each returns fn(*tensors))
@@ -171,7 +172,8 @@ def run_case(name: str, batch: int, contenders: list[str], args) -> list[dict]:
             row.update(accuracy_of(name, model, fn, evaluated, batch))
             calls[contender] = (lambda fn=fn: fn(*inputs))
             log(f"  {row['build_s']:.1f} s; {row['note']}; " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                                        if isinstance(v, float) and k != "build_s"))
+                                                                        if isinstance(v, float) and k != "build_s")
+                + (f"; top-1 changed on {', '.join(row['top1_changed_on'])}" if row.get("top1_changed_on") else ""))
         except Exception as exc:  # one failing contender must not stop the run
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:240]
             log(f"  FAILED: {row['error']}")
@@ -190,7 +192,8 @@ def markdown(rows: list[dict], header: list[str]) -> str:
             acc = (f"cosine min {r['cosine_min']:.5f}, mean {r['cosine_mean']:.6f}; "
                    f"neighbours kept {r['neighbours_kept']:.1%}")
         elif "top1" in r:
-            acc = f"top-1 {r['top1']:.1%}, top-5 {r['top5']:.1%}, worst logit err {r['logit_error_max']:.3g}"
+            acc = (f"top-1 {r['top1']:.1%}, top-5 {r['top5']:.1%}, worst logit err {r['logit_error_max']:.3g}, "
+                   f"logit cosine min {r['logit_cosine_min']:.5f}")
         else:
             acc = "-"
         note = (f"FAILED: {r['error']}" if r["error"] else r.get("note", "")).replace("|", "\\|")

@@ -329,6 +329,7 @@ class ClassificationAgreement:
     top1: float  # candidate's top-1 class equals the reference's
     top5: float  # the reference's top-1 class is in the candidate's top 5
     logit_error_max: float  # largest |candidate - reference| logit over all images
+    cosine_min: float  # per image: cosine between candidate and reference logits, the worst image
     logit_error_mean: float  # mean over images of each image's largest logit error
     worst_image: str
     per_image_error: tuple[float, ...]
@@ -336,7 +337,7 @@ class ClassificationAgreement:
 
     def describe(self) -> str:
         lines = [f"images {self.images}",
-                 f"top-1 agreement {self.top1:.2%}  top-5 agreement {self.top5:.2%}",
+                 f"top-1 agreement {self.top1:.2%}  top-5 agreement {self.top5:.2%}  logit cosine min {self.cosine_min:.5f}",
                  f"worst logit error per image: max {self.logit_error_max:.4g} ({self.worst_image}), "
                  f"mean {self.logit_error_mean:.4g}"]
         if self.disagreements:
@@ -359,6 +360,7 @@ def classification_agreement(reference_model: Callable, candidate_fn: Callable, 
     return ClassificationAgreement(
         images=len(images.names), top1=float(same_top1.double().mean()), top5=float(in_top5.double().mean()),
         logit_error_max=float(error.max()), logit_error_mean=float(error.mean()), worst_image=images.names[worst],
+        cosine_min=float(torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1).min()),
         per_image_error=tuple(float(e) for e in error),
         disagreements=tuple(n for n, same in zip(images.names, same_top1.tolist()) if not same),
     )

@@ -6,8 +6,8 @@
    (schemes.py) and record the relative L2 error of the outputs on the first sample. A static
    int8 layer carries its bias correction: the mean shift, per output channel, that its
    rounding puts on its output over the calibration samples (fp32 inputs), which the lowering
-   takes off its bias. Rounding noise averages out over a layer's many inputs; its mean does not,
-   and on an image model it is a quarter of the logits' error.
+   takes off its bias. Rounding noise averages out over a layer's many inputs; its mean does not:
+   on EfficientNet-Lite0 with every layer int8, the correction halved the changed top-1 classes.
 3. Spend: for a candidate scheme, sort the layers by their error and lower the longest prefix
    of that order whose combined simulation stays inside the budget (a binary search over the
    prefix length: errors grow with the prefix). Layers past the prefix stay at fp32, with the
