@@ -166,34 +166,73 @@ def _faster_than_fp32(lowered: CompiledModel, build_and_verify, captured: Captur
                       opts: CompileOptions, report: Report) -> CompiledModel:
     """When measuring, "auto" keeps a lowered plan only if it runs faster than fp32 here: the
     profile's peak figures that chose it are estimates, and a runtime's low-precision kernels
-    can lose to its fp32 ones. Both builds are verified; they are timed interleaved."""
-    kept = {name: copy.copy(getattr(report, name)) for name in _REPORT_FIELDS}
+    can lose to its fp32 ones. A plan that loses makes way for the next precision that fit the
+    budget (ctx.alternatives, e.g. int8 after bf16), built and timed the same way; fp32 is kept
+    when none wins. Every build is verified; each is timed interleaved with the fp32 one."""
+    kept = _snapshot(report)
     lowered_layers = precision_setup.back_to_fp32(captured.gm, "auto: fp32 measured against the lowered plan")
-    report.notes = [n for n in report.notes if n not in (precision_setup.UNPROVEN, INTEGER_CHECKS)]
-    report.partitions, report.placement = [], []
-    report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)
+    _place_again(captured, ctx, report)
     try:
         fp32 = build_and_verify()
     except (BackendUnavailable, BackendError, VerificationError) as exc:
-        for name, value in kept.items():
-            setattr(report, name, value)
+        _restore(report, kept)
         report.notes.append(f"precision=auto: the fp32 comparison build failed ({exc.what[:200]}); the lowered plan is kept")
         return lowered
     inputs = tuple(captured.example_inputs)
-    lowered_s, fp32_s = time_interleaved([lambda *x: lowered.run_flat(x), lambda *x: fp32.run_flat(x)], inputs,
-                                         2 * opts.measure_seconds)
-    verdict = (f"precision=auto: the lowered plan ({lowered_layers} layers) ran {lowered_s * 1e3:.2f} ms, fp32 "
-               f"{fp32_s * 1e3:.2f} ms (timed interleaved here)")
-    if fp32_s <= lowered_s:
-        for candidate in report.candidates[:len(kept["candidates"])]:
-            if candidate.status == "chosen":
-                candidate.status, candidate.reason = "slower", "with the lowered precision plan: slower than fp32 here"
-        report.notes.append(f"{verdict}; fp32 kept")
-        return fp32
-    for name, value in kept.items():
-        setattr(report, name, value)
-    report.notes.append(f"{verdict}; the lowered plan kept")
-    return lowered
+    first = True
+    while True:
+        lowered_s, fp32_s = time_interleaved([lambda *x: lowered.run_flat(x), lambda *x: fp32.run_flat(x)], inputs,
+                                             2 * opts.measure_seconds)
+        verdict = (f"precision=auto: the lowered plan ({lowered_layers} layers, {_schemes_of(kept)}) ran "
+                   f"{lowered_s * 1e3:.2f} ms, fp32 {fp32_s * 1e3:.2f} ms (timed interleaved here)")
+        if fp32_s > lowered_s:
+            _restore(report, kept)
+            report.notes.append(f"{verdict}; the lowered plan kept")
+            return lowered
+        if first:  # the fp32 build's candidate list begins with the first plan's candidates
+            for candidate in report.candidates[:len(kept["candidates"])]:
+                if candidate.status == "chosen":
+                    candidate.status, candidate.reason = "slower", "with the lowered precision plan: slower than fp32 here"
+            first = False
+        report.notes.append(f"{verdict}; fp32 kept" if not ctx.alternatives else f"{verdict}; next: {ctx.alternatives[0][0]}")
+        if not ctx.alternatives:
+            precision_setup.back_to_fp32(captured.gm, "auto: fp32 measured faster than the lowered plans")
+            return fp32
+        scheme, plans = ctx.alternatives.pop(0)
+        fp32_state = _snapshot(report)
+        from kiln.passes.assign_precision import apply_plan
+
+        apply_plan(captured.gm, plans)
+        _place_again(captured, ctx, report)
+        try:
+            lowered = build_and_verify()
+        except (BackendUnavailable, BackendError, VerificationError) as exc:
+            _restore(report, fp32_state)
+            precision_setup.back_to_fp32(captured.gm, "auto: fp32 measured against the lowered plans")
+            report.notes.append(f"precision=auto: the {scheme} plan failed ({exc.what[:200]}); fp32 kept")
+            return fp32
+        kept, lowered_layers = _snapshot(report), sum(p.scheme != "fp32" for p in plans.values())
+        _restore(report, fp32_state)  # the fp32 build stays the report's picture until a plan wins
+
+
+def _snapshot(report: Report) -> dict:
+    return {name: copy.copy(getattr(report, name)) for name in _REPORT_FIELDS}
+
+
+def _restore(report: Report, state: dict) -> None:
+    for name, value in state.items():
+        setattr(report, name, copy.copy(value))
+
+
+def _schemes_of(state: dict) -> str:
+    return ", ".join(sorted({row["scheme"] for row in state["precision"] if row["scheme"] != "fp32"})) or "fp32"
+
+
+def _place_again(captured: Captured, ctx: PassContext, report: Report) -> None:
+    """Placement again after the layers' precisions changed; the notes of a lowered build go."""
+    report.notes = [n for n in report.notes if n not in (precision_setup.UNPROVEN, INTEGER_CHECKS)]
+    report.partitions, report.placement = [], []
+    report.passes += pipeline.run(captured.gm, ctx, pipeline.PLACEMENT_ONLY)
 
 
 def _cache(opts: CompileOptions) -> CompileCache | None:

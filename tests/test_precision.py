@@ -372,3 +372,26 @@ def test_a_lowered_layer_left_to_eager_pytorch_is_reported_at_fp32(net, monkeypa
     assert {row["scheme"] for row in rows.values()} == {"fp32"}
     assert rows["linear"]["reason"] == "runs eagerly in PyTorch at fp32: no tried backend runs this layer at int4-weight"
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_builds_the_next_precision_when_the_first_plan_measures_slower_than_fp32(net, tmp_path, monkeypatch):
+    from kiln import api
+
+    # the estimated best plan loses to fp32 here, the next one wins
+    timings = iter([(2.0e-3, 1.0e-3), (0.5e-3, 1.0e-3)])
+    monkeypatch.setattr(api, "time_interleaved", lambda fns, inputs, seconds: next(timings))
+    profile = tmp_path / "cpu-measure.yaml"
+    profile.write_text("extends: cpu-x86\nname: cpu-measure\nselect: measure\n"
+                       "devices:\n  cpu:\n    backends: [onnxruntime, inductor]\n")
+    model, x = net
+    compiled = kiln.optimize(model, str(profile), x, calibration=CALIBRATION, isolate=False,
+                             accuracy_budget=kiln.Budget(min_cosine=0.995))
+    verdicts = [n for n in compiled.report.notes if "timed interleaved" in n]
+    assert len(verdicts) == 2
+    assert "int8-static) ran 2.00 ms, fp32 1.00 ms" in verdicts[0] and verdicts[0].endswith("next: bf16")
+    assert "bf16) ran 0.50 ms" in verdicts[1] and verdicts[1].endswith("the lowered plan kept")
+    assert {row["scheme"] for row in compiled.report.precision} - {"fp32"} == {"bf16"}
+    assert compiled.report.precision_summary.startswith("precision=auto: bf16 for")
+    with torch.no_grad():
+        got, want = compiled(draw(5)), model(draw(5))
+    assert 0.995 <= output_error(got, want)[0] < 1 - 1e-9  # it runs the bf16 plan, within its budget

@@ -81,10 +81,13 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(False, {"lowered": 0, "layers": len(layers)})
     analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
-    outcomes = [_try_scheme(gm, analysis, layers, scheme, ctx) for scheme in schemes]
-    plans, _ = max(outcomes, key=lambda o: _saving(layers, o[0], ctx))
+    outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx)[0]) for scheme in schemes]
+    ranked = sorted(outcomes, key=lambda o: -_saving(layers, o[1], ctx))
+    plans = ranked[0][1]
     if not any(p.scheme != Scheme.FP32 for p in plans.values()):
-        plans = outcomes[0][0]  # nothing fits: report why the fastest candidate did not
+        plans = outcomes[0][1]  # nothing fits: report why the fastest candidate did not
+    ctx.alternatives[:] = [(scheme, other) for scheme, other in ranked[1:]
+                           if opts.auto and any(p.scheme != Scheme.FP32 for p in other.values())]
     _annotate(gm, plans, "")
     lowered = [p for p in plans.values() if p.scheme != Scheme.FP32]
     kept = tuple(Skip(p.node, p.reason) for p in plans.values() if p.scheme == Scheme.FP32 and p.reason)
@@ -203,6 +206,11 @@ def _metric_drop(gm: GraphModule, ctx: PassContext):
 
         return baseline - ctx.metric_score(lambda *flat: tuple(_Simulator(gm, config, {}).run(*flat)))
     return drop
+
+
+def apply_plan(gm: GraphModule, plans: dict[str, LayerPlan]) -> None:
+    """Annotate `gm` with another of the plans the pass weighed (one of ctx.alternatives)."""
+    _annotate(gm, plans, "")
 
 
 def _annotate(gm: GraphModule, plans: dict[str, LayerPlan], override: str) -> None:

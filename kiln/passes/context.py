@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,3 +26,7 @@ class PassContext:
     # Planning only (kiln.plan): placement may choose devices this machine cannot run, judging
     # backends by their capability tables alone; nothing is built.
     plan_only: bool = False
+    # Written by assign_precision under precision="auto": the other precisions' plans that fit
+    # the budget, most estimated saving first, as (scheme, {node name: LayerPlan}). optimize()
+    # builds the next one when the chosen plan measures slower than fp32.
+    alternatives: list = field(default_factory=list)
