@@ -30,6 +30,7 @@ from kiln.precision.lowering import with_lowered_weights
 from kiln.hardware_profiles.schema import Profile
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
+from kiln.passes.assign_precision import apply_plan
 from kiln.passes.context import PassContext
 from kiln.passes.partition import Plan, build_plan, op_counts
 from kiln.passes.place_on_devices import EAGER
@@ -200,8 +201,6 @@ def _faster_than_fp32(lowered: CompiledModel, build_and_verify, captured: Captur
             return fp32
         scheme, plans = ctx.alternatives.pop(0)
         fp32_state = _snapshot(report)
-        from kiln.passes.assign_precision import apply_plan
-
         apply_plan(captured.gm, plans)
         _place_again(captured, ctx, report)
         try:

@@ -27,6 +27,7 @@ from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
 from kiln.passes._graph import add_constant, attr_value
 from kiln.precision.plan import Scheme
+from kiln.precision.schemes import groupwise_uint4
 
 FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
 
@@ -87,12 +88,8 @@ def int4_tinygemm(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     kernel reads: q in 0..15 as int32 [N, K], and per group (scale, zero) as [K / group, N, 2]
     with w = (q - 8) * scale + zero, i.e. zero = (8 - zero_point) * scale."""
     rows, cols = weight.shape
-    groups = weight.detach().float().reshape(rows, cols // group_size, group_size)
-    lo = groups.amin(dim=2, keepdim=True).clamp(max=0)
-    hi = groups.amax(dim=2, keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-    zero_point = torch.round(-lo / scale)
-    q = torch.clamp(torch.round(groups / scale) + zero_point, 0, 15).reshape(rows, cols).to(torch.int32)
+    q, scale, zero_point = groupwise_uint4(weight.detach(), group_size)
+    q = q.reshape(rows, cols).to(torch.int32)
     zero = (8 - zero_point) * scale
     scale_and_zero = torch.cat([scale, zero], dim=2).permute(1, 0, 2).contiguous()  # [K / group, N, 2]
     return q, scale_and_zero

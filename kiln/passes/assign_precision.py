@@ -28,7 +28,7 @@ from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.precision.capability import auto_candidates, device_runs
 from kiln.precision.plan import LAYER_META, LayerPlan, Scheme
-from kiln.precision.sensitivity import Analysis, Measurement
+from kiln.precision.sensitivity import Analysis
 from kiln.types import NodeDecision, Precision
 
 aten = torch.ops.aten
@@ -81,7 +81,7 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(False, {"lowered": 0, "layers": len(layers)})
     analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
-    outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx)[0]) for scheme in schemes]
+    outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx)) for scheme in schemes]
     ranked = sorted(outcomes, key=lambda o: -_saving(layers, o[1], ctx))
     plans = ranked[0][1]
     if not any(p.scheme != Scheme.FP32 for p in plans.values()):
@@ -124,7 +124,7 @@ def _schemes(ctx: PassContext) -> list[str]:
 
 
 def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], scheme: str,
-                ctx: PassContext) -> tuple[dict[str, LayerPlan], Measurement]:
+                ctx: PassContext) -> dict[str, LayerPlan]:
     opts = ctx.options
     eligible, held = [], {}
     for name, node in layers.items():
@@ -139,10 +139,10 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
     if final in eligible and (sensitive := _sensitive_final(analysis, final, scheme, opts)) is not None:
         eligible.remove(final)
         held[final], final_error = sensitive
-    plans, measured = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size)
+    plans, _ = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size)
     for name, reason in held.items():
         plans[name] = plans[name].at_fp32(reason, error=final_error if name == final else 0.0)
-    return plans, measured
+    return plans
 
 
 def _final_layer(gm: GraphModule, layers: dict[str, Node]) -> str | None:

@@ -106,17 +106,22 @@ def affine_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def groupwise_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """Affine uint4 per group of `group_size` input features; a partial last group is padded."""
     rows, cols = weight.shape[0], weight[0].numel()
-    flat = weight.reshape(rows, cols)
-    pad = (-cols) % group_size
-    padded = torch.nn.functional.pad(flat, (0, pad))
-    groups = padded.reshape(rows, -1, group_size)
+    q, scale, zero_point = groupwise_uint4(weight.reshape(rows, cols), group_size)
+    deq = ((q - zero_point) * scale).reshape(rows, -1)[:, :cols]
+    return deq.reshape(weight.shape)
+
+
+def groupwise_uint4(rows: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rounding of `groupwise_int4` for a 2-d weight: (q in 0..15 as [N, groups, group_size],
+    scale and zero point as [N, groups, 1]); a partial last group is zero-padded."""
+    padded = torch.nn.functional.pad(rows.float(), (0, (-rows.shape[1]) % group_size))
+    groups = padded.reshape(rows.shape[0], -1, group_size)
     lo = groups.amin(dim=2, keepdim=True).clamp(max=0)
     hi = groups.amax(dim=2, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / 15.0).clamp(min=1e-12)
     zero_point = torch.round(-lo / scale)
     q = torch.clamp(torch.round(groups / scale) + zero_point, 0, 15)
-    deq = ((q - zero_point) * scale).reshape(rows, -1)[:, :cols]
-    return deq.reshape(weight.shape)
+    return q, scale, zero_point
 
 
 class Observer:
