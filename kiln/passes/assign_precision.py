@@ -46,7 +46,11 @@ FRAGILE = {
     "attention (softmax inside)": (aten.scaled_dot_product_attention.default,),
 }
 FRAGILE_KIND = {op: kind for kind, ops in FRAGILE.items() for op in ops}
-MEASURE_SAMPLES = 32  # samples each simulated configuration runs on
+# Samples each simulated configuration runs on: the example inputs and calibration samples, which
+# verification checks in full. A plan measured on fewer can pass its measurement and miss the
+# budget on the rest: a calibration set's few dark photos, say, whose activations use a small part
+# of the calibrated ranges.
+MEASURE_SAMPLES = 64
 # Plans spend this share of the budget: verification also runs inputs the plan never saw
 # (fresh draws), whose error differs from the measured ones by tens of percent on small models.
 SPEND_FRACTION = 0.8

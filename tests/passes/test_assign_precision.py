@@ -201,3 +201,27 @@ def test_each_observer_gives_a_range_holding_zero(run_pass, observer):
                   accuracy_budget=Budget(min_cosine=0.99))
     lo, hi = _plans(run)["linear"].input_range
     assert lo <= 0 <= hi and hi - lo > 0
+
+
+def test_a_plan_is_measured_on_every_calibration_sample_that_verification_will_check(run_pass):
+    # 40 samples: 32 that int8 rounds finely, then 8 faint ones, whose values use a small part of
+    # the range the others set; int8 costs them the budget. A plan measured on the first 32 alone
+    # would lower the layer and then fail verification on the faint ones.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False)).eval()  # no bias to hide the faint outputs' error
+    run = run_pass(model, (torch.randn(4, 64),))
+    samples = tuple((torch.randn(4, 64),) for _ in range(32)) + tuple((0.05 * torch.randn(4, 64),) for _ in range(8))
+    opts = CompileOptions(calibration=[s[0] for s in samples], precision="int8", accuracy_budget=Budget(min_cosine=0.99))
+    run.ctx = PassContext(load("cpu-x86"), opts, run.captured.input_spec, run.inputs, samples)
+    run.apply(assign_precision)
+    (plan,) = _plans(run).values()
+    assert plan.scheme == Scheme.FP32
+    assert "would exceed the budget" in plan.reason
+
+    loud_only = PassContext(load("cpu-x86"), CompileOptions(calibration=[s[0] for s in samples[:32]], precision="int8",
+                                                            accuracy_budget=Budget(min_cosine=0.99)),
+                            run.captured.input_spec, run.inputs, samples[:32])
+    run_loud = run_pass(model, (torch.randn(4, 64),))
+    run_loud.ctx = loud_only
+    run_loud.apply(assign_precision)
+    assert all(p.scheme == Scheme.INT8_STATIC for p in _plans(run_loud).values())  # the faint samples decide it
