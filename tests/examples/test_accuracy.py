@@ -202,6 +202,18 @@ def test_efficientnet_with_naively_rounded_int4_weights_is_caught(efficientnet, 
     assert "top-1 changed on:" in result.describe()
 
 
+def test_each_changed_image_is_named_with_the_fp32_margin_it_was_decided_by(efficientnet, centre_crops):
+    damaged = naive_int4(efficientnet, (torch.nn.Conv2d, torch.nn.Linear))
+    result = accuracy.classification_agreement(efficientnet, damaged, centre_crops, batch=6)
+    with torch.no_grad():
+        top2 = efficientnet(centre_crops.pixels).topk(2, dim=-1).values
+    margins = dict(zip(centre_crops.names, (top2[:, 0] - top2[:, 1]).tolist()))
+    assert len(result.disagreement_margins) == len(result.disagreements) > 0
+    for name, margin in zip(result.disagreements, result.disagreement_margins):
+        assert margin == pytest.approx(margins[name], rel=1e-5, abs=1e-6)
+        assert f"{name} (fp32 top-2 margin {margin:.3g})" in result.describe()
+
+
 # -------------------------------------------------------------------------------------------- CLI
 
 @pytest.mark.slow
