@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from kiln.backends.select import SETTLE_SECONDS
 from kiln.placement.profile_host import cpu_model
 
 CONTENDERS = ("eager", "torch.compile", "onnxruntime", "openvino", "kiln")
@@ -219,8 +220,9 @@ BUILDERS = {"eager": build_eager, "torch.compile": build_torch_compile,
 # ---------------------------------------------------------------- one case
 
 def time_interleaved(calls: dict, rounds: int, iters: int) -> tuple[dict, dict]:
-    """Per round, each contender in a rotating order: one untimed call, then `iters` timed
-    calls. Returns (timed samples in seconds per contender, error text per contender that
+    """Per round, each contender in a rotating order: a pause for the previous contender's
+    spinning worker threads to park (kiln's SETTLE_SECONDS), one untimed call, then `iters`
+    timed calls. Returns (timed samples in seconds per contender, error text per contender that
     raised while timed; such a contender is dropped from later rounds)."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     errors: dict[str, str] = {}
@@ -231,6 +233,7 @@ def time_interleaved(calls: dict, rounds: int, iters: int) -> tuple[dict, dict]:
             if name in errors:
                 continue
             call = calls[name]
+            time.sleep(SETTLE_SECONDS)
             try:
                 call()
                 for _ in range(iters):

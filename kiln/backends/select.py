@@ -146,11 +146,16 @@ def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) 
     return "; ".join(f"{reason} (e.g. node {node})" for reason, node in list(reasons.items())[:3])
 
 
+SETTLE_SECONDS = 0.05  # quiet before each timed block: other runtimes' spinning threads park
+
+
 def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float, block: int = 3) -> list[float]:
     """Median seconds per call of each engine, timed in alternating blocks so that the
-    machine's drift (other load, clocks) hits every candidate alike. Each block starts with
-    one untimed call: runtimes leave worker threads spinning after a call, which would bill
-    one engine's idle threads to the next engine's first call."""
+    machine's drift (other load, clocks) hits every candidate alike. Runtimes leave worker
+    threads spinning after a call, for tens of milliseconds (ONNX Runtime's intra-op pool), and
+    those threads take the cores the next engine runs on: OpenVINO's 2.5 ms EfficientNet-Lite0
+    int8 engine timed 4.4 ms right after ONNX Runtime's blocks. So each block starts after
+    SETTLE_SECONDS of quiet and one untimed call, and each engine is timed as if alone."""
     for engine in engines:
         for _ in range(2):
             engine(*inputs)
@@ -159,6 +164,8 @@ def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_sec
     rounds = 0
     while rounds < 3 or (time.perf_counter() < deadline and rounds < 100):
         for engine, samples in zip(engines, times):
+            if len(engines) > 1:
+                time.sleep(SETTLE_SECONDS)
             engine(*inputs)
             for _ in range(block):
                 start = time.perf_counter()

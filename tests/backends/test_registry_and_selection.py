@@ -101,3 +101,20 @@ def test_selection_fails_with_every_candidates_reason_when_none_works(fakes, con
     with pytest.raises(BackendUnavailable) as info:
         select.select_engine(_partition(convnet_partition), tuple(fakes), "measure", settings, _check, 0.05, False)
     assert "absent: unavailable" in str(info.value) and "wrong: mismatch" in str(info.value)
+
+
+def test_each_timed_block_starts_after_a_quiet_pause_and_an_untimed_call(monkeypatch):
+    # a runtime's worker threads keep spinning after its calls and take the cores the next
+    # engine runs on: every block gives them SETTLE_SECONDS to park before anything is timed
+    events = []
+    monkeypatch.setattr(select.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+
+    def engine(name):
+        return lambda *inputs: events.append(("call", name))
+
+    select.time_interleaved([engine("a"), engine("b")], (torch.zeros(1),), budget_seconds=0.0, block=2)
+    timed = events[4:]  # after two warm-up calls per engine
+    assert timed[:4] == [("sleep", select.SETTLE_SECONDS), ("call", "a"), ("call", "a"), ("call", "a")]
+    assert timed[4:8] == [("sleep", select.SETTLE_SECONDS), ("call", "b"), ("call", "b"), ("call", "b")]
+    assert events.count(("sleep", select.SETTLE_SECONDS)) == 2 * 3  # every block of the 3 rounds
+    assert select.SETTLE_SECONDS >= 0.05
