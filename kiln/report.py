@@ -9,6 +9,21 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+_FIGURE = re.compile(r"(\d+(?:\.\d+)?) (us|GB)")
+_FIGURE_SLOT = "\0 \\2"  # a NUL marks where a figure was: no reason text holds one
+
+
+def _fill_figures(template: str, figures: list[list[float]]) -> str:
+    """Put back a grouped reason's figures: the one value, or the range over the group's nodes."""
+    parts = template.split("\x00")
+    out = [parts[0]]
+    for slot, rest in enumerate(parts[1:]):
+        values = [f[slot] for f in figures if slot < len(f)]
+        low, high = min(values), max(values)
+        out.append(f"{low:g}" if low == high else f"{low:g}-{high:g}")
+        out.append(rest)
+    return "".join(out)
+
 
 @dataclass
 class PassRecord:
@@ -92,15 +107,18 @@ class Report:
         lines = ["", "Placement (why each node runs where it does)"]
         notable = [r for r in self.placement if any(w in reason for reason in r["reasons"]
                                                     for w in ("pinned", "eager", "doesn't fit", "kept with", "not on"))]
+        # Decisions that differ only in their figures form one group; the group shows each figure's range.
         by_reason: dict[str, list[str]] = {}
+        figures: dict[str, list[list[float]]] = {}
         for record in notable:
             own = f"on {record['device']} via"
             why = "; ".join(r for r in record["reasons"] if not r.startswith(("cheaper here", own, "planned at")))
-            why = re.sub(r"\d+(\.\d+)? (us|GB)", "N \\2", why)  # group decisions that differ only in figures
-            by_reason.setdefault(f"{record['device']} via {record['backend']}: {why}", []).append(record["node"])
-        for why, nodes in list(by_reason.items())[:limit]:
+            key = f"{record['device']} via {record['backend']}: {_FIGURE.sub(_FIGURE_SLOT, why)}"
+            by_reason.setdefault(key, []).append(record["node"])
+            figures.setdefault(key, []).append([float(m.group(1)) for m in _FIGURE.finditer(why)])
+        for key, nodes in list(by_reason.items())[:limit]:
             shown = ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
-            lines.append(f"  {shown} -> {why}")
+            lines.append(f"  {shown} -> {_fill_figures(key, figures[key])}")
         if len(by_reason) > limit:
             lines.append(f"  ... and {len(by_reason) - limit} more groups of decisions (kiln inspect --json lists all)")
         rest = len(self.placement) - len(notable)

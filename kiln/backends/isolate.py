@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -57,7 +56,7 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
     try:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s, env=_child_env(),
                               preexec_fn=_limit_memory(memory_mb) if memory_mb else None)
-    except subprocess.TimeoutExpired as exc:
+    except subprocess.TimeoutExpired:
         raise IsolatedBuildFailed(f"build of {backend.name} ran past its {timeout_s:g} s budget and was stopped",
                                   where=f"partition {partition.name}", fix="raise build_timeout_s, or drop this backend") from None
     result_file = job / "result.json"

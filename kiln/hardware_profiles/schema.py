@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ def _resolve(name_or_path: str | Path) -> Path:
     if text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text:
         path = Path(text)
         if not path.is_file():
-            raise ProfileError(f"profile file not found", where=str(path), fix="check the path, or use a shipped profile name: " + ", ".join(available()))
+            raise ProfileError("profile file not found", where=str(path), fix="check the path, or use a shipped profile name: " + ", ".join(available()))
         return path
     path = PROFILE_DIR / f"{text}.yaml"
     if not path.is_file() or text.startswith("_"):
@@ -198,7 +198,7 @@ def _build(raw: dict, path: Path) -> Profile:
     if not devices:
         raise ProfileError("no devices", where=f"{path.name}: devices", fix="declare at least one device")
     if raw["primary_device"] not in devices:
-        raise ProfileError(f"names no declared device", where=f"{path.name}: primary_device",
+        raise ProfileError("names no declared device", where=f"{path.name}: primary_device",
                            fix=f"use one of {', '.join(devices)}")
     select = raw.get("select", "prefer")
     if select not in SELECT_MODES:

@@ -98,3 +98,16 @@ def test_building_refuses_a_device_this_machine_lacks_while_planning_places_on_i
     planned = kiln.plan(model, profile("gpu-and-host"), inputs)
     assert "gpu" in {p.device for p in planned.plan.partitions}
     assert "planned, not built" in planned.render()
+
+
+def test_placement_reasons_that_differ_only_in_figures_are_grouped_with_the_range_of_those_figures():
+    from kiln.report import Report
+
+    def record(node, us):
+        return {"node": node, "device": "gpu", "backend": "tensorrt",
+                "reasons": [f"kept with its neighbours: cpu would take {us} us but moving tensors costs more"]}
+
+    report = Report("M", "p", "x", placement=[record("add", 3.5), record("gelu", 12.25), record("mul", 7.0)])
+    (line,) = [ln for ln in report.render_placement() if "kept with" in ln]
+    assert line == ("  add, gelu, mul -> gpu via tensorrt: kept with its neighbours: "
+                    "cpu would take 3.5-12.25 us but moving tensors costs more")
