@@ -102,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on random or .npy inputs")
     p.add_argument("artifact")
-    p.add_argument("--pin", metavar="DIGEST", help="refuse the artifact unless its digest (see `kiln inspect`) is this")
+    p.add_argument("--expected-digest", metavar="DIGEST",
+                   help="refuse the artifact unless its digest (see `kiln inspect`) is this")
+    # `compile --pin MODULE=DEVICE` places layers; run once took --pin for the digest: still read, with a note
+    p.add_argument("--pin", dest="pin_digest", metavar="DIGEST", help=argparse.SUPPRESS)
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input from a .npy file")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
     p.add_argument("--out", help="directory to write outputs as .npy")
@@ -370,11 +373,23 @@ def _artifact_inputs(compiled, items: list[str], seed: int) -> list[torch.Tensor
     return tensors
 
 
+def _expected_digest(args: argparse.Namespace) -> str | None:
+    if args.pin_digest is None:
+        return args.expected_digest
+    if "=" in args.pin_digest:
+        raise UsageError(f"kiln run --pin {args.pin_digest}: placement is fixed when the artifact is compiled",
+                         fix="pass --pin MODULE=DEVICE to kiln compile; kiln run checks a digest with --expected-digest")
+    if args.expected_digest and args.expected_digest != args.pin_digest:
+        raise UsageError("kiln run got two different digests (--pin and --expected-digest)", fix="pass --expected-digest once")
+    print("kiln: note: `kiln run --pin DIGEST` is now `--expected-digest DIGEST`", file=sys.stderr)
+    return args.pin_digest
+
+
 def _run(args: argparse.Namespace) -> int:
     import kiln
     from kiln.frontend.input_spec import check_call, rebuild_call
 
-    compiled = kiln.load(args.artifact, expected_digest=args.pin)
+    compiled = kiln.load(args.artifact, expected_digest=_expected_digest(args))
     tensors = _artifact_inputs(compiled, args.input, args.seed)
     call_args, call_kwargs = rebuild_call(compiled.input_spec, tensors)
     checked = check_call(compiled.input_spec, call_args, call_kwargs)
@@ -439,7 +454,7 @@ def _inspect(args: argparse.Namespace) -> int:
                           "report": compiled.report.to_dict()}, default=str))
     else:
         print(compiled.report.render())
-        print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or --pin): {pin}")
+        print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or kiln run --expected-digest): {pin}")
     return 0
 
 

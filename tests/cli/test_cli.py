@@ -341,6 +341,25 @@ def test_run_of_a_missing_artifact_exits_1_with_one_line_and_no_traceback(cli, t
     assert result.out == ""
 
 
+def test_run_with_the_expected_digest_runs_and_with_another_refuses_the_artifact(cli, built):
+    digest = json.loads(cli("inspect", built.path, "--json").out)["digest"]
+    assert cli("run", built.path, "--expected-digest", digest).rc == 0
+    result = cli("run", built.path, "--expected-digest", "0" * len(digest))
+    assert result.rc == 1 and "digest" in one_error_line(result.err)
+
+
+def test_run_pin_with_a_placement_is_a_usage_error_pointing_at_compile(cli, built):
+    result = cli("run", built.path, "--pin", "fc=cpu")
+    line = one_error_line(result.err, "kiln: usage error:")
+    assert result.rc == 2 and "kiln compile" in line and "--expected-digest" in line
+
+
+def test_run_pin_with_a_digest_still_checks_it_and_names_the_new_flag(cli, built):
+    digest = json.loads(cli("inspect", built.path, "--json").out)["digest"]
+    result = cli("run", built.path, "--pin", digest)
+    assert result.rc == 0 and "--expected-digest" in result.err
+
+
 def test_run_of_a_corrupt_artifact_exits_1_with_one_line(cli, tmp_path):
     (tmp_path / "junk.kiln").write_bytes(os.urandom(2048))
     result = cli("run", tmp_path / "junk.kiln")
