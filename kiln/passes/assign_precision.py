@@ -143,7 +143,8 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
     if final in eligible and (sensitive := _sensitive_final(analysis, final, scheme, opts)) is not None:
         eligible.remove(final)
         held[final], final_error = sensitive
-    plans, _ = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size)
+    plans, _ = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, eligible, opts.int4_group_size,
+                              work={name: float(_macs(layers[name])) for name in eligible})
     for name, reason in held.items():
         plans[name] = plans[name].at_fp32(reason, error=final_error if name == final else 0.0)
     return plans

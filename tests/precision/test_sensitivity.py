@@ -1,5 +1,5 @@
-"""The sensitivity analysis' bias correction: a static int8 layer carries the mean shift its
-rounding puts on each output channel, and the simulation of the layer takes it off."""
+"""The sensitivity analysis: a static int8 layer carries the mean shift its rounding puts on each
+output channel, and the simulation takes it off; spending the budget lowers every layer it affords."""
 
 import torch
 from torch import nn
@@ -49,3 +49,44 @@ def test_only_static_int8_is_corrected():
     analysis = Analysis(gm, [layer], samples[:4], samples[:4], "minmax")
     for scheme in (Scheme.INT8_DYNAMIC, Scheme.BF16, Scheme.INT4_WEIGHT):
         assert analysis.lowered(layer, scheme, 32).bias_shift is None
+
+
+class _ThreeBranches(nn.Module):
+    """out = a(x) + b(x) + c(x scaled): c's input carries one feature 1000x the others that c
+    does not read, so int8's per-tensor input scale rounds everything c reads to zero."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.c.weight[:, 0] = 0.0
+        self.register_buffer("scale", torch.cat([torch.tensor([1000.0]), torch.ones(63)]))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.c(x * self.scale)
+
+
+def test_layers_ranked_after_one_the_budget_cannot_afford_are_still_lowered_when_the_budget_holds(monkeypatch):
+    from kiln.budget import Budget
+
+    model = _ThreeBranches().eval()
+    samples = [(torch.randn(4, 64),) for _ in range(4)]
+    gm = capture(model, samples[0]).gm
+    layers = [LayerPlan(n.name, "linear", str(n.args[1].target)) for n in gm.graph.nodes
+              if n.op == "call_function" and "linear" in str(n.target)]
+    node = {layer.weight.split(".")[-2]: layer.node for layer in layers}  # "model.a.weight" -> a
+    analysis = Analysis(gm, layers, samples, samples, "minmax")
+    # The solo ranking is measured on one sample and misses interactions: here it puts c second.
+    rank = {node["a"]: 0.001, node["c"]: 0.002, node["b"]: 0.003}
+    monkeypatch.setattr(analysis, "solo_error", lambda plan: rank[plan.node])
+    budget = Budget(max_rel_error=0.05)
+    def fits(*names):
+        m = analysis.measure({n: analysis.lowered(analysis.layers[n], Scheme.INT8_STATIC, 128) for n in names})
+        return budget.allows(m.cosine, m.rel_error, m.metric_drop)
+    assert fits(node["a"], node["b"]) and not fits(node["a"], node["c"])
+    plans, measured = analysis.spend(budget, Scheme.INT8_STATIC, list(node.values()), 128)
+    assert {name for name, plan in plans.items() if plan.scheme == Scheme.INT8_STATIC} == {node["a"], node["b"]}
+    assert "added after the first 1" in plans[node["b"]].reason
+    assert "would exceed the budget" in plans[node["c"]].reason
+    assert budget.allows(measured.cosine, measured.rel_error, measured.metric_drop)
