@@ -18,6 +18,7 @@ is honoured as it is: nothing is re-quantised.
 
 from __future__ import annotations
 
+import math
 
 import torch
 from torch.fx import GraphModule, Node
@@ -26,6 +27,7 @@ from kiln.frontend.input_spec import random_inputs
 from kiln.passes._graph import attr_value, is_call
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
+from kiln.placement.cost_model import shape_of
 from kiln.precision.capability import auto_candidates, device_runs
 from kiln.precision.plan import LAYER_META, LayerPlan, Scheme
 from kiln.precision.sensitivity import Analysis
@@ -184,9 +186,13 @@ def _saving(layers: dict[str, Node], plans: dict[str, LayerPlan], ctx: PassConte
 
 
 def _macs(node: Node) -> int:
-    """Multiply-adds of a linear or convolution layer at the example size: one weight row per output element."""
+    """Multiply-adds of a linear or convolution layer at the example size: one weight row per output element.
+    Sizes are read as their example values: arithmetic on a dynamic size would guard it, and a
+    guard pins that size to the example in the graph's shape environment for every later call."""
     val, weight = node.meta.get("val"), node.args[1].meta.get("val")
-    return val.numel() * weight[0].numel() if val is not None and weight is not None else 1
+    if val is None or weight is None:
+        return 1
+    return math.prod(shape_of(val)) * math.prod(shape_of(weight)[1:])
 
 
 def _samples(ctx: PassContext) -> tuple[list, list]:

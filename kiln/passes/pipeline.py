@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch.fx import GraphModule
 
 from kiln.errors import KilnError, OptionsError, PassFailed
@@ -36,6 +37,7 @@ from kiln.passes.remove_noop_views import remove_noop_views
 from kiln.passes.remove_redundant_permutes import remove_redundant_permutes
 from kiln.passes.result import PassResult
 from kiln.report import PassRecord
+from kiln.types import Dim
 
 Pass = Callable[[GraphModule, PassContext], PassResult]
 
@@ -116,6 +118,7 @@ def _run_one(pass_fn: Pass, stage: str, gm: GraphModule, ctx: PassContext, befor
             gm.graph.lint()
             gm.recompile()
             _check_meta(gm)
+        _check_dynamic_sizes(gm, ctx)  # also after a decide-only pass: reading a size can pin it
     except KilnError:
         raise  # a pass's own error already says what, where and the fix (e.g. a pin naming no node)
     except Exception as exc:
@@ -139,6 +142,24 @@ def _check_meta(gm: GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and "val" not in node.meta:
             raise RuntimeError(f"node {node.name} ({node.target}) has no shape meta after the pass")
+
+
+def _check_dynamic_sizes(gm: GraphModule, ctx: PassContext) -> None:
+    # Arithmetic or a comparison on a symbolic size adds a guard; a guard that fixes the size
+    # pins it to the example for every later call of the graph (a dynamic batch of 2 would then
+    # refuse a batch of 3). Caught here, the error names the pass instead of the user's call.
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    specs = ctx.input_spec.tensors if ctx.input_spec is not None else ()
+    for index, node in enumerate(placeholders):
+        if not isinstance(val := node.meta.get("val"), torch.Tensor):
+            continue
+        spec = specs[index] if len(specs) == len(placeholders) else None
+        for axis, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_number:
+                dim = spec.shape[axis] if spec is not None and axis < len(spec.shape) else None
+                what = f"dynamic size {dim.name!r}" if isinstance(dim, Dim) else "dynamic size"
+                raise RuntimeError(f"the {what} of input {spec.name if spec else node.name!r} (axis {axis}) was pinned to "
+                                   f"{int(size.node.expr)}: the pass computed with the symbolic size, not its example value")
 
 
 def _failure(name: str, stage: str, before: list[PassRecord], exc: Exception) -> PassFailed:

@@ -92,6 +92,19 @@ def test_auto_with_calibration_picks_static_int8_with_calibrated_ranges(run_pass
     assert lo <= 0 <= hi and hi > 0  # the input of fc2 is a layer-normed activation
 
 
+def test_a_dynamic_batch_stays_dynamic_after_precision_is_decided(run_pass):
+    # Layer sizes feed the plan (multiply-adds); reading a symbolic size must not pin the batch.
+    torch.manual_seed(0)
+    run = run_pass(Head().eval(), (torch.randn(2, 3, 8, 8),), dynamic={"x": {0: "batch"}})
+    samples = tuple((torch.randn(2, 3, 8, 8),) for _ in range(6))
+    opts = CompileOptions(calibration=[s[0] for s in samples])
+    run.ctx = PassContext(load("cpu-x86"), opts, run.captured.input_spec, run.inputs, samples)
+    run.apply(assign_precision)
+    assert any(p.scheme != Scheme.FP32 for p in _plans(run).values())
+    wider = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(run.gm(wider)[0], run.reference(wider)[0])
+
+
 def test_auto_leaves_tiny_layers_at_fp32(run_pass):
     run, _ = _run(run_pass, model=nn.Sequential(nn.Flatten(), nn.Linear(192, 4)), calibrate=True)
     (plan,) = _plans(run).values()

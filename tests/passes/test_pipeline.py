@@ -98,3 +98,22 @@ def test_pipeline_rejects_a_pass_that_returns_no_result(run_pass):
     run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(PassFailed, match="not PassResult"):
         pipeline.run(run.gm, run.ctx, (Stage("bad", (lambda gm, ctx: None,)),))
+
+
+def test_pipeline_rejects_a_pass_that_pins_a_dynamic_size(run_pass):
+    def compare_the_batch(gm, ctx):
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        if x.meta["val"].shape[0] == 2:  # a guard on the symbolic batch: it becomes 2 for good
+            pass
+        return PassResult(changed=False)
+
+    run = run_pass(Small(), (torch.randn(2, 3, 8, 8),), dynamic={"x": {0: "batch"}})
+    with pytest.raises(PassFailed, match="compare_the_batch.*'batch' of input 'x' \\(axis 0\\) was pinned to 2"):
+        pipeline.run(run.gm, run.ctx, (Stage("bad", (compare_the_batch,)),))
+
+
+def test_the_whole_pipeline_keeps_a_dynamic_batch_dynamic(run_pass):
+    run = run_pass(Small(), (torch.randn(2, 3, 8, 8),), dynamic={"x": {0: "batch"}})
+    pipeline.run(run.gm, run.ctx)
+    wider = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(run.gm(wider)[0], run.reference(wider)[0])
