@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the example (given the --factory-arg keys it accepts), or a torch.save'd list of them")
     p.add_argument("--calibration-observer", choices=["minmax", "percentile", "mse"], help="activation ranges for static int8")
     p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128], help="weights per scale for int4 weight-only")
+    p.add_argument("--keep-fp32", action="append", default=[], metavar="MODULE",
+                   help="keep a module's layers (path prefix, e.g. classifier) or a node at fp32 whatever the precision (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
     p.add_argument("--autotune", action="store_true", help="let backends benchmark kernel variants while building (slower builds)")
     p.add_argument("-o", "--output", help="artifact path (a file, or a directory if it ends with /)")
@@ -206,6 +208,8 @@ def _precision_options(args: argparse.Namespace) -> dict[str, Any]:
         options["calibration_observer"] = args.calibration_observer
     if args.int4_group_size:
         options["int4_group_size"] = args.int4_group_size
+    if args.keep_fp32:
+        options["keep_fp32"] = tuple(args.keep_fp32)
     return options
 
 

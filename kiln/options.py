@@ -28,6 +28,9 @@ class CompileOptions:
     accuracy_budget: Budget = Budget()
     calibration: Any = None  # iterable of example inputs (each like example_inputs); read once, here
     calibration_limit: int = 64  # at most this many calibration samples are read
+    # module path prefixes or node names whose linear/conv layers stay fp32 whatever the precision
+    # (a head the user's metric is sensitive to); the plan spends the budget on the other layers
+    keep_fp32: tuple[str, ...] = field(default=())
     calibration_observer: str = "minmax"  # activation ranges for static int8: minmax | percentile | mse
     int4_group_size: int = 128  # weights per scale for int4 weight-only: 32, 64 or 128
     allow_fallback: bool = False  # in "prefer" mode, a failed build moves on (recorded) instead of raising
@@ -67,6 +70,11 @@ class CompileOptions:
             raise OptionsError(f"pin must map module paths or node names to device names, got {self.pin!r}", where="options.pin",
                                fix='e.g. pin={"classifier": "cpu"}')
         object.__setattr__(self, "pin", dict(self.pin))
+        keep = (self.keep_fp32,) if isinstance(self.keep_fp32, str) else self.keep_fp32
+        if not isinstance(keep, (tuple, list)) or not all(isinstance(k, str) and k for k in keep):
+            raise OptionsError(f"keep_fp32 must be module paths or node names, got {self.keep_fp32!r}", where="options.keep_fp32",
+                               fix='e.g. keep_fp32=("classifier",)')
+        object.__setattr__(self, "keep_fp32", tuple(keep))
         for name in ("build_timeout_s", "cache_max_gb"):
             if getattr(self, name) <= 0:
                 raise OptionsError(f"{name} must be positive, got {getattr(self, name)!r}", where=f"options.{name}", fix="use a positive number")
@@ -142,6 +150,7 @@ class CompileOptions:
         data["precision"] = self.precision.value
         data["disabled_passes"] = list(self.disabled_passes)
         data["pin"] = dict(sorted(self.pin.items()))
+        data["keep_fp32"] = sorted(self.keep_fp32)
         data["accuracy_budget"] = self.accuracy_budget.to_dict()
         data["calibration"] = None if self.calibration is None else f"{len(self.calibration)} samples"
         return data

@@ -167,6 +167,7 @@ def test_the_cache_key_includes_precision_budget_and_calibration_content(net):
     assert key(accuracy_budget=kiln.Budget(min_cosine=0.99)) != base
     assert key(calibration=[draw(1)]) != key(calibration=[draw(2)])
     assert key(calibration=[draw(1)]) == key(calibration=[draw(1).clone()])
+    assert key(keep_fp32=("out",)) != base
 
 
 def _agreement(predict, dataset):
@@ -190,6 +191,27 @@ def test_a_metric_budget_is_checked_on_its_dataset_and_bypasses_the_cache(net):
                              accuracy_budget=budget)
     assert "metric" in compiled.report.precision_summary and "(eager 1)" in compiled.report.precision_summary
     assert any("compile cache was bypassed" in note for note in compiled.report.notes)
+
+
+def test_keep_fp32_builds_the_named_layer_at_fp32_and_the_rest_at_the_requested_precision(net):
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION,
+                             keep_fp32=("out",))
+    rows = _rows(compiled)
+    assert rows["linear_2"]["scheme"] == "fp32" and "keep_fp32='out'" in rows["linear_2"]["reason"]
+    assert {rows[name]["scheme"] for name in ("conv2d", "linear", "linear_1")} == {"int8-static"}
+    cosine, rel = output_error(compiled(draw(300)), model(draw(300)))
+    assert kiln.Budget().allows(cosine, rel)
+
+
+def test_keep_fp32_naming_no_module_is_an_options_error(net):
+    model, x = net
+    with pytest.raises(kiln.OptionsError, match="keep_fp32 'head' matches no node") as info:
+        kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION,
+                      keep_fp32=("head",))
+    assert "out" in info.value.fix
+    with pytest.raises(kiln.OptionsError, match="keep_fp32 must be module paths"):
+        kiln.optimize(model, "cpu-x86", x, keep_fp32=[3])
 
 
 def test_the_precision_table_and_outputs_survive_save_and_load(net, tmp_path):

@@ -73,3 +73,18 @@ def call(gm: GraphModule, target, args: tuple, kwargs: dict | None = None, meta_
         node.meta.update({k: v for k, v in meta_from.meta.items() if k not in ("val", "tensor_meta")})
     node.meta["val"] = meta_value(target, args, kwargs)
     return node
+
+
+def module_paths(node: Node) -> list[str]:
+    """Module paths of `node`, outermost first, without capture's wrapper prefix."""
+    paths = []
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        path = path[len("model."):] if path.startswith("model.") else ("" if path == "model" else path)
+        if path:
+            paths.append(path)
+    return paths
+
+
+def in_module(node: Node, key: str) -> bool:
+    """Whether `key` names `node` or a module that holds it (a path prefix at a dot)."""
+    return node.name == key or any(p == key or p.startswith(key + ".") for p in module_paths(node))

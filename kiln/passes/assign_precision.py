@@ -24,7 +24,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.frontend.input_spec import random_inputs
-from kiln.passes._graph import attr_value, is_call
+from kiln.errors import OptionsError
+from kiln.passes._graph import attr_value, in_module, is_call, module_paths
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement.cost_model import shape_of
@@ -68,6 +69,7 @@ SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precisio
 def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     opts = ctx.options
     layers = _layers(gm)
+    kept = _kept_fp32(gm, layers, opts.keep_fp32)
     quantized = [n.name for n in gm.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)]
     if quantized:
         reason = f"the model already carries {len(quantized)} Q/DQ or fake-quant nodes; its quantisation is kept as is"
@@ -87,7 +89,7 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(False, {"lowered": 0, "layers": len(layers)})
     analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
-    outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx)) for scheme in schemes]
+    outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx, kept)) for scheme in schemes]
     ranked = sorted(outcomes, key=lambda o: -_saving(layers, o[1], ctx))
     plans = ranked[0][1]
     if not any(p.scheme != Scheme.FP32 for p in plans.values()):
@@ -129,12 +131,29 @@ def _schemes(ctx: PassContext) -> list[str]:
             for p in precisions]
 
 
+def _kept_fp32(gm: GraphModule, layers: dict[str, Node], keys: tuple[str, ...]) -> dict[str, str]:
+    """{layer: reason} for the layers the user keeps at fp32; a key that names nothing is an error."""
+    kept: dict[str, str] = {}
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for key in keys:
+        if not any(in_module(n, key) for n in nodes):
+            paths = sorted({p for n in layers.values() for p in module_paths(n)})[:12]
+            raise OptionsError(f"keep_fp32 {key!r} matches no node", where="options.keep_fp32",
+                               fix=f"name a module path or node; layer module paths include: {', '.join(paths) or 'none'}")
+        for name, node in layers.items():
+            if in_module(node, key):
+                kept.setdefault(name, f"kept fp32 by keep_fp32={key!r}")
+    return kept
+
+
 def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], scheme: str,
-                ctx: PassContext) -> dict[str, LayerPlan]:
+                ctx: PassContext, kept: dict[str, str]) -> dict[str, LayerPlan]:
     opts = ctx.options
     eligible, held = [], {}
     for name, node in layers.items():
-        if scheme == Scheme.INT4_WEIGHT and node.target not in LINEARS:
+        if name in kept:
+            held[name] = kept[name]
+        elif scheme == Scheme.INT4_WEIGHT and node.target not in LINEARS:
             held[name] = "int4 weight-only kernels take linear layers only"
         elif opts.auto and attr_value(gm, node.args[1]).numel() < AUTO_MIN_WEIGHTS and _macs(node) < AUTO_MIN_MACS:
             held[name] = (f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights "

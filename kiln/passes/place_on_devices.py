@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.backends import registry
 from kiln.errors import BackendUnavailable, OptionsError
+from kiln.passes._graph import in_module, module_paths
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement import cost_model as cm
@@ -145,9 +146,9 @@ def _pins(units, ctx: PassContext, options, refusals) -> dict[Node, str]:
         if device not in ctx.profile.devices:
             raise OptionsError(f"pin {key!r} names device {device!r}, which profile {ctx.profile.name} lacks",
                                where="options.pin", fix=f"use one of {', '.join(ctx.profile.devices)}")
-        matched = [n for n in units if _matches(n, key)]
+        matched = [n for n in units if in_module(n, key)]
         if not matched:
-            paths = sorted({p for n in units for p in _module_paths(n)})[:12]
+            paths = sorted({p for n in units for p in module_paths(n)})[:12]
             raise OptionsError(f"pin {key!r} matches no node", where="options.pin",
                                fix=f"name a module path or node; module paths include: {', '.join(paths) or 'none'}")
         for node in matched:
@@ -157,20 +158,6 @@ def _pins(units, ctx: PassContext, options, refusals) -> dict[Node, str]:
             options[node] = {device: options[node][device]}
             pinned[node] = f"pinned to {device} by CompileOptions(pin={{{key!r}: {device!r}}})"
     return pinned
-
-
-def _module_paths(node: Node) -> list[str]:
-    """Module paths of `node`, outermost first, without capture's wrapper prefix."""
-    paths = []
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        path = path[len("model."):] if path.startswith("model.") else ("" if path == "model" else path)
-        if path:
-            paths.append(path)
-    return paths
-
-
-def _matches(node: Node, key: str) -> bool:
-    return node.name == key or any(p == key or p.startswith(key + ".") for p in _module_paths(node))
 
 
 def _solve(gm: GraphModule, units, options, costs, ctx: PassContext, host: str) -> dict[Node, str]:

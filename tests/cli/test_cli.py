@@ -455,6 +455,18 @@ def test_compile_lowers_to_int8_with_calibration_from_a_factory_and_a_budget(cli
     assert summary.startswith("precision=int8: int8-static for 1 of 1 layers") and "cosine >= 0.99" in summary
 
 
+def test_compile_keep_fp32_holds_the_named_module_and_a_typo_is_one_error_line(cli, tmp_path):
+    common = ("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+              "--calibration", "tiny_models:calibration", "--min-cosine", "0.99")
+    result = cli(*common, "--keep-fp32", "fc", "--json", "-o", tmp_path / "kept.kiln")
+    assert result.rc == 0, result.err
+    (row,) = json.loads(result.out)["report"]["precision"]
+    assert row["scheme"] == "fp32" and row["reason"] == "kept fp32 by keep_fp32='fc'"
+    result = cli(*common, "--keep-fp32", "fcc", "-o", tmp_path / "typo.kiln")
+    assert result.rc == 1
+    assert "keep_fp32 'fcc' matches no node" in one_error_line(result.err) and "fc" in result.err
+
+
 def test_compile_takes_calibration_samples_from_a_torch_save_file(cli, tmp_path):
     torch.save([torch.randn(2, 8) for _ in range(3)], tmp_path / "samples.pt")
     result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",

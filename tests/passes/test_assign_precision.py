@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from kiln.budget import Budget
+from kiln.errors import OptionsError
 from kiln.hardware_profiles import load
 from kiln.options import CompileOptions
 from kiln.passes.assign_precision import assign_precision
@@ -182,6 +183,29 @@ def test_the_default_budget_keeps_layers_whose_fp8_error_it_cannot_afford(run_pa
 def test_fp8_is_assigned_on_h100(run_pass):
     run, _ = _run(run_pass, profile="h100", precision="fp8", accuracy_budget=Budget(min_cosine=0.99))
     assert {p.scheme for p in _plans(run).values()} == {Scheme.FP8}
+
+
+def test_keep_fp32_holds_the_named_module_at_fp32_and_lowers_the_rest(run_pass):
+    run, result = _run(run_pass, precision="bf16", keep_fp32=("fc1",))
+    plans = _plans(run)
+    assert plans["linear"].scheme == Scheme.FP32 and plans["linear"].reason == "kept fp32 by keep_fp32='fc1'"
+    assert plans["conv2d"].scheme == plans["linear_1"].scheme == Scheme.BF16
+    assert result.counts == {"lowered": 2, "layers": 3}
+    assert run.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)[0].meta["kiln"].precision \
+        is Precision.FP32
+
+
+def test_keep_fp32_under_auto_spends_the_budget_on_the_other_layers(run_pass):
+    run, _ = _run(run_pass, calibrate=True, backend="onnxruntime", keep_fp32=("linear_1",))  # a node name works too
+    plans = _plans(run)
+    assert plans["linear_1"].scheme == Scheme.FP32 and "keep_fp32" in plans["linear_1"].reason
+    assert plans["linear"].scheme == Scheme.INT8_STATIC
+
+
+def test_keep_fp32_naming_nothing_is_an_error_listing_module_paths(run_pass):
+    with pytest.raises(OptionsError, match="keep_fp32 'fc3' matches no node") as info:
+        _run(run_pass, precision="bf16", keep_fp32=("fc3",))
+    assert info.value.where == "options.keep_fp32" and "fc1" in info.value.fix and "fc2" in info.value.fix
 
 
 def test_explicit_fp32_lowers_nothing(run_pass):
