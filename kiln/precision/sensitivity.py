@@ -29,6 +29,7 @@ from torch.fx import GraphModule, Interpreter
 from kiln.budget import Budget
 from kiln.precision.plan import LayerPlan, Scheme
 from kiln.precision.schemes import Observer, fake_input, fake_output, fake_weight
+from kiln.progress import Progress
 from kiln.verify import output_error, worst_per_example
 
 Samples = Sequence[tuple[torch.Tensor, ...]]
@@ -126,11 +127,20 @@ class Analysis:
         self.calibration = list(calibration)
         self._shifts: dict[str, tuple[float, ...]] | None = None
         with torch.no_grad():
-            for sample in calibration:
+            progress = Progress("precision: activation ranges", len(self.calibration), " calibration samples")
+            for sample in self.calibration:
                 _Recorder(gm, observers).run(*sample)
+                progress.advance()
+            progress.finish()
             first = Interpreter(gm, garbage_collect_values=False)  # keeps every value of the first sample, for solo runs
-            self.references = [self._run(first if i == 0 else Interpreter(gm), s) for i, s in enumerate(self.samples)]
+            progress = Progress("precision: fp32 references", len(self.samples), " samples")
+            self.references = []
+            for index, sample in enumerate(self.samples):
+                self.references.append(self._run(first if index == 0 else Interpreter(gm), sample))
+                progress.advance()
+            progress.finish()
             self.first_env = dict(first.env) if self.samples else {}
+        self.measured = Progress(f"precision: plans measured on {len(self.samples)} samples", unit=" plans")
         self.ranges = {name: obs.range() for name, obs in observers.items()}
         self.layers = {layer.node: layer for layer in layers}
 
@@ -152,9 +162,12 @@ class Analysis:
             plans = {name: replace(layer, scheme=Scheme.INT8_STATIC, input_range=self.ranges.get(name))
                      for name, layer in self.layers.items()}
             sums: dict = {}
+            progress = Progress("precision: int8 bias correction", len(self.calibration), " calibration samples")
             with torch.no_grad():
                 for sample in self.calibration:
                     _ShiftRecorder(self.gm, plans, self.weights, sums).run(*sample)
+                    progress.advance()
+            progress.finish()
             self._shifts = {name: tuple((total / len(self.calibration)).tolist()) for name, total in sums.items()}
         return self._shifts
 
@@ -169,6 +182,7 @@ class Analysis:
                         c, r = worst_per_example(got, ref)
                         cosine, rel = min(cosine, c), max(rel, r)
         drop = self.metric_drop(config) if with_metric and self.metric_drop is not None else None
+        self.measured.advance()
         return Measurement(cosine, rel, drop)
 
     def solo_error(self, plan: LayerPlan) -> float:
@@ -197,9 +211,13 @@ class Analysis:
         layer's plan (lowered or not, each with its solo error and reason) and the measurement.
         `work` (layer -> its share of the compute, e.g. multiply-adds) orders the second pass."""
         trials = []
+        self.measured = Progress(f"precision: {scheme} plans measured on {len(self.samples)} samples", unit=" plans")
+        progress = Progress(f"precision: {scheme} sensitivity", len(eligible), " layers")
         for name in eligible:
             plan = self.lowered(self.layers[name], scheme, group_size)
             trials.append((self.solo_error(plan), plan))
+            progress.advance()
+        progress.finish()
         trials.sort(key=lambda t: t[0])
         count = self._longest_prefix(trials, budget)
         rank = {plan.node: index + 1 for index, (_, plan) in enumerate(trials)}
@@ -222,6 +240,7 @@ class Analysis:
                 result[plan.node] = replace(self.layers[plan.node], error=error,
                                             reason=f"{scheme} would exceed the budget ({where}, alone: rel. error {error:.3g})")
         final = self.measure(chosen) if chosen else Measurement(1.0, 0.0)
+        self.measured.finish()
         return result, final
 
     def _longest_prefix(self, trials: list, budget: Budget) -> int:

@@ -90,3 +90,38 @@ def test_layers_ranked_after_one_the_budget_cannot_afford_are_still_lowered_when
     assert "added after the first 1" in plans[node["b"]].reason
     assert "would exceed the budget" in plans[node["c"]].reason
     assert budget.allows(measured.cosine, measured.rel_error, measured.metric_drop)
+
+
+def test_a_long_analysis_says_how_far_it_is_and_how_long_is_left(monkeypatch, caplog):
+    import logging
+
+    from kiln import progress
+    from kiln.budget import Budget
+
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)  # as if each step took longer than the pause between lines
+    model = _ThreeBranches().eval()
+    samples = [(torch.randn(4, 64),) for _ in range(4)]
+    gm = capture(model, samples[0]).gm
+    layers = [LayerPlan(n.name, "linear", str(n.args[1].target)) for n in gm.graph.nodes
+              if n.op == "call_function" and "linear" in str(n.target)]
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        analysis = Analysis(gm, layers, samples, samples, "minmax")
+        analysis.spend(Budget(max_rel_error=0.05), Scheme.INT8_STATIC, [layer.node for layer in layers], 128)
+    lines = [record.getMessage() for record in caplog.records if record.name == "kiln"]
+    assert "precision: activation ranges: 1 of 4 calibration samples, about" in lines[0] and lines[0].endswith("s left")
+    assert "precision: activation ranges: 4 calibration samples done in" in lines[3]
+    assert any(line.startswith("precision: int8-static sensitivity: 2 of 3 layers") for line in lines)
+    assert any(line.startswith("precision: int8-static plans measured on 4 samples: ") and " plans done in " in line for line in lines)
+
+
+def test_a_short_step_prints_nothing(caplog):
+    import logging
+
+    from kiln.progress import Progress
+
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        step = Progress("quick", 3)
+        for _ in range(3):
+            step.advance()
+        step.finish()
+    assert [r for r in caplog.records if r.name == "kiln"] == []

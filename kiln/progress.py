@@ -1,0 +1,43 @@
+"""Progress lines for kiln's long steps, on the "kiln" logger (the CLI shows them on a terminal).
+
+A step that may run for minutes (calibrating EfficientNet-Lite0 on 48 photos, ranking its 50
+layers) says how far it is at most once every few seconds, with an estimate of the time left,
+so a quiet terminal means work and not a hang. Short steps print nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("kiln")
+
+EVERY_SECONDS = 5.0  # at most one line per step this often
+
+
+class Progress:
+    """Counts `total` units of one step (None: unknown) and logs where it stands."""
+
+    def __init__(self, what: str, total: int | None = None, unit: str = ""):
+        self.what, self.total, self.unit = what, total, unit
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+        self.spoke = False
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last < EVERY_SECONDS or (self.total is not None and self.done >= self.total):
+            return
+        self.last, self.spoke = now, True
+        elapsed = now - self.start
+        if self.total:
+            left = elapsed / self.done * (self.total - self.done)
+            log.info("%s: %d of %d%s, about %.0f s left", self.what, self.done, self.total, self.unit, left)
+        else:
+            log.info("%s: %d%s so far (%.0f s)", self.what, self.done, self.unit, elapsed)
+
+    def finish(self) -> None:
+        """One closing line, only for a step that spoke on the way."""
+        if self.spoke:
+            log.info("%s: %d%s done in %.1f s", self.what, self.done, self.unit, time.perf_counter() - self.start)
