@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -88,3 +90,14 @@ def module_paths(node: Node) -> list[str]:
 def in_module(node: Node, key: str) -> bool:
     """Whether `key` names `node` or a module that holds it (a path prefix at a dot)."""
     return node.name == key or any(p == key or p.startswith(key + ".") for p in module_paths(node))
+
+
+def module_hint(nodes, key: str) -> str:
+    """What a user who named `key` for no node could name instead: the closest module path or
+    node name, and the top-level modules (sorted paths alone would list only the first blocks)."""
+    paths = sorted({p for n in nodes for p in module_paths(n)})
+    close = difflib.get_close_matches(key, paths + [n.name for n in nodes], n=1, cutoff=0.6)
+    top = sorted({p.split(".")[0] for p in paths})
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return (f"{guess}name a module path (or a prefix of one at a dot) or a node name; "
+            f"top-level modules: {', '.join(top[:20]) or 'none'}")

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.frontend.input_spec import random_inputs
 from kiln.errors import OptionsError
-from kiln.passes._graph import attr_value, in_module, is_call, module_paths
+from kiln.passes._graph import attr_value, in_module, is_call, module_hint
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement.cost_model import shape_of
@@ -137,9 +137,7 @@ def _kept_fp32(gm: GraphModule, layers: dict[str, Node], keys: tuple[str, ...]) 
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     for key in keys:
         if not any(in_module(n, key) for n in nodes):
-            paths = sorted({p for n in layers.values() for p in module_paths(n)})[:12]
-            raise OptionsError(f"keep_fp32 {key!r} matches no node", where="options.keep_fp32",
-                               fix=f"name a module path or node; layer module paths include: {', '.join(paths) or 'none'}")
+            raise OptionsError(f"keep_fp32 {key!r} matches no node", where="options.keep_fp32", fix=module_hint(nodes, key))
         for name, node in layers.items():
             if in_module(node, key):
                 kept.setdefault(name, f"kept fp32 by keep_fp32={key!r}")

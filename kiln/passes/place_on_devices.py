@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from kiln.backends import registry
 from kiln.errors import BackendUnavailable, OptionsError
-from kiln.passes._graph import in_module, module_paths
+from kiln.passes._graph import in_module, module_hint
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement import cost_model as cm
@@ -148,9 +148,7 @@ def _pins(units, ctx: PassContext, options, refusals) -> dict[Node, str]:
                                where="options.pin", fix=f"use one of {', '.join(ctx.profile.devices)}")
         matched = [n for n in units if in_module(n, key)]
         if not matched:
-            paths = sorted({p for n in units for p in module_paths(n)})[:12]
-            raise OptionsError(f"pin {key!r} matches no node", where="options.pin",
-                               fix=f"name a module path or node; module paths include: {', '.join(paths) or 'none'}")
+            raise OptionsError(f"pin {key!r} matches no node", where="options.pin", fix=module_hint(units, key))
         for node in matched:
             if device not in options[node]:
                 raise OptionsError(f"pin {key!r} puts node {node.name} ({node.target}) on {device}, which cannot run it: "

@@ -205,7 +205,10 @@ def test_keep_fp32_under_auto_spends_the_budget_on_the_other_layers(run_pass):
 def test_keep_fp32_naming_nothing_is_an_error_listing_module_paths(run_pass):
     with pytest.raises(OptionsError, match="keep_fp32 'fc3' matches no node") as info:
         _run(run_pass, precision="bf16", keep_fp32=("fc3",))
-    assert info.value.where == "options.keep_fp32" and "fc1" in info.value.fix and "fc2" in info.value.fix
+    assert info.value.where == "options.keep_fp32"
+    assert "top-level modules: conv, fc1, fc2, norm" in info.value.fix
+    with pytest.raises(OptionsError, match="did you mean 'norm'"):
+        _run(run_pass, precision="bf16", keep_fp32=("nrom",))
 
 
 def test_explicit_fp32_lowers_nothing(run_pass):

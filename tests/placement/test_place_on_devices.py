@@ -75,7 +75,7 @@ def test_a_pin_wins_over_the_cost_model():
 def test_a_pin_to_an_unknown_device_or_matching_nothing_is_an_error_naming_the_choices():
     with pytest.raises(OptionsError, match="gpu, cpu"):
         place(HeavyMLP(), heavy_inputs(), "gpu-and-host", pin={"classifier": "tpu"})
-    with pytest.raises(OptionsError, match="(?s)matches no node.*classifier"):
+    with pytest.raises(OptionsError, match="(?s)matches no node.*did you mean 'classifier'"):
         place(HeavyMLP(), heavy_inputs(), "gpu-and-host", pin={"clasifier": "cpu"})
 
 
