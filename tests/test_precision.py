@@ -214,6 +214,35 @@ def test_keep_fp32_naming_no_module_is_an_options_error(net):
         kiln.optimize(model, "cpu-x86", x, keep_fp32=[3])
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_lowered_build_keeps_a_dynamic_batch(net, backend):
+    model, x = net
+    calibration = [torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch)) for batch in (2, 4, 6, 8)]
+    compiled = kiln.optimize(model, "cpu-x86", x, backend=backend, precision="int8", calibration=calibration,
+                             dynamic={"x": {0: "batch"}})
+    assert "int8-static" in compiled.report.precision_summary
+    for batch in (1, 3, 7):
+        inputs = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(50 + batch))
+        cosine, _ = output_error(compiled(inputs), model(inputs))
+        assert cosine > 0.998, (batch, cosine)
+
+
+def test_openvino_runs_a_plan_with_every_layer_bf16_at_its_bf16_hint_and_refuses_one_keeping_fp32_layers(net):
+    ov = pytest.importorskip("openvino")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 in OpenVINO's CPU plugin")
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="openvino", precision="bf16")
+    assert {row["scheme"] for row in compiled.report.precision} == {"bf16"}
+    (chosen,) = [c for c in compiled.report.candidates if c.status == "chosen"]
+    assert "inference precision bf16" in chosen.detail
+    tol = TOLERANCE[Precision.BF16]
+    torch.testing.assert_close(compiled(draw(7)), model(draw(7)), rtol=tol.rtol, atol=tol.atol)
+    with pytest.raises(kiln.BackendError, match=r"keeps 1 layer\(s\) at fp32 \(linear_2\)") as info:
+        kiln.optimize(model, "cpu-x86", x, backend="openvino", precision="bf16", keep_fp32=("out",))
+    assert "backend='inductor'" in info.value.fix
+
+
 def test_the_precision_table_and_outputs_survive_save_and_load(net, tmp_path):
     model, x = net
     compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8", calibration=CALIBRATION)

@@ -14,6 +14,10 @@ table its torch.compile partitioner uses, plus the ops it keeps from decompositi
 op its ExportedProgram path decomposes first; kiln keeps no copy of its own. Node checks add
 the argument patterns OpenVINO lists but crashes on or miscomputes (found by kiln's fuzzer).
 
+A float plan (bf16 or fp16) is built with that precision as the hint when every layer of the
+partition is at it: the hint sets the precision of the whole partition, so a plan keeping some
+layers at fp32 is refused with the fix (Inductor lowers layer by layer).
+
 Int8 plans take the ONNX road instead: kiln's one ONNX export, quantised layer by layer with
 ONNX Runtime's QDQ tools exactly as the onnxruntime backend does (`onnxruntime_precision`), read
 by OpenVINO's ONNX frontend. OpenVINO turns each QuantizeLinear/DequantizeLinear pair into a
@@ -50,6 +54,7 @@ from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, 
                                 export_partition)
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.precision.plan import Scheme
 from kiln.types import DeviceKind, Precision
 
 INSTALL_HINT = "pip install openvino"
@@ -62,6 +67,8 @@ PRECISION_HINTS: dict[Precision, tuple[str, str]] = {
     Precision.FP16: ("f16", "FP16"),
     Precision.INT8: ("f32", "INT8"),  # int8 comes from the model's QDQ nodes; the rest runs fp32
 }
+# Layer schemes the inference precision hint expresses when a plan puts every layer at one of them
+FLOAT_SCHEMES = frozenset({Scheme.BF16, Scheme.FP16})
 # Export-time shape and dtype assertions: OpenVINO's decoder skips them (its types are static).
 _METADATA_OPS = frozenset({"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
                            "aten.sym_constrain_range_for_size.default"})
@@ -308,6 +315,16 @@ def _convert(exported: torch.export.ExportedProgram):
     return model
 
 
+def _float_hint_covers(partition: PartitionGraph) -> bool:
+    """Whether OpenVINO's inference precision hint expresses the partition's plan exactly
+    enough: every layer at one float scheme (bf16 or fp16), none kept at fp32. The hint sets
+    the precision of the whole partition; the ops around the layers run as OpenVINO chooses at
+    that precision (its normalisations and softmax accumulate in f32), and verification checks
+    the outputs at the float precision's tolerance."""
+    layers = partition.precision.layers
+    return bool(layers) and len({layer.scheme for layer in layers}) == 1 and layers[0].scheme in FLOAT_SCHEMES
+
+
 def _quantised_onnx(partition: PartitionGraph, settings: BackendSettings):
     """(OpenVINO model, its input names, lowering summary) for a partition with a static int8
     plan: kiln's ONNX export with ONNX Runtime's QDQ nodes on the plan's layers."""
@@ -315,12 +332,18 @@ def _quantised_onnx(partition: PartitionGraph, settings: BackendSettings):
 
     from kiln.backends import onnxruntime_precision
     from kiln.backends.onnxruntime import export_onnx
-    from kiln.precision.plan import Scheme
 
     schemes = partition.precision.schemes()
+    if schemes & FLOAT_SCHEMES:
+        kept = [layer.node for layer in partition.precision.layers if layer.scheme == Scheme.FP32]
+        what = (f"keeps {len(kept)} layer(s) at fp32 ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept
+                else f"mixes {', '.join(sorted(schemes))}")
+        raise BackendError(f"OpenVINO sets a float precision for a whole partition (its inference precision hint), and "
+                           f"this plan {what}", where=f"partition {partition.name}",
+                           fix="use backend='inductor', which lowers layer by layer, or a plan with every layer at one float precision")
     if schemes != {Scheme.INT8_STATIC}:
         raise BackendError(f"kiln's OpenVINO backend lowers static int8 plans, not {', '.join(sorted(schemes))}",
-                           where=f"partition {partition.name}", fix="use backend='onnxruntime' or 'inductor' for this precision")
+                           where=f"partition {partition.name}", fix="use backend='onnxruntime' for this precision")
     path = settings.workdir / f"{partition.name}.openvino.qdq.onnx"
     program = export_onnx(partition, path)
     lowering = onnxruntime_precision.lower(path, partition, program)
@@ -400,7 +423,7 @@ class OpenVinoBackend:
         device = self._device(settings)
         partition, output_map = _distinct_outputs(partition)
         start = time.perf_counter()
-        if partition.precision.lowered:
+        if partition.precision.lowered and not _float_hint_covers(partition):
             model, placeholders, lowering = _quantised_onnx(partition, settings)
         else:
             exported = export_partition(partition)
