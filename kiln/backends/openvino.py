@@ -318,9 +318,9 @@ def _convert(exported: torch.export.ExportedProgram):
 def _float_hint_covers(partition: PartitionGraph) -> bool:
     """Whether OpenVINO's inference precision hint expresses the partition's plan exactly
     enough: every layer at one float scheme (bf16 or fp16), none kept at fp32. The hint sets
-    the precision of the whole partition; the ops around the layers run as OpenVINO chooses at
-    that precision (its normalisations and softmax accumulate in f32), and verification checks
-    the outputs at the float precision's tolerance."""
+    the precision of the whole partition, so the ops around the layers (softmax, norms) run as
+    OpenVINO chooses for that precision, not at kiln's fp32 rule; verification checks the
+    outputs at the float precision's tolerance."""
     layers = partition.precision.layers
     return bool(layers) and len({layer.scheme for layer in layers}) == 1 and layers[0].scheme in FLOAT_SCHEMES
 
