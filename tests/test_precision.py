@@ -99,7 +99,8 @@ def test_auto_without_calibration_assigns_no_integer_type_and_onnxruntime_stays_
 
 def test_auto_with_calibration_picks_int8_and_reports_what_it_cost(net):
     model, x = net
-    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", calibration=iter(CALIBRATION))
+    # select="prefer": the plan as decided, not timed against fp32 (a net this small runs faster at fp32)
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", calibration=iter(CALIBRATION), select="prefer")
     summary = compiled.report.precision_summary
     assert "int8-static" in summary and "measured cost: worst cosine" in summary
     text = compiled.report.render()
@@ -321,6 +322,27 @@ def test_auto_when_measuring_keeps_a_lowered_plan_only_if_it_beats_fp32_here(net
         torch.testing.assert_close(got, want, rtol=tol.rtol, atol=tol.atol)
     else:
         assert output_error(got, want)[0] >= kiln.Budget().min_cosine
+
+
+def test_auto_with_a_forced_backend_still_keeps_a_lowered_plan_only_if_it_beats_fp32_on_that_backend(net, monkeypatch):
+    from kiln import api
+
+    # the lowered plan loses to fp32 on the named backend (as OpenVINO's bf16 does on a CPU
+    # without AMX): naming the backend must not ship the slower build
+    monkeypatch.setattr(api, "time_interleaved", lambda fns, inputs, seconds: (2.0e-3, 1.0e-3))
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", calibration=CALIBRATION, isolate=False,
+                             accuracy_budget=kiln.Budget(min_cosine=0.995))
+    verdicts = [n for n in compiled.report.notes if "timed interleaved" in n]
+    assert verdicts and "ran 2.00 ms, fp32 1.00 ms" in verdicts[0]
+    assert not compiled.report.lowered and compiled.backends == {"p0": "onnxruntime"}
+    tol = TOLERANCE[Precision.FP32]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(draw(5)), model(draw(5)), rtol=tol.rtol, atol=tol.atol)
+    # select="prefer" is the user's way to skip every timing: the lowered plan is then kept untimed
+    untimed = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", calibration=CALIBRATION, isolate=False,
+                            accuracy_budget=kiln.Budget(min_cosine=0.995), select="prefer")
+    assert untimed.report.lowered and not any("timed interleaved" in n for n in untimed.report.notes)
 
 
 def test_openvino_runs_a_static_int8_plan_on_int8_kernels_within_the_int8_tolerance(net, tmp_path):
