@@ -1,8 +1,9 @@
 """ONNX Runtime backend: export through torch.onnx (dynamo exporter) from the captured
 program, run in an InferenceSession with ORT's full graph optimisation.
 
-Session options come from the build settings (intra-op threads, ORT_ENABLE_ALL). The CPU
-execution provider runs here; CUDA and TensorRT providers are requested first when the
+Session options come from the build settings (intra-op threads, ORT_ENABLE_ALL), with the
+worker threads' spinning bounded (INTRA_OP_SPIN_US) so that they leave the cores to what runs
+next. The CPU execution provider runs here; CUDA and TensorRT providers are requested first when the
 installed onnxruntime offers them and the partition targets a GPU. The capability table is
 the ONNX exporter's own registry of ATen overloads (plus ops it decomposes first), so kiln's
 coverage answer is the exporter's, not a hand-kept copy.
@@ -34,6 +35,13 @@ from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DeviceKind, Precision
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# How long ONNX Runtime's intra-op threads spin for more work before they sleep. Left to ORT,
+# they keep spinning after a call returns and take the cores from whatever runs next (another
+# partition's engine, the user's own code): PyTorch matmuls right after a MiniLM or
+# EfficientNet-Lite0 call ran at 2.8x their time alone, at 1.2x with spinning bounded to 200 us
+# (bench/ort_spinning.py). ORT's own call keeps its speed under the bound; spinning turned off
+# entirely cost it 1.2-1.9x on a 2-core CPU.
+INTRA_OP_SPIN_US = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +212,8 @@ class OnnxRuntimeEngine:
         options.intra_op_num_threads = settings.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+        if INTRA_OP_SPIN_US is not None:
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(INTRA_OP_SPIN_US))
         providers = [p for p in _providers_for(settings.device) if p[0] in ort.get_available_providers()]
         if optimized_path is not None:  # the graph ORT really runs, after its own fusions
             options.optimized_model_filepath = str(optimized_path)
