@@ -266,6 +266,34 @@ def test_inductor_lowers_bf16_and_int8_within_their_tolerance(net, precision, ca
             torch.testing.assert_close(compiled(draw(seed)), model(draw(seed)), rtol=tol.rtol, atol=tol.atol)
 
 
+def test_inductor_int8_runs_every_planned_conv_and_linear_on_int8_weights(net, monkeypatch):
+    # PT2E's x86 quantizer finds convs by the nn.Conv2d they came from, which a re-exported
+    # partition no longer names: its convs once stayed fp32 while the report said int8
+    from kiln.backends import inductor_precision
+
+    converted, real = [], inductor_precision.export_program
+    monkeypatch.setattr(inductor_precision, "export_program",
+                        lambda gm, *args, **kwargs: (converted.append(gm), real(gm, *args, **kwargs))[1])
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="int8", calibration=CALIBRATION,
+                             isolate=False)
+    planned = [row["node"] for row in compiled.report.precision if row["scheme"] == "int8-static"]
+    assert "conv2d" in planned
+    quantised = inductor_precision._quantised_layers(converted[-1])
+    assert len(quantised) == len(planned) and "conv2d" in quantised
+
+
+def test_inductor_refuses_an_int8_build_that_leaves_a_planned_layer_unquantised(net, monkeypatch):
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    from kiln.errors import BackendError
+
+    monkeypatch.setattr(X86InductorQuantizer, "_annotate_conv_node_helper", lambda self, node, output, config: None)
+    model, x = net
+    with pytest.raises(BackendError, match=r"left 1 of the plan's \d+ int8 layers unquantised .*conv2d.*report said int8"):
+        kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="int8", calibration=CALIBRATION, isolate=False)
+
+
 def test_auto_builds_at_fp32_with_a_note_when_no_backend_builds_the_lowered_plan(net, monkeypatch):
     from kiln import api
     from kiln.errors import BackendUnavailable

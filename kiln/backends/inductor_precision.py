@@ -149,22 +149,42 @@ def _pt2e_int8(partition: PartitionGraph, dynamic: bool) -> torch.export.Exporte
     layers = {node.name for node in model.graph.nodes if node.op == "call_function" and len(node.args) > 1
               and getattr(node.args[1], "op", None) == "get_attr" and node.args[1].target in planned}
 
+    config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
+    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-127))
+
     class _PlanQuantizer(X86InductorQuantizer):
-        """X86InductorQuantizer's annotations, kept only on the plan's layers."""
+        """X86InductorQuantizer's annotations, kept only on the plan's layers. It finds convs by
+        the nn.Conv2d they were called from (the node's source_fn_stack); a re-exported
+        partition holds only the aten op, so a planned conv it passed over is annotated here
+        the way it annotates a conv on its own: input and weight quantised, output left float."""
 
         def annotate(self, model: GraphModule) -> GraphModule:
             model = super().annotate(model)
             for node in model.graph.nodes:
                 if node.name not in layers:
                     node.meta.pop("quantization_annotation", None)
+                elif "quantization_annotation" not in node.meta and node.target == torch.ops.aten.conv2d.default:
+                    self._annotate_conv_node_helper(node, False, config)
             return model
 
-    config = get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
-    config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-127))
     quantizer = _PlanQuantizer().set_global(config)
     prepared = prepare_pt2e(model, quantizer)
     with torch.no_grad():
         for sample in partition.calibration or (partition.example_inputs,):
             prepared(*sample)
     converted = convert_pt2e(prepared)
+    if missed := sorted(layers - _quantised_layers(converted)):
+        raise BackendError(f"PT2E left {len(missed)} of the plan's {len(layers)} int8 layers unquantised "
+                           f"({', '.join(missed[:6])}{', ...' if len(missed) > 6 else ''}): they would run at fp32 "
+                           f"while the report said int8", where=f"partition {partition.name}",
+                           fix="use backend='onnxruntime' or backend='openvino' for int8, or report the model")
     return export_program(converted, partition.example_inputs, partition.dynamic_shapes)
+
+
+def _quantised_layers(converted: GraphModule) -> set[str]:
+    """The conv and linear nodes of a converted PT2E graph whose weight arrives dequantised from
+    int8, i.e. the layers that really run on int8 weights."""
+    dequantised = {node for node in converted.graph.nodes if node.op == "call_function"
+                   and "dequantize_per_channel" in str(node.target)}
+    return {node.name for node in converted.graph.nodes if node.op == "call_function" and len(node.args) > 1
+            and node.args[1] in dequantised}
