@@ -148,21 +148,33 @@ class Observer:
             return 0.0, 0.0
         if self.kind == "minmax" or not self.values:
             return self.lo, self.hi
-        sample = torch.cat(self.values)[:RESERVOIR]
+        sample = torch.cat(self.values)
+        if sample.numel() > RESERVOIR:  # an equal share of every calibration sample, not the first few samples' values
+            sample = sample[torch.randperm(sample.numel(), generator=self.generator)[:RESERVOIR]]
         if self.kind == "percentile":
             lo, hi = torch.quantile(sample, torch.tensor([1e-4, 1 - 1e-4])).tolist()
             return min(lo, 0.0), max(hi, 0.0)
         return _mse_range(sample, self.lo, self.hi)
 
 
+# Clipping factors the MSE search tries for each end of the range: 1.0 down to ~0.2, finer near 1
+MSE_FACTORS = tuple(0.96 ** k for k in range(40))
+
+
 def _mse_range(sample: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
-    """The clipping of [lo, hi] (shrunk by a common factor) whose uint8 rounding of the sample
-    has the least squared error: clipping a few outliers buys resolution for the rest."""
-    best, best_error = (lo, hi), float("inf")
-    for step in range(20):
-        factor = 1.0 - step * 0.04
-        candidate = (lo * factor, hi * factor)
-        error = float(((affine_uint8(sample, *candidate) - sample) ** 2).mean())
-        if error < best_error:
-            best, best_error = candidate, error
+    """The clipping of [lo, hi] whose uint8 rounding of the sample has the least squared error:
+    clipping a few outliers buys resolution for the rest. Each end is clipped on its own (a
+    post-ReLU6 activation has one tail, a residual stream two of different lengths), by
+    coordinate descent: the top with the bottom held, the bottom with the top held, the top again."""
+
+    def error(candidate: tuple[float, float]) -> float:
+        return float(((affine_uint8(sample, *candidate) - sample) ** 2).mean())
+
+    best = (lo, hi)
+    for end in (1, 0, 1):
+        extreme = (lo, hi)[end]
+        if extreme == 0.0:
+            continue
+        tries = [tuple(extreme * f if i == end else best[i] for i in (0, 1)) for f in MSE_FACTORS]
+        best = min(tries, key=error)
     return best

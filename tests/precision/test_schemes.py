@@ -65,6 +65,27 @@ def test_observers_narrow_the_range_around_an_outlier():
     assert all(lo <= 0 <= hi for lo, hi in ranges.values())
 
 
+def test_percentile_and_mse_ranges_draw_on_every_calibration_sample_not_the_first_few():
+    # 8 quiet samples, then 8 loud ones: a range from the first samples' values alone misses the loud half
+    generator = torch.Generator().manual_seed(0)
+    for kind in ("percentile", "mse"):
+        observer = Observer(kind)
+        for scale in [1.0] * 8 + [10.0] * 8:
+            observer.update(torch.randn(20_000, generator=generator) * scale)
+        lo, hi = observer.range()
+        assert hi > 15 and lo < -15, (kind, lo, hi)
+
+
+def test_mse_clips_each_end_of_the_range_on_its_own():
+    # a dense [-1, 1] with one far outlier above: the top is clipped hard, the bottom not at all
+    data = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.tensor([80.0])])
+    observer = Observer("mse")
+    observer.update(data)
+    lo, hi = observer.range()
+    assert lo == -1.0 or lo < -0.99
+    assert hi < 20
+
+
 def test_auto_candidates_follow_the_profile_and_need_calibration_for_integers():
     cpu = load("cpu-x86").primary
     assert auto_candidates(cpu, cpu.backends, calibrated=False) == [Precision.BF16]
