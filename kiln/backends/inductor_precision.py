@@ -27,10 +27,8 @@ from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
 from kiln.passes._graph import add_constant, attr_value
 from kiln.precision.plan import Scheme
+from kiln.precision.lowering import FLOAT_TYPES, cast_layers
 from kiln.precision.schemes import groupwise_uint4
-
-FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
-
 
 def lowered_program(partition: PartitionGraph) -> tuple[torch.export.ExportedProgram, str]:
     """The program to compile and a one-line summary of what was lowered."""
@@ -44,7 +42,7 @@ def lowered_program(partition: PartitionGraph) -> tuple[torch.export.ExportedPro
     (scheme,) = schemes
     names = {layer.node for layer in plan.lowered}
     if scheme in FLOAT_TYPES:
-        gm = _cast_layers(partition.gm, names, FLOAT_TYPES[scheme])
+        gm = cast_layers(partition.gm, names, FLOAT_TYPES[scheme])
         program = export_program(gm, partition.example_inputs, partition.dynamic_shapes)
     elif scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC):
         program = _pt2e_int8(partition, dynamic=scheme == Scheme.INT8_DYNAMIC)
@@ -55,32 +53,6 @@ def lowered_program(partition: PartitionGraph) -> tuple[torch.export.ExportedPro
         raise BackendError(f"kiln's Inductor lowering has no {scheme} scheme", where=f"partition {partition.name}",
                            fix="use backend='onnxruntime' or 'openvino', or another precision")
     return program, f"{scheme}: {len(names)} layers"
-
-
-def _cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> GraphModule:
-    """A copy of `source` where each named layer runs in `dtype` between fp32 casts."""
-    gm = copy.deepcopy(source)
-    for node in list(gm.graph.nodes):
-        if node.name not in names:
-            continue
-        args = list(node.args)
-        with gm.graph.inserting_before(node):
-            cast_in = gm.graph.call_function(torch.ops.aten._to_copy.default, (args[0],), {"dtype": dtype})
-            cast_in.meta["val"] = args[0].meta["val"].to(dtype)
-        args[0] = cast_in
-        for index in (1, 2):  # weight and bias become constants of the low type
-            if index < len(args) and (value := attr_value(gm, args[index])) is not None:
-                args[index] = add_constant(gm, node, value.to(dtype), f"{dtype}".split(".")[-1])
-        node.args = tuple(args)
-        with gm.graph.inserting_after(node):
-            cast_out = gm.graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.float32})
-        node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not cast_out)
-        cast_out.meta["val"] = node.meta["val"]
-        node.meta["val"] = node.meta["val"].to(dtype)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def int4_tinygemm(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

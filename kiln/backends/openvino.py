@@ -15,8 +15,11 @@ op its ExportedProgram path decomposes first; kiln keeps no copy of its own. Nod
 the argument patterns OpenVINO lists but crashes on or miscomputes (found by kiln's fuzzer).
 
 A float plan (bf16 or fp16) is built with that precision as the hint when every layer of the
-partition is at it: the hint sets the precision of the whole partition, so a plan keeping some
-layers at fp32 is refused with the fix (Inductor lowers layer by layer).
+partition is at it: the hint sets the precision of the whole partition (the ops around the
+layers too). A float plan keeping some layers at fp32 is built under an f32 hint from a program
+whose lowered layers carry their own casts (`precision.lowering.cast_layers`, as Inductor
+lowers them): OpenVINO's CPU plugin runs a layer whose inputs arrive in bf16 on its bf16
+kernels and the rest at f32.
 
 Int8 plans take the ONNX road instead: kiln's one ONNX export, quantised layer by layer with
 ONNX Runtime's QDQ tools exactly as the onnxruntime backend does (`onnxruntime_precision`), read
@@ -54,6 +57,8 @@ from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, 
                                 export_partition)
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.frontend.capture import export_program
+from kiln.precision.lowering import FLOAT_TYPES, cast_layers
 from kiln.precision.plan import Scheme
 from kiln.types import DeviceKind, Precision
 
@@ -241,14 +246,17 @@ class OpenVinoEngine:
     backend = "openvino"
 
     def __init__(self, model, xml_path: Path, settings: BackendSettings, precision: Precision, device: str,
-                 wiring: Wiring):
+                 wiring: Wiring, hint: Precision | None = None):
+        """`hint`: the inference precision OpenVINO is given, `precision` unless the plan's
+        layers carry their own casts (then f32: the casts say which layers run lower)."""
         import openvino as ov
 
         self.xml_path = xml_path
         self.wiring = wiring
         self.precision = precision
+        self.hint = precision if hint is None else hint
         self.device = device
-        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision][0], "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.hint][0], "PERFORMANCE_HINT": "LATENCY"}
         if device == "CPU":  # the thread budget is a CPU plugin property
             config["INFERENCE_NUM_THREADS"] = settings.threads
         try:
@@ -281,7 +289,7 @@ class OpenVinoEngine:
 
     def meta(self) -> dict:
         return {"openvino": _installed_version(), "device": self.device, "precision": self.precision.value,
-                "inference_precision": self.used_precision, "runtime_ops": self.runtime_ops,
+                "hint": self.hint.value, "inference_precision": self.used_precision, "runtime_ops": self.runtime_ops,
                 "inputs": list(self.wiring.inputs), "outputs": list(self.wiring.outputs)}
 
     def save(self, directory: Path, stem: str) -> EngineEntry:
@@ -325,6 +333,13 @@ def _float_hint_covers(partition: PartitionGraph) -> bool:
     return bool(layers) and len({layer.scheme for layer in layers}) == 1 and layers[0].scheme in FLOAT_SCHEMES
 
 
+def _float_layers_only(partition: PartitionGraph) -> bool:
+    """Whether the plan lowers layers to one float scheme only (some layers may stay fp32):
+    OpenVINO runs it from layer-by-layer casts under an f32 hint."""
+    schemes = partition.precision.schemes()
+    return len(schemes) == 1 and next(iter(schemes)) in FLOAT_SCHEMES
+
+
 def _quantised_onnx(partition: PartitionGraph, settings: BackendSettings):
     """(OpenVINO model, its input names, lowering summary) for a partition with a static int8
     plan: kiln's ONNX export with ONNX Runtime's QDQ nodes on the plan's layers."""
@@ -335,12 +350,8 @@ def _quantised_onnx(partition: PartitionGraph, settings: BackendSettings):
 
     schemes = partition.precision.schemes()
     if schemes & FLOAT_SCHEMES:
-        kept = [layer.node for layer in partition.precision.layers if layer.scheme == Scheme.FP32]
-        what = (f"keeps {len(kept)} layer(s) at fp32 ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept
-                else f"mixes {', '.join(sorted(schemes))}")
-        raise BackendError(f"OpenVINO sets a float precision for a whole partition (its inference precision hint), and "
-                           f"this plan {what}", where=f"partition {partition.name}",
-                           fix="use backend='inductor', which lowers layer by layer, or a plan with every layer at one float precision")
+        raise BackendError(f"kiln's OpenVINO backend lowers one scheme per partition; this plan mixes {', '.join(sorted(schemes))}",
+                           where=f"partition {partition.name}", fix="request one precision")
     if schemes != {Scheme.INT8_STATIC}:
         raise BackendError(f"kiln's OpenVINO backend lowers static int8 plans, not {', '.join(sorted(schemes))}",
                            where=f"partition {partition.name}", fix="use backend='onnxruntime' for this precision")
@@ -423,26 +434,36 @@ class OpenVinoBackend:
         device = self._device(settings)
         partition, output_map = _distinct_outputs(partition)
         start = time.perf_counter()
-        if partition.precision.lowered and not _float_hint_covers(partition):
+        hint = None
+        if partition.precision.lowered and not _float_hint_covers(partition) and not _float_layers_only(partition):
             model, placeholders, lowering = _quantised_onnx(partition, settings)
         else:
             exported = export_partition(partition)
+            if partition.precision.lowered and not _float_hint_covers(partition):
+                # some layers stay fp32: each lowered layer carries its own casts, the rest runs at f32
+                (scheme,) = partition.precision.schemes()
+                names = {layer.node for layer in partition.precision.lowered}
+                gm = cast_layers(partition.gm, names, FLOAT_TYPES[scheme])
+                exported = export_program(gm, partition.example_inputs, partition.dynamic_shapes)
+                hint = Precision.FP32
             try:
                 with _quiet():
                     model = _convert(exported)
             except Exception as exc:
                 raise BackendError(f"OpenVINO's PyTorch frontend failed: {_first_line(exc)}",
                                    where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
-            placeholders, lowering = list(exported.graph_signature.user_inputs), ""
+            placeholders = list(exported.graph_signature.user_inputs)
+            lowering = (f"{len(partition.precision.lowered)} layers cast to {partition.precision.lowest().value}, "
+                        f"{len(partition.precision.layers) - len(partition.precision.lowered)} at fp32") if hint else ""
         wiring = Wiring(_set_shapes_and_names(model, partition, placeholders), output_map)
         convert_s = time.perf_counter() - start
         xml = settings.workdir / f"{partition.name}.openvino.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32 in the IR
         del model  # its constants may view the program's tensors; the engine runs the saved IR, as a reload would
-        engine = OpenVinoEngine(ov.Core().read_model(str(xml)), xml, settings, settings.precision, device, wiring)
+        engine = OpenVinoEngine(ov.Core().read_model(str(xml)), xml, settings, settings.precision, device, wiring, hint)
+        source = (f"torch.export ({lowering})" if hint else f"QDQ ONNX ({lowering})" if lowering else "torch.export")
         engine.summary = (f"OpenVINO {_installed_version().split('-')[0]} {device}: inference precision {engine.used_precision}, "
-                          f"{engine.runtime_ops} runtime ops, converted from "
-                          + (f"QDQ ONNX ({lowering}) in {convert_s:.1f} s" if lowering else f"torch.export in {convert_s:.1f} s"))
+                          f"{engine.runtime_ops} runtime ops, converted from {source} in {convert_s:.1f} s")
         return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> OpenVinoEngine:
@@ -457,13 +478,14 @@ class OpenVinoBackend:
                                f"(it offers {', '.join(_available_devices())})", where=str(xml),
                                fix="load it on a machine with that device, or rebuild the artifact for this one")
         precision = Precision(entry.meta.get("precision", Precision.FP32.value))
+        hint = Precision(entry.meta.get("hint", precision.value))
         model = ov.Core().read_model(str(xml))
         try:
             wiring = Wiring(tuple(int(i) for i in entry.meta["inputs"]), tuple(int(i) for i in entry.meta["outputs"]))
         except (KeyError, TypeError, ValueError):
             raise ArtifactError("the OpenVINO engine's metadata lacks its input and output wiring", where=str(xml),
                                 fix="rebuild the artifact with this kiln") from None
-        engine = OpenVinoEngine(model, xml, settings, precision, device, wiring)
+        engine = OpenVinoEngine(model, xml, settings, precision, device, wiring, hint)
         engine.summary = entry.meta.get("summary", "")
         return engine
 

@@ -21,9 +21,11 @@ from torch.fx import GraphModule, Node
 
 from kiln.backends.base import PartitionGraph
 from kiln.precision.plan import LayerPlan, Scheme
+from kiln.passes._graph import add_constant, attr_value
 from kiln.precision.schemes import per_channel_int8
 
 INT8 = (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC)
+FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
 BIAS_ARG = 2  # linear(x, w, b), conv2d(x, w, b, ...), convolution(x, w, b, ...)
 
 
@@ -92,3 +94,31 @@ def _set(gm: GraphModule, target: str, value: torch.Tensor) -> None:
     else:
         module._buffers.pop(name, None)
         module.register_buffer(name, value)
+
+
+def cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> GraphModule:
+    """A copy of `source` where each named layer runs in `dtype` between fp32 casts: its input
+    is cast down, its weight and bias become `dtype` constants, its output is cast back. How
+    Inductor and OpenVINO run a float plan layer by layer."""
+    gm = copy.deepcopy(source)
+    for node in list(gm.graph.nodes):
+        if node.name not in names:
+            continue
+        args = list(node.args)
+        with gm.graph.inserting_before(node):
+            cast_in = gm.graph.call_function(torch.ops.aten._to_copy.default, (args[0],), {"dtype": dtype})
+            cast_in.meta["val"] = args[0].meta["val"].to(dtype)
+        args[0] = cast_in
+        for index in (1, 2):  # weight and bias become constants of the low type
+            if index < len(args) and (value := attr_value(gm, args[index])) is not None:
+                args[index] = add_constant(gm, node, value.to(dtype), f"{dtype}".split(".")[-1])
+        node.args = tuple(args)
+        with gm.graph.inserting_after(node):
+            cast_out = gm.graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.float32})
+        node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not cast_out)
+        cast_out.meta["val"] = node.meta["val"]
+        node.meta["val"] = node.meta["val"].to(dtype)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
