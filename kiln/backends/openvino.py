@@ -435,12 +435,13 @@ class OpenVinoBackend:
         partition, output_map = _distinct_outputs(partition)
         start = time.perf_counter()
         hint = None
-        if partition.precision.lowered and not _float_hint_covers(partition) and not _float_layers_only(partition):
+        by_hint = not partition.precision.lowered or _float_hint_covers(partition)
+        if not by_hint and not _float_layers_only(partition):
             model, placeholders, lowering = _quantised_onnx(partition, settings)
         else:
-            exported = export_partition(partition)
-            if partition.precision.lowered and not _float_hint_covers(partition):
-                # some layers stay fp32: each lowered layer carries its own casts, the rest runs at f32
+            if by_hint:
+                exported = export_partition(partition)
+            else:  # some layers stay fp32: each lowered layer carries its own casts, the rest runs at f32
                 (scheme,) = partition.precision.schemes()
                 names = {layer.node for layer in partition.precision.lowered}
                 gm = cast_layers(partition.gm, names, FLOAT_TYPES[scheme])
