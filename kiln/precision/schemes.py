@@ -3,7 +3,7 @@
 Each scheme rounds a layer's weight and input activation the way its lowering does, then the
 layer runs in fp32, which is what fp32 accumulation computes:
 
-    bf16 / fp16   x, W rounded to the type; output rounded to the type (activations are stored in it)
+    bf16 / fp16   x, W and the bias rounded to the type; output rounded to the type (activations are stored in it)
     fp8 e4m3      x, W scaled per tensor to the e4m3 range (amax / 448), cast, scaled back
     int8 static   W per output channel, symmetric int8 keeping each channel's sum (`int8_grid`);
                   x per tensor, affine uint8 over a calibrated range
@@ -47,6 +47,15 @@ def fake_input(x: torch.Tensor, scheme: str, input_range: tuple[float, float] | 
     if scheme == Scheme.INT8_DYNAMIC:
         return affine_uint8(x, float(x.min()), float(x.max()))
     return x  # int4 is weight-only
+
+
+def fake_bias(bias, scheme: str):
+    """A float layer's bias is stored in its type too (its kernel takes one dtype): a
+    batch-norm-folded bias can be large beside the output it shifts, and rounding it cost
+    EfficientNet-Lite0's bf16 plans a third of their error. Integer schemes keep an fp32 bias."""
+    if isinstance(bias, torch.Tensor) and scheme in (Scheme.BF16, Scheme.FP16):
+        return bias.to(_float_type(scheme)).float()
+    return bias
 
 
 def fake_output(y: torch.Tensor, scheme: str) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Interpreter
 
 from kiln.budget import Budget
 from kiln.precision.plan import LayerPlan, Scheme
-from kiln.precision.schemes import Observer, fake_input, fake_output, fake_weight
+from kiln.precision.schemes import Observer, fake_bias, fake_input, fake_output, fake_weight
 from kiln.progress import Progress
 from kiln.verify import output_error, worst_per_example
 
@@ -57,7 +57,8 @@ class _Simulator(Interpreter):
         if key not in self.weights:
             self.weights[key] = fake_weight(args[1], plan.scheme, plan.group_size or 128)
         x = fake_input(args[0], plan.scheme, plan.input_range)
-        y = fake_output(n.target(x, self.weights[key], *args[2:], **kwargs), plan.scheme)
+        rest = (fake_bias(args[2], plan.scheme), *args[3:]) if len(args) > 2 else ()
+        y = fake_output(n.target(x, self.weights[key], *rest, **kwargs), plan.scheme)
         return y if plan.bias_shift is None else y - _per_channel(torch.tensor(plan.bias_shift), y, plan.op)
 
 

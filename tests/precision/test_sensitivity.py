@@ -125,3 +125,34 @@ def test_a_short_step_prints_nothing(caplog):
             step.advance()
         step.finish()
     assert [r for r in caplog.records if r.name == "kiln"] == []
+
+
+class _ConvWithLargeBias(nn.Module):
+    """A convolution whose bias dwarfs part of its output, as batch-norm folding leaves it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 16, 3)
+        with torch.no_grad():
+            self.conv.bias.copy_(torch.linspace(-40.0, 40.0, 16))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_bf16_layer_simulates_what_its_lowering_runs_bias_included():
+    from kiln.precision.lowering import cast_layers
+    from kiln.precision.sensitivity import _Simulator
+
+    x = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))
+    gm = capture(_ConvWithLargeBias().eval(), (x,)).gm
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target))
+    plan = LayerPlan(node.name, "conv", str(node.args[1].target), Scheme.BF16)
+    with torch.no_grad():
+        simulated = _Simulator(gm, {node.name: plan}, {}).run(x)[0]
+        lowered = cast_layers(gm, {node.name}, torch.bfloat16)(x)[0]
+        exact = gm(x)[0]
+    step = float((exact - lowered).abs().max())
+    assert step > 0.01  # the bias, rounded to bf16, moves the output by whole bf16 steps of 40
+    assert float((simulated - lowered).abs().max()) < 0.1 * step
