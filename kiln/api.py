@@ -37,7 +37,7 @@ from kiln.passes.place_on_devices import EAGER
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
 from kiln.types import Dim, NodeDecision, Precision
-from kiln.verify import OutputCheck, compare, failures_text
+from kiln.verify import OutputCheck, failures_text, worst_checks
 
 log = logging.getLogger("kiln")
 
@@ -89,10 +89,11 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         if _integer_plan(plan) and calibration and len(draws) > 1 + len(calibration):
             checked = _real_inputs_only(draws, calibration)
             report.notes.append(INTEGER_CHECKS)
+        synthetic = frozenset(range(1, len(checked) - len(calibration)))  # the random draws: see verify.worst_checks
         workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
         try:
             with _stage("compile", timings):
-                engines = _build_engines(plan, prof, opts, checked, workdir, report, deadline)
+                engines = _build_engines(plan, prof, opts, checked, synthetic, workdir, report, deadline)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -101,7 +102,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
         weakref.finalize(compiled, shutil.rmtree, workdir, True)
         if opts.verify:
             with _stage("verify", timings):
-                _verify_against_eager(model, compiled, captured, checked, opts, report)
+                _verify_against_eager(model, compiled, captured, checked, synthetic, opts, report)
         return compiled
 
     try:
@@ -324,8 +325,8 @@ def _real_inputs_only(draws: list, calibration: tuple) -> list:
     return [draws[0], *draws[len(draws) - len(calibration):]]
 
 
-def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, workdir: Path, report: Report,
-                   deadline: float | None) -> dict:
+def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, synthetic: frozenset[int], workdir: Path,
+                   report: Report, deadline: float | None) -> dict:
     engines = {}
     mode = _mode(profile, opts)
     isolate = opts.isolate if opts.isolate is not None else mode == "measure"
@@ -344,15 +345,11 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, wo
             references = [tuple(graph.gm(*inputs)) for inputs in partition_draws]
 
         def check(engine, references=references, graph=graph, partition_draws=partition_draws) -> list[OutputCheck]:
-            worst: dict[str, OutputCheck] = {}
-            for inputs, want in zip(partition_draws, references):
-                for c in compare(graph.output_names, list(engine(*inputs)), list(want), settings.precision, budget):
-                    if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
-                        worst[c.name] = c
-            return list(worst.values())
+            runs = ((list(engine(*inputs)), list(want)) for inputs, want in zip(partition_draws, references))
+            return worst_checks(graph.output_names, runs, settings.precision, budget, synthetic)
 
         def build_isolated_candidate(backend, references=references, built=built, settings=settings, partition_draws=partition_draws):
-            engine, checks, _ = build_isolated(backend, built, settings, partition_draws, references,
+            engine, checks, _ = build_isolated(backend, built, settings, partition_draws, references, synthetic,
                                                opts.build_timeout_s, opts.build_memory_mb)
             return engine, checks
 
@@ -434,24 +431,23 @@ def _check_primary_ready(profile: Profile, opts: CompileOptions) -> None:
                                  "or `kiln compile --plan-only`")
 
 
-def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, opts: CompileOptions, report: Report) -> None:
+def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, synthetic: frozenset[int],
+                          opts: CompileOptions, report: Report) -> None:
     import torch.utils._pytree as pytree
 
     budget = opts.accuracy_budget if report.lowered else None
     precision = precision_setup.lowest_precision(report)
-    worst: dict[str, OutputCheck] = {}
-    for index, inputs in enumerate(draws):
-        if index == 0:
-            want = list(captured.example_outputs)
-        else:
-            args, kwargs = rebuild_call(captured.input_spec, list(inputs))
-            with torch.no_grad():
-                want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
-        got = list(compiled.run_flat(inputs))
-        for c in compare(captured.output_names, got, want, precision, budget):
-            if c.name not in worst or c.worst_excess > worst[c.name].worst_excess:
-                worst[c.name] = c
-    checks = list(worst.values())
+
+    def runs():
+        for index, inputs in enumerate(draws):
+            if index == 0:
+                want = list(captured.example_outputs)
+            else:
+                args, kwargs = rebuild_call(captured.input_spec, list(inputs))
+                with torch.no_grad():
+                    want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
+            yield list(compiled.run_flat(inputs)), want
+    checks = worst_checks(captured.output_names, runs(), precision, budget, synthetic)
     report.verification = [c.to_dict() for c in checks]
     report.verified_draws = len(draws) - 1
     report.verified_calibration = len(opts.calibration or ())  # read once into a tuple by CompileOptions

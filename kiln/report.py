@@ -174,6 +174,9 @@ class Report:
         checked = "example inputs" + (f" + {random_draws} random draws" if random_draws else "")
         if self.verified_calibration:
             checked += f" + {self.verified_calibration} calibration samples"
+        if random_draws and any(v.get("on_budget") for v in self.verification):
+            checked += f"; the budget on the example inputs{' and calibration samples' if self.verified_calibration else ''}, " \
+                       "the random draws at the precision's tolerance"
         lines += ["", f"Verification against eager ({checked})"]
         if not self.verification:
             lines.append("  not verified")

@@ -60,3 +60,31 @@ def test_a_budget_holds_per_example_so_one_bad_row_of_a_batch_fails_it():
     assert not check.ok and check.cosine == worst and check.rel_error == worst_rel
     (one,) = compare(["logits"], [got[:1]], [want[:1]], budget=Budget(min_cosine=0.99))  # a batch of one: the row itself
     assert one.ok
+
+
+def test_under_a_budget_random_draws_are_held_to_the_precisions_relative_tolerance_not_the_budget():
+    from kiln.budget import Budget
+    from kiln.verify import worst_checks
+
+    torch.manual_seed(0)
+    want = torch.randn(4, 256)
+    off = want + 0.02 * want.norm(dim=1, keepdim=True) / 16 * torch.randn(4, 256)  # relative L2 error ~0.02
+    budget = Budget()  # relative error <= 1e-2
+    example, draw = (list([want + 1e-4 * torch.randn(4, 256)]), [want]), ([off], [want])
+    # the same 2% error passes on a random draw (bf16 allows 3e-2 there) and fails on the user's inputs
+    (on_draw,) = worst_checks(["y"], [example, draw], Precision.BF16, budget, synthetic={1})
+    assert on_draw.ok and on_draw.on_budget and on_draw.rel_error < 1e-3  # the budget's figures come from the example
+    (on_example,) = worst_checks(["y"], [draw, example], Precision.BF16, budget, synthetic={1})
+    assert not on_example.ok and on_example.on_budget
+    assert "budget: cosine >= 0.9999" in failures_text([on_example], Precision.BF16, budget)
+
+
+def test_a_random_draw_an_engine_gets_wrong_fails_under_any_budget():
+    from kiln.budget import Budget
+    from kiln.verify import worst_checks
+
+    want = torch.randn(4, 256)
+    broken = ([torch.zeros(4, 256)], [want])
+    (check,) = worst_checks(["y"], [([want], [want]), broken], Precision.BF16, Budget(min_cosine=0.5), synthetic={1})
+    assert not check.ok and not check.on_budget
+    assert "on a random draw (allowed 0.03 at bf16)" in failures_text([check], Precision.BF16, Budget(min_cosine=0.5))

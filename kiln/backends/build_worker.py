@@ -24,7 +24,7 @@ def main(job: Path) -> int:
     from kiln.frontend.capture import drop_guard_calls
     from kiln.hardware_profiles.schema import DeviceSpec
     from kiln.types import DeviceKind, Precision
-    from kiln.verify import compare
+    from kiln.verify import worst_checks
 
     request = json.loads((job / "request.json").read_text())
     result: dict = {"ok": False}
@@ -61,14 +61,11 @@ def main(job: Path) -> int:
         start = time.perf_counter()
         engine = backend.compile(partition, settings)
         result["compile_seconds"] = time.perf_counter() - start
-        worst: dict = {}
-        for inputs, want in zip(verify["draws"], verify["references"]):
-            for check in compare(partition.output_names, list(engine(*inputs)), list(want), settings.precision, settings.budget):
-                if check.name not in worst or check.worst_excess > worst[check.name].worst_excess:
-                    worst[check.name] = check
+        runs = ((list(engine(*inputs)), list(want)) for inputs, want in zip(verify["draws"], verify["references"]))
+        checks = worst_checks(partition.output_names, runs, settings.precision, settings.budget, frozenset(request.get("synthetic", ())))
         (job / "engine").mkdir(exist_ok=True)
         entry = engine.save(job / "engine", partition.name)
-        result.update(ok=True, checks=[c.to_dict() for c in worst.values()], entry=asdict(entry),
+        result.update(ok=True, checks=[c.to_dict() for c in checks], entry=asdict(entry),
                       summary=getattr(engine, "summary", ""))
     except Exception as exc:  # reported to the parent, which records it as this candidate's failure
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:600]

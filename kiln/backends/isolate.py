@@ -31,7 +31,7 @@ class IsolatedBuildFailed(BackendError):
 
 
 def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings, draws: list, references: list,
-                   timeout_s: float, memory_mb: int | None) -> tuple[Engine, list[OutputCheck], str]:
+                   synthetic: frozenset[int], timeout_s: float, memory_mb: int | None) -> tuple[Engine, list[OutputCheck], str]:
     job = settings.workdir / f"{partition.name}-{backend.name}-build"
     job.mkdir(parents=True, exist_ok=True)
     torch.export.save(export_partition(partition), job / "program.pt2")
@@ -48,6 +48,7 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "threads": settings.threads, "precision": settings.precision.value,
         "precision_plan": partition.precision.to_dict(),
         "budget": None if settings.budget is None else [settings.budget.min_cosine, settings.budget.max_rel_error],
+        "synthetic": sorted(synthetic),  # the draws held to the precision's tolerance (verify.worst_checks)
         "fuse": settings.fuse, "autotune": settings.autotune,
     }
     (job / "request.json").write_text(json.dumps(request))

@@ -213,14 +213,14 @@ def _macs(node: Node) -> int:
 
 
 def _samples(ctx: PassContext) -> tuple[list, list]:
-    """(observer samples, measurement samples). Measured: the example inputs (verification
-    checks them too) and calibration samples. Without calibration data: the example inputs and
-    two random draws of their spec, a weaker proof that api reports as such."""
+    """(observer samples, measurement samples): the user's inputs, on which verification holds
+    the budget (verify.worst_checks): the example inputs and the calibration samples. Without
+    calibration data, the example inputs alone, a weaker proof that api reports as such; random
+    draws of their spec stand in only when there are none."""
+    examples = [tuple(ctx.example_inputs)] if ctx.example_inputs else []
     if ctx.calibration:
-        examples = [tuple(ctx.example_inputs)] if ctx.example_inputs else []
         return list(ctx.calibration), examples + list(ctx.calibration[:MEASURE_SAMPLES - len(examples)])
-    draws = [tuple(random_inputs(ctx.input_spec, ctx.options.seed + 100 + k)) for k in range(2)]
-    samples = [tuple(ctx.example_inputs), *draws] if ctx.example_inputs else draws
+    samples = examples or [tuple(random_inputs(ctx.input_spec, ctx.options.seed + 100 + k)) for k in range(2)]
     return samples, samples
 
 
