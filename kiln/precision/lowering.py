@@ -99,7 +99,8 @@ def _set(gm: GraphModule, target: str, value: torch.Tensor) -> None:
 def cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> GraphModule:
     """A copy of `source` where each named layer runs in `dtype` between fp32 casts: its input
     is cast down, its weight and bias become `dtype` constants, its output is cast back. How
-    Inductor and OpenVINO run a float plan layer by layer."""
+    Inductor and OpenVINO run a float plan layer by layer. Between two lowered layers the
+    value stays in `dtype` (`_stay_low_between_layers`)."""
     gm = copy.deepcopy(source)
     for node in list(gm.graph.nodes):
         if node.name not in names:
@@ -118,7 +119,53 @@ def cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> Gra
         node.replace_all_uses_with(cast_out, delete_user_cb=lambda user: user is not cast_out)
         cast_out.meta["val"] = node.meta["val"]
         node.meta["val"] = node.meta["val"].to(dtype)
+    _stay_low_between_layers(gm, dtype)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+# Monotone ops that only select or clip values: on an input already in a low float type, running
+# them there and casting down after them give the same values (rounding commutes with them).
+# A padding's fill is checked on its own.
+EXACT_IN_LOW_TYPES = (torch.ops.aten.relu.default, torch.ops.aten.relu6.default, torch.ops.aten.hardtanh.default,
+                      torch.ops.aten.clamp.default, torch.ops.aten.max_pool2d.default)
+PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+
+
+def _stay_low_between_layers(gm: GraphModule, dtype: torch.dtype) -> None:
+    """Drop the casts between two lowered layers: a lowered layer's output cast up to fp32,
+    through ops exact in `dtype` (relu6, zero padding) with no other reader, then cast down to
+    the next lowered layer. Each cast is a pass over the activation: on EfficientNet-Lite0 on
+    OpenVINO, 49 of 50 layers at bf16 between casts ran slower than fp32 (5.8 vs 5.1 ms)."""
+    def is_cast(node, to) -> bool:
+        return node.op == "call_function" and node.target is torch.ops.aten._to_copy.default and node.kwargs.get("dtype") is to
+
+    for cast_down in [n for n in gm.graph.nodes if is_cast(n, dtype)]:
+        chain, value = [], cast_down.args[0]
+        while isinstance(value, Node) and len(value.users) == 1 and _exact_in_low_types(value):
+            chain.append(value)
+            value = value.args[0]
+        if not (isinstance(value, Node) and is_cast(value, torch.float32)):
+            continue
+        low = value.args[0]
+        if not (isinstance(low, Node) and getattr(low.meta.get("val"), "dtype", None) is dtype):
+            continue
+        if chain:
+            chain[-1].replace_input_with(value, low)
+            for node in chain:
+                node.meta["val"] = node.meta["val"].to(dtype)
+        cast_down.replace_all_uses_with(chain[0] if chain else low)
+
+
+def _exact_in_low_types(node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in EXACT_IN_LOW_TYPES:
+        return True
+    if node.target in PADS:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        fill = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        return mode == "constant" and fill in (None, 0, 0.0)
+    return False

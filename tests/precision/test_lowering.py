@@ -103,3 +103,40 @@ def test_an_int8_build_leaves_the_users_model_as_it_was(backend):
     assert "int8-static for 2 of 2 layers" in compiled.report.precision_summary
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), f"{backend}'s int8 build wrote the user's {name}"
+
+
+class ConvReluPadConv(nn.Module):
+    def __init__(self, second_reader: bool = False):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3)
+        self.second_reader = second_reader
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.first(x))
+        z = self.second(nn.functional.pad(y, (1, 1, 1, 1)))
+        return z + y.mean() if self.second_reader else z
+
+
+def _casts(gm) -> list[str]:
+    return [str(n.kwargs["dtype"]) for n in gm.graph.nodes if n.target is torch.ops.aten._to_copy.default]
+
+
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_two_bf16_layers_share_their_activation_in_bf16_through_ops_exact_in_it(second_reader, monkeypatch):
+    from kiln.frontend.capture import capture
+    from kiln.precision import lowering
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(ConvReluPadConv(second_reader).eval(), (x,)).gm
+    layers = {n.name for n in gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target)}
+    lowered = lowering.cast_layers(gm, layers, torch.bfloat16)
+    if second_reader:  # relu6's output feeds the mean at fp32 too: it is cast up once, and down again
+        assert _casts(lowered) == ["torch.bfloat16", "torch.float32", "torch.bfloat16", "torch.float32"]
+    else:  # cast down once at the input, up once at the output
+        assert _casts(lowered) == ["torch.bfloat16", "torch.float32"]
+    monkeypatch.setattr(lowering, "_stay_low_between_layers", lambda gm, dtype: None)
+    each_layer_cast = lowering.cast_layers(gm, layers, torch.bfloat16)
+    assert _casts(each_layer_cast) == ["torch.bfloat16", "torch.float32", "torch.bfloat16", "torch.float32"]
+    with torch.no_grad():  # relu6 and zero padding are exact in bf16: the same values either way
+        assert torch.equal(lowered(x)[0], each_layer_cast(x)[0])
