@@ -85,11 +85,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
                           export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
         _record_placement(plan, report)
         precision_setup.record_plan(plan, opts, report, bool(calibration))
-        checked = draws
-        if _integer_plan(plan) and calibration and len(draws) > 1 + len(calibration):
-            checked = _real_inputs_only(draws, calibration)
-            report.notes.append(INTEGER_CHECKS)
-        synthetic = frozenset(range(1, len(checked) - len(calibration)))  # the random draws: see verify.worst_checks
+        checked, synthetic = _inputs_to_check(plan, draws, calibration, report)
         workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
         try:
             with _stage("compile", timings):
@@ -261,10 +257,13 @@ def _finish_cache_hit(model, compiled: CompiledModel, captured: Captured, opts: 
     if opts.verify:
         with _stage("verify", timings):
             calibration = precision_setup.flat_calibration(captured, opts)
-            _verify_against_eager(model, compiled, captured, _verification_inputs(captured, opts, calibration), opts, report)
+            checked, synthetic = _inputs_to_check(compiled.plan, _verification_inputs(captured, opts, calibration), calibration,
+                                                  report)
+            _verify_against_eager(model, compiled, captured, checked, synthetic, opts, report)
     else:
         report.verification = []
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
+    report.notes = list(dict.fromkeys(report.notes))
     report.timings = timings
     return compiled
 
@@ -312,6 +311,16 @@ def _verification_inputs(captured: Captured, opts: CompileOptions, calibration: 
 
 INTEGER_CHECKS = ("integer layers were verified on the example inputs and the calibration samples, not on random draws: "
                   "their activation ranges are calibrated on real inputs, which random draws do not resemble")
+
+
+def _inputs_to_check(plan: Plan, draws: list, calibration: tuple, report: Report) -> tuple[list, frozenset[int]]:
+    """The verification inputs for `plan` and the indexes among them of the random draws, which
+    a lowered plan meets at its precision's tolerance, not its budget (verify.worst_checks)."""
+    checked = draws
+    if _integer_plan(plan) and calibration and len(draws) > 1 + len(calibration):
+        checked = _real_inputs_only(draws, calibration)
+        report.notes.append(INTEGER_CHECKS)
+    return checked, frozenset(range(1, len(checked) - len(calibration)))
 
 
 def _integer_plan(plan: Plan) -> bool:
