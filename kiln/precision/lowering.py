@@ -5,7 +5,9 @@ For each int8 layer of the plan (static or dynamic), the weight is put on kiln's
 quantiser that rounds to nearest on the same grid (ONNX Runtime's QDQ and dynamic tools, PT2E
 with a [-127, 127] range, TensorRT's per-channel scales) then keeps kiln's integers: the
 rounding the sensitivity analysis measured. A static int8 layer's bias also loses its
-`bias_shift` (bias correction); a layer without a bias gets one.
+`bias_shift` (bias correction); a layer without a bias gets one. Each bf16 or fp16 layer's
+weight is put on its type's values the same way (`schemes.float_grid`), so that the backend's
+own cast to the type (`cast_layers`, ONNX Runtime's fp16 converter, TensorRT) is exact.
 
 The result is a new GraphModule. The partition's own tensors are the captured graph's, which
 are the user's model's parameters: they are never written.
@@ -22,7 +24,7 @@ from torch.fx import GraphModule, Node
 from kiln.backends.base import PartitionGraph
 from kiln.precision.plan import LayerPlan, Scheme
 from kiln.passes._graph import add_constant, attr_value
-from kiln.precision.schemes import per_channel_int8
+from kiln.precision.schemes import float_grid, per_channel_int8
 
 INT8 = (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC)
 FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
@@ -30,9 +32,9 @@ BIAS_ARG = 2  # linear(x, w, b), conv2d(x, w, b, ...), convolution(x, w, b, ...)
 
 
 def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
-    """`graph` with its int8 layers' weights rounded and biases corrected, in a new GraphModule;
-    `graph` itself when the plan has no int8 layer."""
-    layers = {layer.weight: layer for layer in graph.precision.lowered if layer.scheme in INT8}
+    """`graph` with its int8, bf16 and fp16 layers' weights rounded (and int8 biases corrected),
+    in a new GraphModule; `graph` itself when the plan has none of them."""
+    layers = {layer.weight: layer for layer in graph.precision.lowered if layer.scheme in (*INT8, *FLOAT_TYPES)}
     if not layers:
         return graph
     gm = GraphModule(graph.gm, copy.deepcopy(graph.gm.graph))
@@ -45,7 +47,9 @@ def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
         layer = layers.get(getattr(weight, "target", None)) if isinstance(weight, Node) and weight.op == "get_attr" else None
         if layer is None or readers[weight.target] != [node] or _shared_owner(gm, graph.gm, weight.target):
             continue  # a weight other nodes read too (tied embeddings) keeps its values for them
-        _set(gm, weight.target, per_channel_int8(_get(gm, weight.target)))
+        value = _get(gm, weight.target)
+        _set(gm, weight.target, per_channel_int8(value) if layer.scheme in INT8
+             else float_grid(value, FLOAT_TYPES[layer.scheme]).to(value.dtype))
         if layer.bias_shift is not None:
             _correct_bias(gm, node, layer, readers)
     gm.recompile()
@@ -98,7 +102,8 @@ def _set(gm: GraphModule, target: str, value: torch.Tensor) -> None:
 
 def cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> GraphModule:
     """A copy of `source` where each named layer runs in `dtype` between fp32 casts: its input
-    is cast down, its weight and bias become `dtype` constants, its output is cast back. How
+    is cast down, its weight (on `float_grid`, as simulated) and bias become `dtype` constants,
+    its output is cast back. How
     Inductor and OpenVINO run a float plan layer by layer. Between two lowered layers the
     value stays in `dtype` (`_stay_low_between_layers`)."""
     gm = copy.deepcopy(source)
@@ -110,9 +115,10 @@ def cast_layers(source: GraphModule, names: set[str], dtype: torch.dtype) -> Gra
             cast_in = gm.graph.call_function(torch.ops.aten._to_copy.default, (args[0],), {"dtype": dtype})
             cast_in.meta["val"] = args[0].meta["val"].to(dtype)
         args[0] = cast_in
-        for index in (1, 2):  # weight and bias become constants of the low type
+        for index in (1, 2):  # weight and bias become constants of the low type, the weight rounded as simulated
             if index < len(args) and (value := attr_value(gm, args[index])) is not None:
-                args[index] = add_constant(gm, node, value.to(dtype), f"{dtype}".split(".")[-1])
+                low = float_grid(value, dtype).to(dtype) if index == 1 else value.to(dtype)
+                args[index] = add_constant(gm, node, low, f"{dtype}".split(".")[-1])
         node.args = tuple(args)
         with gm.graph.inserting_after(node):
             cast_out = gm.graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": torch.float32})

@@ -3,7 +3,8 @@
 Each scheme rounds a layer's weight and input activation the way its lowering does, then the
 layer runs in fp32, which is what fp32 accumulation computes:
 
-    bf16 / fp16   x, W and the bias rounded to the type; output rounded to the type (activations are stored in it)
+    bf16 / fp16   W rounded to the type keeping each output channel's sum (`float_grid`); x and the bias
+                  rounded to the type; output rounded to the type (activations are stored in it)
     fp8 e4m3      x, W scaled per tensor to the e4m3 range (amax / 448), cast, scaled back
     int8 static   W per output channel, symmetric int8 keeping each channel's sum (`int8_grid`);
                   x per tensor, affine uint8 over a calibrated range
@@ -26,7 +27,7 @@ RESERVOIR = 65536  # values an observer keeps for percentile and MSE searches
 
 def fake_weight(weight: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
     if scheme in (Scheme.BF16, Scheme.FP16):
-        return weight.to(_float_type(scheme)).float()
+        return float_grid(weight, _float_type(scheme))
     if scheme == Scheme.FP8:
         return _fp8(weight)
     if scheme in (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC):
@@ -99,6 +100,31 @@ def int8_grid(rows: torch.Tensor) -> torch.Tensor:
     rank = closeness.argsort(dim=1, descending=True).argsort(dim=1)
     moved = (rank < lost.abs()) & torch.isfinite(closeness)
     return (q + moved * direction) * scale
+
+
+def float_grid(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` rounded to values of `dtype` (bf16 or fp16), returned in fp32, keeping each
+    output channel's sum (axis 0) as close as the type's steps allow: `int8_grid`'s rounding on
+    a float grid. Rounding each weight to nearest moves a small kernel's sum, its response to a
+    flat region, by up to half a step per weight; on EfficientNet-Lite0 with every layer bf16
+    that was a quarter of the output error (relative L2 error 0.024, 0.018 with the sums kept).
+    The sum's lost steps go to the weights closest to rounding the other way, each at most one
+    step from its value. The result is exact in `dtype`, so a backend's own cast keeps it."""
+    rows = weight.detach().reshape(weight.shape[0], -1).float()
+    low = rows.to(dtype)
+    near = low.float()
+    lost = (rows.double() - near.double()).sum(dim=1, keepdim=True)
+    direction = lost.sign()
+    towards = torch.where(direction > 0, float("inf"), float("-inf")).to(dtype).expand_as(low)
+    step = (torch.nextafter(low, towards).float() - near).double()  # one step of the type, towards the lost sum
+    closeness = ((rows - near).double() * direction) / step.abs().clamp(min=1e-300)
+    closeness = closeness.masked_fill((closeness <= 0) | ~torch.isfinite(step), float("-inf"))
+    order = closeness.argsort(dim=1, descending=True)
+    steps = step.gather(1, order).masked_fill(~torch.isfinite(closeness.gather(1, order)), 0.0)
+    left = (lost - torch.cat([torch.zeros_like(lost), steps.cumsum(dim=1)], dim=1)).abs()  # |lost| after k moves
+    count = left.argmin(dim=1, keepdim=True)
+    moved = torch.zeros_like(rows, dtype=torch.bool).scatter(1, order, torch.arange(rows.shape[1]).expand_as(rows) < count)
+    return torch.where(moved, near + step.float(), near).reshape(weight.shape)
 
 
 def affine_uint8(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

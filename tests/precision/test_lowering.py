@@ -1,5 +1,6 @@
-"""What backends build int8 layers from: weights on kiln's grid and corrected biases, in a copy
-of the partition's graph. The user's model, whose parameters the captured graph shares, keeps
+"""What backends build lowered layers from: int8 weights on kiln's grid and corrected biases,
+bf16/fp16 weights on their type's values with each channel's sum kept, in a copy of the
+partition's graph. The user's model, whose parameters the captured graph shares, keeps
 its own values."""
 
 import dataclasses
@@ -12,7 +13,7 @@ from torch import nn
 import kiln
 from kiln.precision.lowering import with_lowered_weights
 from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
-from kiln.precision.schemes import per_channel_int8
+from kiln.precision.schemes import float_grid, per_channel_int8
 
 from backends.conftest import make_partition
 
@@ -62,12 +63,34 @@ def test_int8_layers_get_rounded_weights_and_corrected_biases_in_a_new_graph_mod
         assert torch.equal(value, before[name]), f"{name} of the partition was written"
 
 
-def test_a_plan_without_int8_layers_builds_from_the_partition_as_it_is():
+def test_a_plan_without_lowered_layers_builds_from_the_partition_as_it_is():
     partition, conv, fc = _partition_with_plan()
-    bf16 = PrecisionPlan([dataclasses.replace(layer, scheme=Scheme.BF16, input_range=None, bias_shift=None)
+    fp32 = PrecisionPlan([dataclasses.replace(layer, scheme=Scheme.FP32, input_range=None, bias_shift=None)
                           for layer in partition.precision.layers])
-    unchanged = dataclasses.replace(partition, precision=bf16)
+    unchanged = dataclasses.replace(partition, precision=fp32)
     assert with_lowered_weights(unchanged) is unchanged
+
+
+@pytest.mark.parametrize("scheme, dtype", [(Scheme.BF16, torch.bfloat16), (Scheme.FP16, torch.float16)])
+def test_float_layers_get_weights_their_type_holds_exactly_with_each_channels_sum_kept(scheme, dtype):
+    partition, conv, fc = _partition_with_plan()
+    plan = PrecisionPlan([dataclasses.replace(layer, scheme=scheme, input_range=None, bias_shift=None)
+                          for layer in partition.precision.layers])
+    before = {name: value.clone() for name, value in partition.gm.named_parameters()}
+    built = with_lowered_weights(dataclasses.replace(partition, precision=plan))
+    got = dict(built.gm.named_parameters())
+    for layer in (conv, fc):
+        weight = str(layer.args[1].target)
+        rounded, exact = got[weight], before[weight]
+        assert torch.equal(rounded, float_grid(exact, dtype))
+        assert torch.equal(rounded.to(dtype).float(), rounded)  # a backend's own cast changes nothing
+        sums = lambda w: w.double().reshape(w.shape[0], -1).sum(1)
+        plain = exact.to(dtype).float()
+        assert bool(((sums(rounded) - sums(exact)).abs() <= (sums(plain) - sums(exact)).abs()).all())
+    fc_bias = str(fc.args[2].target)
+    assert torch.equal(got[fc_bias], before[fc_bias])  # a float layer's bias has no correction
+    for name, value in dict(partition.gm.named_parameters()).items():
+        assert torch.equal(value, before[name]), f"{name} of the partition was written"
 
 
 def test_a_weight_other_nodes_also_read_keeps_its_values():

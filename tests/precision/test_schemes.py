@@ -5,7 +5,8 @@ import torch
 
 from kiln.precision.capability import auto_candidates, openvino_hint
 from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
-from kiln.precision.schemes import Observer, affine_uint8, fake_input, fake_weight, groupwise_int4, per_channel_int8
+from kiln.precision.schemes import (Observer, affine_uint8, fake_input, fake_weight, float_grid, groupwise_int4,
+                                    per_channel_int8)
 from kiln.hardware_profiles import load
 from kiln.types import Precision
 
@@ -43,6 +44,24 @@ def test_bf16_and_fp16_round_to_their_significant_bits():
     x = torch.tensor([1.0 + 2**-10, 3.0])
     assert float(fake_input(x, Scheme.BF16)[0]) == 1.0  # 8 significant bits lose 2^-10
     assert float(fake_input(x, Scheme.FP16)[0]) == 1.0 + 2**-10  # 11 keep it
+
+
+@pytest.mark.parametrize("scheme, dtype", [(Scheme.BF16, torch.bfloat16), (Scheme.FP16, torch.float16)])
+def test_bf16_and_fp16_weights_stay_within_a_step_of_their_values_and_keep_each_channels_sum(scheme, dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(32, 1, 3, 3) * torch.logspace(-3, 1, 32).reshape(-1, 1, 1, 1)  # depthwise 3x3 kernels
+    rounded = fake_weight(weight, scheme)
+    assert torch.equal(rounded, float_grid(weight, dtype))
+    assert torch.equal(rounded.to(dtype).float(), rounded)  # values of the type
+    low = weight.to(dtype)
+    steps = torch.maximum((torch.nextafter(low, torch.full_like(low, float("inf"))).float() - low.float()).abs(),
+                          (torch.nextafter(low, torch.full_like(low, float("-inf"))).float() - low.float()).abs())
+    assert bool(((rounded - weight).abs() < steps).all())  # no weight moves by a whole step
+    sums = lambda w: w.reshape(32, -1).double().sum(1)
+    kept, plain = (sums(rounded) - sums(weight)).abs(), (sums(low.float()) - sums(weight)).abs()
+    assert bool((kept <= plain + 1e-12).all())  # never worse than rounding each weight to nearest
+    assert float(kept.sum()) < 0.6 * float(plain.sum())
+    assert torch.equal(float_grid(rounded, dtype), rounded)  # values already in the type stay
 
 
 def test_fp8_scales_per_tensor_so_large_weights_survive():
