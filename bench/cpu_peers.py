@@ -32,7 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from kiln.backends.select import SETTLE_SECONDS
-from kiln.placement.profile_host import cpu_model
+from kiln.profile_host import cpu_model
 
 CONTENDERS = ("eager", "torch.compile", "onnxruntime", "openvino", "kiln")
 # Not run unless asked: OpenVINO's own default precision (bf16 on CPUs with AVX512_BF16), a

@@ -1,16 +1,14 @@
 """kiln: a model compiler for inference. A trained PyTorch model in; a verified engine out."""
 
-__version__ = "0.1.0"
-
 from kiln.api import PlannedModel, optimize, plan
-from kiln.artifact.load import load
 from kiln.budget import Budget
 from kiln.errors import (ArtifactError, BackendError, BackendUnavailable, CaptureError, InputMismatch, KilnError,
                          OptionsError, PassFailed, ProfileError, VerificationError)
 from kiln.hardware_profiles.schema import Profile
 from kiln.options import CompileOptions
-from kiln.runtime.compiled_model import CompiledModel
+from kiln.runtime.compiled_model import CompiledModel, load
 from kiln.types import Dim, Precision
+from kiln.version import __version__
 
 __all__ = ["optimize", "plan", "PlannedModel", "load", "Budget", "CompileOptions", "CompiledModel", "Profile", "Precision", "Dim", "KilnError",
            "CaptureError", "ProfileError", "PassFailed", "BackendUnavailable", "BackendError", "InputMismatch",

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from kiln import hardware_profiles
-from kiln.artifact.manifest import usable_cores
+from kiln.host import usable_cores
 from kiln.backends.base import BackendSettings
 from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine, time_interleaved
@@ -32,8 +32,9 @@ from kiln.options import CompileOptions
 from kiln.passes import pipeline
 from kiln.passes.assign_precision import apply_plan
 from kiln.passes.context import PassContext
-from kiln.passes.partition import Plan, build_plan, op_counts
-from kiln.passes.place_on_devices import EAGER
+from kiln.ir import PartitionPlan, op_counts
+from kiln.placement.partition import partition_graph
+from kiln.ir import EAGER
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
 from kiln.types import Dim, NodeDecision, Precision
@@ -81,7 +82,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     deadline = None if opts.time_budget_s is None else start + opts.time_budget_s
 
     def build_and_verify() -> CompiledModel:
-        plan = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
+        plan = partition_graph(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                           export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
         _record_placement(plan, report)
         precision_setup.record_plan(plan, opts, report, bool(calibration))
@@ -313,7 +314,7 @@ INTEGER_CHECKS = ("integer layers were verified on the example inputs and the ca
                   "their activation ranges are calibrated on real inputs, which random draws do not resemble")
 
 
-def _inputs_to_check(plan: Plan, draws: list, calibration: tuple, report: Report) -> tuple[list, frozenset[int]]:
+def _inputs_to_check(plan: PartitionPlan, draws: list, calibration: tuple, report: Report) -> tuple[list, frozenset[int]]:
     """The verification inputs for `plan` and the indexes among them of the random draws, which
     a lowered plan meets at its precision's tolerance, not its budget (verify.worst_checks)."""
     checked = draws
@@ -323,7 +324,7 @@ def _inputs_to_check(plan: Plan, draws: list, calibration: tuple, report: Report
     return checked, frozenset(range(1, len(checked) - len(calibration)))
 
 
-def _integer_plan(plan: Plan) -> bool:
+def _integer_plan(plan: PartitionPlan) -> bool:
     return any(layer.precision.is_integer for partition in plan.partitions for layer in partition.graph.precision.lowered)
 
 
@@ -334,7 +335,7 @@ def _real_inputs_only(draws: list, calibration: tuple) -> list:
     return [draws[0], *draws[len(draws) - len(calibration):]]
 
 
-def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, synthetic: frozenset[int], workdir: Path,
+def _build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, draws, synthetic: frozenset[int], workdir: Path,
                    report: Report, deadline: float | None) -> dict:
     engines = {}
     mode = _mode(profile, opts)
@@ -375,7 +376,7 @@ def _build_engines(plan: Plan, profile: Profile, opts: CompileOptions, draws, sy
     return engines
 
 
-def _partition_draws(plan: Plan, partition, draws) -> list[tuple[torch.Tensor, ...]]:
+def _partition_draws(plan: PartitionPlan, partition, draws) -> list[tuple[torch.Tensor, ...]]:
     """Each verification draw's values at `partition`'s inputs, from running the earlier
     partitions' graphs eagerly."""
     result = []
@@ -402,7 +403,7 @@ def _median_ms(engine, inputs: tuple, calls: int = 5) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _record_placement(plan: Plan, report: Report) -> None:
+def _record_placement(plan: PartitionPlan, report: Report) -> None:
     report.placement = plan.placement
     for partition in plan.partitions:
         if partition.placed_backend == EAGER:
@@ -473,7 +474,7 @@ def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, dr
 class PlannedModel:
     """What `plan` returns: where each partition would run and why, estimated, nothing built."""
 
-    plan: Plan
+    plan: PartitionPlan
     report: Report
 
     @property
@@ -523,7 +524,7 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     ctx = PassContext(prof, opts, captured.input_spec, captured.example_inputs, calibration,
                       precision_setup.metric_score(captured, opts), plan_only=True)
     report.passes = pipeline.run(captured.gm, ctx)
-    planned = build_plan(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
+    planned = partition_graph(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                          export_dynamic_shapes(captured.input_spec), calibration, opts.calibration_observer)
     _record_placement(planned, report)
     for partition in planned.partitions:

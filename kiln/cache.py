@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-import kiln
-from kiln.artifact.manifest import host_fingerprint, usable_cores
-from kiln.errors import ArtifactError
+from kiln import version
+from kiln.errors import ArtifactError, KilnError
+from kiln.host import host_fingerprint, usable_cores
+from kiln.runtime import load
 
 log = logging.getLogger("kiln")
 
@@ -61,7 +62,7 @@ def cache_key(gm: torch.fx.GraphModule, input_spec: dict, output_structure: str,
     add("outputs", output_structure)
     add("profile", profile_digest)
     add("options", options)
-    add("versions", {"kiln": kiln.__version__, "torch": torch.__version__, **_library_versions()})
+    add("versions", {"kiln": version.__version__, "torch": torch.__version__, **_library_versions()})
     add("host", {**host_fingerprint(), "cores": usable_cores()})
     return digest.hexdigest()
 
@@ -90,7 +91,7 @@ class CompileCache:
         if not (path / "manifest.json").is_file():
             return None
         try:
-            compiled = kiln.load(path)
+            compiled = load(path)
         except ArtifactError as exc:
             log.warning("compile cache entry %s is unusable (%s); rebuilding", key[:12], exc.what)
             shutil.rmtree(path, ignore_errors=True)
@@ -112,7 +113,7 @@ class CompileCache:
             except OSError:  # another process stored the same key first; theirs is as good
                 pass
             self._mark_used(target)
-        except (OSError, kiln.KilnError) as exc:
+        except (OSError, KilnError) as exc:
             log.warning("could not write compile cache entry %s: %s", key[:12], exc)
             return None
         finally:

@@ -463,7 +463,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _profile_host(args: argparse.Namespace) -> int:
-    from kiln.placement.profile_host import write_profile
+    from kiln.profile_host import write_profile
 
     if args.seconds <= 0:
         raise UsageError("--seconds must be positive")

@@ -55,7 +55,7 @@ def test_anything_that_shapes_the_build_changes_the_key(change, tmp_path, monkey
         base = kiln.hardware_profiles.load("cpu-x86")
         profile = replace(base, digest=base.digest[::-1])
     elif change == "kiln version":
-        monkeypatch.setattr(kiln, "__version__", "99.0")
+        monkeypatch.setattr(kiln.version, "__version__", "99.0")
     elif change == "torch version":
         monkeypatch.setattr(torch, "__version__", "99.0+cpu")
     again = kiln.optimize(model, profile, (x,), backend="onnxruntime", cache_dir=str(tmp_path), **options)

@@ -1,5 +1,6 @@
 """Artifacts: manifest + engine files, saved as a directory or one zip file."""
 
-from kiln.artifact.load import digest, load
+from kiln.artifact.load import LoadedArtifact, digest, read
+from kiln.artifact.save import save
 
-__all__ = ["digest", "load"]
+__all__ = ["LoadedArtifact", "digest", "read", "save"]

@@ -1,37 +1,52 @@
-"""Load an artifact: integrity and compatibility first, engines only after every check passed."""
+"""Read an artifact: integrity and compatibility first, engines only after every check passed."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
 import tempfile
-import weakref
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from kiln.artifact.manifest import MANIFEST, engine_member, read_manifest, safe_member, sha256_file, usable_cores
+from kiln.artifact.manifest import MANIFEST, engine_member, read_manifest, safe_member, sha256_file
 from kiln.backends import registry
-from kiln.backends.base import BackendSettings, EngineEntry, PartitionGraph
+from kiln.backends.base import BackendSettings, EngineEntry
 from kiln.errors import ArtifactError, BackendUnavailable, KilnError
 from kiln.hardware_profiles.schema import DeviceSpec
-from kiln.passes.partition import Partition, Plan
+from kiln.host import usable_cores
+from kiln.ir import Partition, PartitionGraph, PartitionPlan
 from kiln.report import Report
 from kiln.types import DeviceKind, InputSpec, Precision
 
 
-def load(path: str | Path, threads: int | None = None, expected_digest: str | None = None):
-    """Load an artifact written by CompiledModel.save; raises ArtifactError when it is corrupt,
+@dataclass
+class LoadedArtifact:
+    """What an artifact holds, checked and with its engines loaded; `close` removes the files
+    the engines were loaded from (call it once nothing runs them any more)."""
+
+    plan: PartitionPlan
+    engines: dict
+    input_spec: InputSpec
+    output_structure: str
+    report: Report
+    profile: dict
+    output_none_positions: tuple[int, ...]
+    close: Callable[[], None]
+
+
+def read(path: str | Path, threads: int | None = None, expected_digest: str | None = None) -> LoadedArtifact:
+    """Read an artifact written by CompiledModel.save; raises ArtifactError when it is corrupt,
     tampered with, or needs other versions than the ones installed.
 
     expected_digest: the artifact's digest as printed by `kiln inspect` (or
     `kiln.artifact.digest(path)`) when it was built. The digest is the sha256 of the manifest,
     which lists every engine file's sha256, so pinning it refuses any edited artifact, not only
     corrupt ones. Keep the digest somewhere the artifact's supplier cannot change it."""
-    from kiln.runtime.compiled_model import CompiledModel
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ArtifactError("no such file or directory", where=str(path), fix="check the path")
@@ -53,8 +68,8 @@ def load(path: str | Path, threads: int | None = None, expected_digest: str | No
         if not isinstance(manifest["profile"].get("name"), str):
             raise ValueError("profile name missing")
         plan, engines = _load_engines(manifest, entries, directory, path, threads)
-        compiled = CompiledModel(plan, engines, spec, manifest["output_structure"], report, manifest["profile"],
-                                 tuple(manifest.get("output_none_positions", ())))
+        return LoadedArtifact(plan, engines, spec, manifest["output_structure"], report, manifest["profile"],
+                              tuple(manifest.get("output_none_positions", ())), cleanup)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         cleanup()
         raise ArtifactError(f"manifest is malformed ({type(exc).__name__}: {exc})", where=str(path),
@@ -62,8 +77,6 @@ def load(path: str | Path, threads: int | None = None, expected_digest: str | No
     except BaseException:
         cleanup()
         raise
-    weakref.finalize(compiled, cleanup)  # engines may read their files lazily; remove them with the model
-    return compiled
 
 
 def digest(path: str | Path) -> str:
@@ -169,13 +182,13 @@ def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Pa
         graph = PartitionGraph(item["name"], None, tuple(item["inputs"]), tuple(item["outputs"]), (), None)
         partitions.append(Partition(graph, item["device"], item["backend"], item.get("placed_backend", ""),
                                     item.get("device_kind", "cpu"), item.get("estimated_ms")))
-    plan = Plan(partitions, tuple(plan_data["input_names"]), tuple(plan_data["output_names"]),
-                output_sources=tuple(plan_data.get("output_sources", plan_data["output_names"])))
+    plan = PartitionPlan(partitions, tuple(plan_data["input_names"]), tuple(plan_data["output_names"]),
+                         output_sources=tuple(plan_data.get("output_sources", plan_data["output_names"])))
     _check_plan_wiring(plan, path)
     return plan, engines
 
 
-def _check_plan_wiring(plan: Plan, path: Path) -> None:
+def _check_plan_wiring(plan: PartitionPlan, path: Path) -> None:
     """Every partition input and model output must be a model input or an earlier partition's
     output, or running the plan would fail midway with a KeyError."""
     known = set(plan.input_names)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 from pathlib import Path, PurePosixPath
 
 from kiln.errors import ArtifactError
@@ -30,26 +28,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the whole machine's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def host_fingerprint() -> dict:
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "fma", "sve", "asimd")
-                flags = sorted(set(line.split(":", 1)[1].split()) & set(wanted))
-                break
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "system": platform.system(), "cpu_flags": flags}
 
 
 def safe_member(name: str, where: str) -> PurePosixPath:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-import kiln
-from kiln.artifact.manifest import ENGINE_DIR, FORMAT, MANIFEST, SCHEMA_VERSION, host_fingerprint, sha256_file
+from kiln.artifact.manifest import ENGINE_DIR, FORMAT, MANIFEST, SCHEMA_VERSION, sha256_file
 from kiln.backends import registry
 from kiln.errors import ArtifactError
+from kiln.host import host_fingerprint
+from kiln import version
 
 
 def save(compiled, path: Path, as_directory: bool) -> Path:
@@ -23,7 +24,7 @@ def save(compiled, path: Path, as_directory: bool) -> Path:
     try:
         (staging / ENGINE_DIR).mkdir()
         engines = []
-        versions = {"kiln": kiln.__version__, "torch": torch.__version__, "python": platform.python_version()}
+        versions = {"kiln": version.__version__, "torch": torch.__version__, "python": platform.python_version()}
         for partition in compiled.plan.partitions:
             engine = compiled.engines[partition.name]
             entry = engine.save(staging / ENGINE_DIR, partition.name)

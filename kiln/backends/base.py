@@ -17,7 +17,7 @@ from torch.fx import Node
 
 from kiln.budget import Budget
 from kiln.hardware_profiles.schema import DeviceSpec
-from kiln.precision.plan import PrecisionPlan
+from kiln.ir import PartitionGraph
 from kiln.types import Precision
 
 
@@ -93,20 +93,6 @@ class EngineEntry:
     backend: str
     files: list[str]
     meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class PartitionGraph:
-    """What a backend compiles: an fx graph over named flat tensors, with example values."""
-
-    name: str
-    gm: torch.fx.GraphModule
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    example_inputs: tuple[torch.Tensor, ...]
-    dynamic_shapes: tuple | None  # torch.export dynamic_shapes for gm's parameters
-    precision: PrecisionPlan = field(default_factory=PrecisionPlan)  # per-layer schemes to lower
-    calibration: tuple[tuple[torch.Tensor, ...], ...] = ()  # flat samples for static quantisation
 
 
 class Engine(Protocol):

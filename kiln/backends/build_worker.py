@@ -18,9 +18,9 @@ from pathlib import Path
 def main(job: Path) -> int:
     import torch
 
-    from kiln.backends.base import BackendSettings, PartitionGraph
+    from kiln.backends.base import BackendSettings
     from kiln.budget import Budget
-    from kiln.precision.plan import PrecisionPlan
+    from kiln.ir import PartitionGraph, PrecisionPlan
     from kiln.frontend.capture import drop_guard_calls
     from kiln.hardware_profiles.schema import DeviceSpec
     from kiln.types import DeviceKind, Precision

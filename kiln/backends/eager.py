@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport,
-                                PartitionGraph, Support, export_partition)
+from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support, export_partition
+from kiln.ir import PartitionGraph
 from kiln.errors import BackendError
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import Precision

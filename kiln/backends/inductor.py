@@ -30,8 +30,8 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport,
-                                PartitionGraph, Support, export_partition)
+from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support, export_partition
+from kiln.ir import PartitionGraph
 from kiln.backends.inductor_precision import lowered_program
 from kiln.errors import BackendError, BackendUnavailable, KilnError
 from kiln.hardware_profiles.schema import DeviceSpec

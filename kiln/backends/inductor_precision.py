@@ -22,11 +22,12 @@ import dataclasses
 import torch
 from torch.fx import GraphModule
 
-from kiln.backends.base import PartitionGraph, export_partition
+from kiln.backends.base import export_partition
+from kiln.ir import PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
-from kiln.passes._graph import add_constant, attr_value
-from kiln.precision.plan import Scheme
+from kiln.fx_helpers import add_constant, attr_value
+from kiln.ir import Scheme
 from kiln.precision.lowering import FLOAT_TYPES, cast_layers
 from kiln.precision.schemes import groupwise_uint4
 

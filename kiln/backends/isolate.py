@@ -21,7 +21,8 @@ from dataclasses import asdict
 
 import torch
 
-from kiln.backends.base import BackendSettings, Engine, EngineEntry, PartitionGraph, export_partition
+from kiln.backends.base import BackendSettings, Engine, EngineEntry, export_partition
+from kiln.ir import PartitionGraph
 from kiln.errors import BackendError
 from kiln.verify import OutputCheck
 

@@ -28,8 +28,8 @@ import torch
 from torch.fx import Node
 
 from kiln.backends.onnxruntime_precision import lower as lower_precision
-from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry,
-                                PartitionGraph, Support, export_partition)
+from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition
+from kiln.ir import PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DeviceKind, Precision

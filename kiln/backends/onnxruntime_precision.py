@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy
 
-from kiln.backends.base import PartitionGraph
+from kiln.ir import PartitionGraph
 from kiln.errors import BackendError
-from kiln.precision.plan import LayerPlan, Scheme
+from kiln.ir import LayerPlan, Scheme
 
 FX_NODE_KEY = "pkg.torch.onnx.fx_node"
 LAYER_OP_TYPES = ("MatMul", "Gemm", "Conv")

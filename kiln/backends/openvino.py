@@ -53,13 +53,13 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import (Availability, BackendSettings, CapabilityTable, EngineEntry, PartitionGraph, Support,
-                                export_partition)
+from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition
+from kiln.ir import PartitionGraph
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.frontend.capture import export_program
 from kiln.precision.lowering import FLOAT_TYPES, cast_layers
-from kiln.precision.plan import Scheme
+from kiln.ir import Scheme
 from kiln.types import DeviceKind, Precision
 
 INSTALL_HINT = "pip install openvino"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from kiln.errors import BackendUnavailable
+from kiln.ir import BACKEND_NAMES, EAGER
 
 # name -> "module:Class"; classes are imported on first use so `import kiln` needs no runtime.
 BACKENDS: dict[str, str] = {
@@ -13,16 +14,14 @@ BACKENDS: dict[str, str] = {
     "openvino": "kiln.backends.openvino:OpenVinoBackend",
     "tensorrt": "kiln.backends.tensorrt:TensorRTBackend",
     # PyTorch itself, for ops no other backend supports; placement uses it only as that fallback
-    "eager": "kiln.backends.eager:EagerBackend",
+    EAGER: "kiln.backends.eager:EagerBackend",
 }
-
-KNOWN_NAMES: tuple[str, ...] = tuple(BACKENDS)
 
 
 def get(name: str):
     """The backend object for `name`; an unknown name lists the known ones."""
     if name not in BACKENDS:
-        close = difflib.get_close_matches(name, list(KNOWN_NAMES), n=1)
+        close = difflib.get_close_matches(name, list(BACKEND_NAMES), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise BackendUnavailable(f"unknown backend {name!r}", fix=f"{hint}known backends: {', '.join(BACKENDS)}")
     module_name, class_name = BACKENDS[name].split(":")

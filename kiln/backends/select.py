@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from kiln.backends import registry
-from kiln.backends.base import BackendSettings, Engine, PartitionGraph
+from kiln.backends.base import BackendSettings, Engine
+from kiln.ir import PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.report import CandidateRecord
 from kiln.types import Precision

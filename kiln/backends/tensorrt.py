@@ -29,7 +29,8 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, PartitionGraph, Support
+from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support
+from kiln.ir import PartitionGraph
 from kiln.backends.tensorrt_config import (TRT_DATATYPE, TRT_RESTRICTIONS, EngineFacts, ParserError, PrecisionPlan,
                                            TrtBuildConfig, derive_build_config, has_qdq, incompatibility, is_dla,
                                            layer_owner, layer_precisions, onnx_node_owners, optimization_profiles,

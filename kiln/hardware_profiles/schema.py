@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from kiln.errors import ProfileError
+from kiln.ir import BACKEND_NAMES
 from kiln.types import DeviceKind, Precision
 
 PROFILE_DIR = Path(__file__).parent
@@ -230,13 +231,11 @@ def _build_device(name: str, spec: Any, path: Path) -> DeviceSpec:
     backends = spec["backends"]
     if not backends or not all(isinstance(b, str) for b in backends):
         raise ProfileError("must be a non-empty list of backend names", where=f"{path.name}: {where}.backends", fix="for example [onnxruntime, inductor]")
-    from kiln.backends.registry import KNOWN_NAMES as BACKENDS
-
     for backend in backends:
-        if backend not in BACKENDS:
-            close = difflib.get_close_matches(backend, list(BACKENDS), n=1)
+        if backend not in BACKEND_NAMES:
+            close = difflib.get_close_matches(backend, list(BACKEND_NAMES), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ProfileError(f"unknown backend {backend!r}", where=f"{path.name}: {where}.backends", fix=f"{hint}known backends: {', '.join(BACKENDS)}")
+            raise ProfileError(f"unknown backend {backend!r}", where=f"{path.name}: {where}.backends", fix=f"{hint}known backends: {', '.join(BACKEND_NAMES)}")
     for key in ("memory_gb", "memory_bandwidth_gbs"):
         if spec[key] <= 0:
             raise ProfileError(f"must be positive, got {spec[key]!r}", where=f"{path.name}: {where}.{key}", fix="write the datasheet figure")

@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.passes._graph import is_call
+from kiln.fx_helpers import is_call
 
 aten = torch.ops.aten
 CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout)

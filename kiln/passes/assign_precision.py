@@ -25,12 +25,12 @@ from torch.fx import GraphModule, Node
 
 from kiln.frontend.input_spec import random_inputs
 from kiln.errors import OptionsError
-from kiln.passes._graph import attr_value, in_module, is_call, module_hint
+from kiln.fx_helpers import attr_value, in_module, is_call, module_hint
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement.cost_model import shape_of
 from kiln.precision.capability import auto_candidates, device_runs
-from kiln.precision.plan import LAYER_META, LayerPlan, Scheme
+from kiln.ir import LAYER_META, LayerPlan, Scheme
 from kiln.precision.sensitivity import Analysis
 from kiln.types import NodeDecision, Precision
 

@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.passes._graph import add_constant, attr_value, is_call
+from kiln.fx_helpers import add_constant, attr_value, is_call
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.passes._graph import add_constant, attr_value
+from kiln.fx_helpers import add_constant, attr_value
 from kiln.passes._aliases import returns_alias, written_inputs
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip

@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from kiln.passes._graph import attr_value, call, is_call
+from kiln.fx_helpers import attr_value, call, is_call
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 

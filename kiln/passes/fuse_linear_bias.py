@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from kiln.passes._graph import add_constant, attr_value, call, is_call
+from kiln.fx_helpers import add_constant, attr_value, call, is_call
 from kiln.passes._match import erased, replace, users, val
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip

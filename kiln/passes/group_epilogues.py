@@ -26,7 +26,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.passes._graph import is_call
+from kiln.fx_helpers import is_call
 from kiln.passes._match import number, users, val
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult

@@ -27,14 +27,14 @@ from torch.fx import GraphModule, Node
 
 from kiln.backends import registry
 from kiln.errors import BackendUnavailable, OptionsError
-from kiln.passes._graph import in_module, module_hint
+from kiln.fx_helpers import in_module, module_hint
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement import cost_model as cm
 from kiln.placement.solver import Problem, Value, solve
+from kiln.ir import EAGER
 from kiln.types import NodeDecision, Precision
 
-EAGER = "eager"
 INPUTS, OUTPUT = "\x00inputs", "\x00output"  # solver units pinned to the host
 
 

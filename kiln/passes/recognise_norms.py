@@ -18,7 +18,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.passes._graph import is_call
+from kiln.fx_helpers import is_call
 from kiln.passes._match import (cast_input, erased, number, replace, same_value, strip_casts, tensor_pairs,
                                 trailing, users, val, with_number)
 from kiln.passes.context import PassContext

@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.passes._aliases import Writes, family, root
-from kiln.passes._graph import is_call
+from kiln.fx_helpers import is_call
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 

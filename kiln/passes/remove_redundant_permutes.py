@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.passes._graph import is_call
+from kiln.fx_helpers import is_call
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 

@@ -21,9 +21,9 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.backends.base import PartitionGraph
-from kiln.precision.plan import LayerPlan, Scheme
-from kiln.passes._graph import add_constant, attr_value
+from kiln.ir import PartitionGraph
+from kiln.ir import LayerPlan, Scheme
+from kiln.fx_helpers import add_constant, attr_value
 from kiln.precision.schemes import float_grid, per_channel_int8
 
 INT8 = (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC)

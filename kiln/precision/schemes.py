@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.precision.plan import Scheme
+from kiln.ir import Scheme
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 RESERVOIR = 65536  # values an observer keeps for percentile and MSE searches

@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Interpreter
 
 from kiln.budget import Budget
-from kiln.precision.plan import LayerPlan, Scheme
+from kiln.ir import LayerPlan, Scheme
 from kiln.precision.schemes import Observer, fake_bias, fake_input, fake_output, fake_weight
 from kiln.progress import Progress
 from kiln.verify import output_error, worst_per_example

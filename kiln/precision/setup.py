@@ -15,7 +15,7 @@ from kiln.frontend.capture import Captured
 from kiln.frontend.input_spec import check_call, normalize_call
 from kiln.options import CompileOptions
 from kiln.precision.capability import check_requested  # noqa: F401  (api's entry point)
-from kiln.precision.plan import LAYER_META, LayerPlan, PrecisionPlan, Scheme
+from kiln.ir import LAYER_META, LayerPlan, PrecisionPlan, Scheme
 from kiln.report import Report
 from kiln.types import Precision
 
@@ -93,7 +93,7 @@ def _eager_runs_fp32(plan) -> None:
     """A lowered layer that placement left to eager PyTorch (no backend runs it at its
     precision) computes in fp32 there: its plan says so, rather than claim a precision it
     does not run at."""
-    from kiln.passes.place_on_devices import EAGER
+    from kiln.ir import EAGER
 
     for partition in plan.partitions:
         graph = partition.graph

@@ -1,5 +1,5 @@
-"""Running compiled models."""
+"""Running compiled models, and loading them from artifacts."""
 
-from kiln.runtime.compiled_model import CompiledModel, Outputs
+from kiln.runtime.compiled_model import CompiledModel, Outputs, load
 
-__all__ = ["CompiledModel", "Outputs"]
+__all__ = ["CompiledModel", "Outputs", "load"]

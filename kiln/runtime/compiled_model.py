@@ -3,15 +3,17 @@ order (passing named tensors between partitions) and rebuilds the model's output
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
+from kiln import artifact
 from kiln.backends.base import Engine
 from kiln.frontend.input_spec import check_call
-from kiln.passes.partition import Plan
+from kiln.ir import PartitionPlan
 from kiln.report import Report
 from kiln.types import InputSpec
 
@@ -38,7 +40,7 @@ pytree.register_pytree_node(
 
 
 class CompiledModel:
-    def __init__(self, plan: Plan, engines: dict[str, Engine], input_spec: InputSpec, output_structure: str,
+    def __init__(self, plan: PartitionPlan, engines: dict[str, Engine], input_spec: InputSpec, output_structure: str,
                  report: Report, profile: dict, output_none_positions: tuple[int, ...] = ()):
         self.plan = plan
         self.engines = engines
@@ -81,13 +83,21 @@ class CompiledModel:
     def save(self, path: str | Path) -> Path:
         """Write the artifact: a single file (zip, no pickle) or, for a path ending in '/' or an
         existing directory, a directory."""
-        from kiln.artifact.save import save
-
-        return save(self, Path(path), as_directory=str(path).endswith("/") or Path(path).is_dir())
+        return artifact.save(self, Path(path), as_directory=str(path).endswith("/") or Path(path).is_dir())
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{p.name}@{p.device}:{p.backend}" for p in self.plan.partitions)
         return f"CompiledModel({self.report.model}, profile={self.profile['name']}, partitions=[{parts}])"
+
+
+def load(path: str | Path, threads: int | None = None, expected_digest: str | None = None) -> CompiledModel:
+    """Load an artifact written by CompiledModel.save, every check on names, sizes, checksums
+    and versions done before any engine loads (kiln.artifact.read says which)."""
+    loaded = artifact.read(path, threads, expected_digest)
+    compiled = CompiledModel(loaded.plan, loaded.engines, loaded.input_spec, loaded.output_structure, loaded.report,
+                             loaded.profile, loaded.output_none_positions)
+    weakref.finalize(compiled, loaded.close)  # engines may read their files lazily; remove them with the model
+    return compiled
 
 
 def _on(copies: dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kiln.backends.base import BackendSettings, PartitionGraph
+from kiln.backends.base import BackendSettings
+from kiln.ir import PartitionGraph
 from kiln.frontend.capture import capture
 from kiln.frontend.input_spec import export_dynamic_shapes
 from kiln.hardware_profiles import load

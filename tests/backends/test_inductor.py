@@ -100,7 +100,7 @@ def test_pt2e_int8_quantises_the_planned_layer_on_kiln_grid_even_when_re_export_
 
     pytest.importorskip("torchao")
     from kiln.backends.inductor_precision import lowered_program
-    from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+    from kiln.ir import LayerPlan, PrecisionPlan, Scheme
     from kiln.precision.lowering import with_lowered_weights
     from kiln.precision.schemes import per_channel_int8
     from tests.backends.test_onnxruntime_precision import _renumbered_partition, _weight_of

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.backends.base import PartitionGraph
+from kiln.ir import PartitionGraph
 from kiln.backends.onnxruntime import OnnxRuntimeBackend
 from kiln.frontend.capture import capture
 from kiln.hardware_profiles import load

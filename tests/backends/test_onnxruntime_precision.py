@@ -13,7 +13,7 @@ from torch import nn
 
 from kiln.backends.onnxruntime import export_onnx
 from kiln.backends.onnxruntime_precision import lower
-from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+from kiln.ir import LayerPlan, PrecisionPlan, Scheme
 
 from backends.conftest import make_partition
 

@@ -10,7 +10,7 @@ from kiln.hardware_profiles import load
 from kiln.options import CompileOptions
 from kiln.passes.assign_precision import assign_precision
 from kiln.passes.context import PassContext
-from kiln.precision.plan import LAYER_META, Scheme
+from kiln.ir import LAYER_META, Scheme
 from kiln.types import Precision
 
 

@@ -93,7 +93,7 @@ def test_launch_overhead_defaults_by_device_kind_and_rejects_negative_values(tmp
 
 
 def test_profile_host_writes_a_profile_the_strict_loader_accepts(tmp_path):
-    from kiln.placement.profile_host import write_profile
+    from kiln.profile_host import write_profile
 
     path = write_profile(tmp_path / "this-host.yaml", seconds=0.02, gemm_size=128, copy_mb=4)
     loaded = load(path)

@@ -1,4 +1,4 @@
-"""build_plan: per-(device, backend) partitions in an acyclic order, each a graph over named
+"""partition_graph: per-(device, backend) partitions in an acyclic order, each a graph over named
 tensors whose chained results equal the whole graph's (planning only, nothing compiled)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from kiln.frontend.input_spec import export_dynamic_shapes
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
 from kiln.passes.context import PassContext
-from kiln.passes.partition import build_plan
+from kiln.placement.partition import partition_graph
 from placement.support import profile
 
 
@@ -34,7 +34,7 @@ def _plan(model, inputs, profile_name, **options):
     captured = capture(model.eval(), inputs)
     ctx = PassContext(profile(profile_name), CompileOptions(**options), captured.input_spec, plan_only=True)
     pipeline.run(captured.gm, ctx)
-    plan = build_plan(captured.gm, ctx.profile, captured.input_spec, captured.output_names, captured.example_inputs,
+    plan = partition_graph(captured.gm, ctx.profile, captured.input_spec, captured.output_names, captured.example_inputs,
                       export_dynamic_shapes(captured.input_spec))
     return captured, plan
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import kiln
 from kiln.precision.lowering import with_lowered_weights
-from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+from kiln.ir import LayerPlan, PrecisionPlan, Scheme
 from kiln.precision.schemes import float_grid, per_channel_int8
 
 from backends.conftest import make_partition

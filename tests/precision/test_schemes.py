@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.precision.capability import auto_candidates, openvino_hint
-from kiln.precision.plan import LayerPlan, PrecisionPlan, Scheme
+from kiln.ir import LayerPlan, PrecisionPlan, Scheme
 from kiln.precision.schemes import (Observer, affine_uint8, fake_input, fake_weight, float_grid, groupwise_int4,
                                     per_channel_int8)
 from kiln.hardware_profiles import load

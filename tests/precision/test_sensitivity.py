@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kiln.frontend.capture import capture
-from kiln.precision.plan import LayerPlan, Scheme
+from kiln.ir import LayerPlan, Scheme
 from kiln.precision.schemes import fake_input, fake_weight
 from kiln.precision.sensitivity import Analysis
 

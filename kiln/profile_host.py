@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.artifact.manifest import host_fingerprint, usable_cores
+from kiln.host import host_fingerprint, usable_cores
 
 
 def _best_seconds(fn, seconds: float, rounds_min: int = 3) -> float:

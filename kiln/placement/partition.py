@@ -14,60 +14,23 @@ With one partition the captured graph itself is the partition, as before placeme
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from kiln.backends.base import PartitionGraph
 from kiln.hardware_profiles.schema import Profile
+from kiln.ir import DECISION_META, LAYER_META, Partition, PartitionGraph, PartitionPlan, PrecisionPlan
 from kiln.placement import cost_model as cm
-from kiln.precision.plan import LAYER_META, PrecisionPlan
 from kiln.types import InputSpec, NodeDecision
 
 
-@dataclass
-class Partition:
-    graph: PartitionGraph
-    device: str
-    backend: str = ""  # filled in by backend selection
-    placed_backend: str = ""  # what placement chose ("eager" for the PyTorch fallback)
-    device_kind: str = "cpu"
-    estimated_ms: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.graph.name
-
-
-@dataclass
-class Plan:
-    partitions: list[Partition]
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    notes: list[str] = field(default_factory=list)
-    output_sources: tuple[str, ...] = ()  # the value each model output reads; () means output_names
-    placement: list[dict] = field(default_factory=list)  # one record per op node, for reports
-
-    def sources(self) -> tuple[str, ...]:
-        return self.output_sources or self.output_names
-
-    def to_dict(self) -> dict:
-        return {"input_names": list(self.input_names), "output_names": list(self.output_names),
-                "output_sources": list(self.sources()),
-                "partitions": [{"name": p.name, "device": p.device, "device_kind": p.device_kind, "backend": p.backend,
-                                "placed_backend": p.placed_backend, "estimated_ms": p.estimated_ms,
-                                "inputs": list(p.graph.input_names), "outputs": list(p.graph.output_names)}
-                               for p in self.partitions]}
-
-
-def build_plan(gm: GraphModule, profile: Profile, input_spec: InputSpec, output_names: tuple[str, ...],
-               example_inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None,
-               calibration: tuple = (), observer: str = "minmax") -> Plan:
+def partition_graph(gm: GraphModule, profile: Profile, input_spec: InputSpec, output_names: tuple[str, ...],
+                    example_inputs: tuple[torch.Tensor, ...], dynamic_shapes: tuple | None,
+                    calibration: tuple = (), observer: str = "minmax") -> PartitionPlan:
     for node in gm.graph.nodes:
         if node.op == "call_function" and not _decision(node):
-            node.meta["kiln"] = NodeDecision(device=profile.primary_device, reasons=(f"primary device of profile {profile.name}",))
+            node.meta[DECISION_META] = NodeDecision(device=profile.primary_device, reasons=(f"primary device of profile {profile.name}",))
     runs = _runs(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = {p: name for p, name in zip(placeholders, input_spec.names)}
@@ -76,7 +39,7 @@ def build_plan(gm: GraphModule, profile: Profile, input_spec: InputSpec, output_
         graph = PartitionGraph("p0", gm, input_spec.names, output_names, example_inputs, dynamic_shapes,
                                _precision_plan(gm.graph.nodes, observer), tuple(calibration))
         partitions = [_partition(graph, key, profile)]
-        plan = Plan(partitions, input_spec.names, output_names)
+        plan = PartitionPlan(partitions, input_spec.names, output_names)
     else:
         plan = _split(gm, runs, names, profile, input_spec, output_names, example_inputs, dynamic_shapes,
                       tuple(calibration), observer)
@@ -90,7 +53,7 @@ def _precision_plan(nodes, observer: str) -> PrecisionPlan:
 
 
 def _decision(node: Node) -> NodeDecision | None:
-    decision = node.meta.get("kiln")
+    decision = node.meta.get(DECISION_META)
     return decision if isinstance(decision, NodeDecision) and decision.device else None
 
 
@@ -150,7 +113,7 @@ def _partition(graph: PartitionGraph, key: tuple[str, str], profile: Profile) ->
 
 
 def _split(gm, runs, names, profile, input_spec, output_names, example_inputs, dynamic_shapes,
-           calibration: tuple, observer: str) -> Plan:
+           calibration: tuple, observer: str) -> PartitionPlan:
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     graph_outputs = list(output_node.args[0]) if isinstance(output_node.args[0], (tuple, list)) else [output_node.args[0]]
     value_name = lambda node: names.get(node, node.name)  # noqa: E731
@@ -177,7 +140,7 @@ def _split(gm, runs, names, profile, input_spec, output_names, example_inputs, d
                             _precision_plan(run, observer), partition_calibration)
         partitions.append(_partition(pg, _key(run[0]), profile))
     _check_acyclic(partitions)
-    return Plan(partitions, input_spec.names, output_names, output_sources=tuple(value_name(n) for n in graph_outputs))
+    return PartitionPlan(partitions, input_spec.names, output_names, output_sources=tuple(value_name(n) for n in graph_outputs))
 
 
 def _extract(run: list[Node], value_name) -> tuple[Graph, list[Node], dict]:
@@ -246,7 +209,7 @@ def _check_acyclic(partitions: list[Partition]) -> None:
         raise RuntimeError(f"partitioning produced a cycle: {nx.find_cycle(quotient)}")
 
 
-def _estimate(gm: GraphModule, plan: Plan, profile: Profile, names: dict) -> None:
+def _estimate(gm: GraphModule, plan: PartitionPlan, profile: Profile, names: dict) -> None:
     """Per partition: the cost model's time for its nodes plus its inputs' transfers."""
     host = cm.host_device(profile)
     device_of = {n: _decision(n).device for n in gm.graph.nodes if n.op == "call_function"}
@@ -274,14 +237,9 @@ def _estimate(gm: GraphModule, plan: Plan, profile: Profile, names: dict) -> Non
     plan.placement = records
 
 
-def _nodes_of(gm: GraphModule, partition: Partition, plan: Plan) -> list[Node]:
+def _nodes_of(gm: GraphModule, partition: Partition, plan: PartitionPlan) -> list[Node]:
     if len(plan.partitions) == 1:
         return [n for n in gm.graph.nodes if n.op == "call_function"]
     originals = {n.name: n for n in gm.graph.nodes}
     return [originals[n.name] for n in partition.graph.gm.graph.nodes
             if n.op == "call_function" and n.name in originals and not _replicable(n)]
-
-
-def op_counts(gm: GraphModule) -> dict[str, int]:
-    counts = collections.Counter(str(n.target).replace("aten.", "") for n in gm.graph.nodes if n.op == "call_function")
-    return dict(counts)

@@ -1,4 +1,5 @@
-"""Graph helpers shared by passes: constants held by the module, users, node locations."""
+"""torch.fx helpers shared by passes, precision lowering and backends: constants held by the
+module, node construction with shape meta, module paths and source lines of nodes."""
 
 from __future__ import annotations
 
