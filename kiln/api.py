@@ -18,11 +18,12 @@ import torch
 from kiln import hardware_profiles
 from kiln.host import usable_cores
 from kiln.backends.base import BackendSettings
+from kiln.build import preflight
 from kiln.backends.isolate import build_isolated
 from kiln.backends.select import select_engine, time_interleaved
 from kiln import cache as compile_cache
 from kiln.cache import CompileCache, cache_key
-from kiln.errors import BackendError, BackendUnavailable, OptionsError, VerificationError
+from kiln.errors import BackendError, BackendUnavailable, VerificationError
 from kiln.frontend.capture import Captured, capture, plain_containers
 from kiln.frontend.input_spec import export_dynamic_shapes, random_inputs, rebuild_call
 from kiln.precision import setup as precision_setup
@@ -57,8 +58,8 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     timings: dict[str, float] = {}
     with _stage("profile", timings):
         prof = profile if isinstance(profile, Profile) else hardware_profiles.load(profile)
-        _check_profile_fits(prof, opts)
-        _check_primary_ready(prof, opts)
+        preflight.check_profile_fits(prof, opts)
+        preflight.check_primary_ready(prof, opts)
     with _stage("capture", timings):
         captured = capture(model, example_inputs, example_kwargs, dynamic)
     with _stage("calibration", timings):
@@ -278,21 +279,6 @@ def _stage(name: str, timings: dict[str, float]):
     log.info("%s done in %.1f s", name, timings[name])
 
 
-def _check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
-    device = profile.primary
-    if opts.auto or opts.precision is Precision.FP32:
-        if Precision.FP32 not in device.precisions:  # the ops around lowered layers run in fp32
-            raise OptionsError(f"profile {profile.name}'s device {device.name} does not run fp32",
-                               where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
-                               fix=f"choose one of {', '.join(sorted(p.value for p in device.precisions))} with precision=...")
-    else:
-        precision_setup.check_requested(profile, opts.precision, opts.backend)
-    if opts.backend is not None:
-        from kiln.backends.registry import get
-
-        get(opts.backend)  # raises BackendUnavailable naming the known backends
-
-
 def _threads(profile: Profile, opts: CompileOptions) -> int:
     here = usable_cores()
     return opts.threads or max(1, min(profile.primary.cores or here, here))
@@ -414,31 +400,6 @@ def _record_placement(plan: PartitionPlan, report: Report) -> None:
         total = sum(p.estimated_ms or 0.0 for p in plan.partitions)
         report.notes.append(f"placement split the graph into {len(plan.partitions)} partitions on "
                             f"{', '.join(dict.fromkeys(p.device for p in plan.partitions))}; est. {total:.3f} ms end to end")
-
-
-def _check_primary_ready(profile: Profile, opts: CompileOptions) -> None:
-    """Building needs the profile's primary device on this machine; planning does not (kiln.plan)."""
-    from kiln.backends import registry
-    from kiln.errors import BackendUnavailable
-
-    device = profile.primary
-    probe = torch.fx.Graph().placeholder("x")  # a node every table accepts: only the device is asked about
-    reasons = []
-    for name in (opts.backend,) if opts.backend else device.backends:
-        try:
-            backend = registry.get(name)
-        except BackendUnavailable as exc:
-            reasons.append(f"{name}: {exc.what}")
-            continue
-        status = backend.available()
-        support = backend.supports(probe, device) if status.ok else None
-        if support is not None and support.ok:
-            return
-        reasons.append(f"{name}: {status.reason} ({status.install_hint})" if not status.ok else f"{name}: {support.reason}")
-    raise BackendUnavailable(f"no backend can build for device {device.name} of profile {profile.name} here: {'; '.join(reasons)}",
-                             where=f"profile {profile.name}, device {device.name}",
-                             fix="build on a machine with that device and its runtime, or plan without building: kiln.plan(...) "
-                                 "or `kiln compile --plan-only`")
 
 
 def _verify_against_eager(model, compiled: CompiledModel, captured: Captured, draws, synthetic: frozenset[int],

@@ -18,7 +18,7 @@ from torch.fx import Node
 from kiln.budget import Budget
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.ir import PartitionGraph
-from kiln.types import Precision
+from kiln.types import DeviceKind, Precision
 
 
 @dataclass(frozen=True)
@@ -46,29 +46,60 @@ class OpSupport:
 
 @dataclass(frozen=True)
 class CapabilityTable:
-    ops: Mapping[object, OpSupport]  # torch.ops.aten.*.<overload> -> OpSupport
-    default: OpSupport | None = None  # for ops not listed; None means "unsupported"
-    device_kinds: frozenset[str] = frozenset({"cpu"})
+    """Everything kiln knows about what one backend runs: the device kinds it drives, the
+    precisions kiln lowers to fast kernels on each kind, per-op limits, and the runtime's own op
+    coverage. Placement, backend selection and the precision pass all ask this one table, so
+    they cannot disagree about a backend.
+
+    A node runs at precision p on a device when: the device's kind is listed, this machine has
+    it (unless only planning), p is among that kind's precisions and among the op's (its `ops`
+    entry, else `default`), the entry's check passes, and `coverage` (the exporter's registry,
+    a frontend's op table) takes the node."""
+
+    backend: str  # the backend's name, for refusals
+    precisions: Mapping[DeviceKind, frozenset[Precision]]
+    ops: Mapping[object, OpSupport] = field(default_factory=dict)  # torch.ops.aten.*.<overload> -> OpSupport
+    default: OpSupport | None = None  # for ops not listed; None: every precision of the device's kind
+    coverage: Callable[[Node], Support] | None = None  # the runtime's own per-node answer; None: every op
     # Whether this machine can run the device at all (e.g. a GPU profile on a CPU-only host).
     device_ready: Callable[[DeviceSpec], str | None] | None = None
 
+    def runs(self, kind: DeviceKind, precision: Precision) -> bool:
+        """Whether kiln lowers `precision` to this backend's kernels on `kind` devices."""
+        return precision in self.precisions.get(kind, frozenset())
+
     def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32, check_ready: bool = True) -> Support:
-        """Whether `node` runs on `device`; check_ready=False asks the table alone, for planning
-        a device this machine does not have."""
-        if device.kind.value not in self.device_kinds:
-            return Support(False, f"runs on {', '.join(sorted(self.device_kinds))}, not {device.kind.value}")
+        """Whether `node` runs on `device` at `precision`; check_ready=False asks the table alone,
+        for planning a device this machine does not have."""
+        if device.kind not in self.precisions:
+            kinds = ", ".join(sorted(k.value for k in self.precisions))
+            return Support(False, f"{self.backend} runs on {kinds} devices, not {device.kind.value}")
         if check_ready and self.device_ready is not None and (reason := self.device_ready(device)) is not None:
             return Support(False, reason)
+        if not self.runs(device.kind, precision):
+            lowered = ", ".join(p.value for p in Precision if self.runs(device.kind, p))
+            return Support(False, f"kiln's {self.backend} path does not lower {precision.value} on {device.kind.value} "
+                                  f"(it lowers {lowered} there)")
         if node.op != "call_function":
             return Support(True)
         entry = self.ops.get(node.target, self.default)
-        if entry is None:
-            return Support(False, f"{node.target} is not in the capability table")
-        if precision not in entry.precisions:
-            return Support(False, f"{node.target} does not run at {precision.value}")
-        if entry.check is not None and (reason := entry.check(node)) is not None:
-            return Support(False, reason)
-        return Support(True)
+        if entry is not None:
+            if precision not in entry.precisions:
+                return Support(False, f"{node.target} does not run at {precision.value} on {self.backend}")
+            if entry.check is not None and (reason := entry.check(node)) is not None:
+                return Support(False, reason)
+        return self.coverage(node) if self.coverage is not None else Support(True)
+
+
+class BackendBase:
+    """What every backend shares: its answer to "does this node run here" is its table's."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[CapabilityTable]
+
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
+                 check_ready: bool = True) -> Support:
+        return self.capabilities.supports(node, device, precision, check_ready)
 
 
 @dataclass(frozen=True)
@@ -109,7 +140,8 @@ class Backend(Protocol):
 
     def available(self) -> Availability: ...
 
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support: ...
+    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
+                 check_ready: bool = True) -> Support: ...
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> Engine: ...
 

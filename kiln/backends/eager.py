@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch.fx import Node
 
-from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support, export_partition
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, export_partition)
 from kiln.ir import PartitionGraph
 from kiln.errors import BackendError
-from kiln.hardware_profiles.schema import DeviceSpec
-from kiln.types import Precision
+from kiln.types import DeviceKind, Precision
 
-CAPABILITIES = CapabilityTable(ops={}, default=OpSupport(frozenset(Precision)), device_kinds=frozenset({"cpu"}))
+# PyTorch runs every op at every precision; kiln runs eager partitions on the host CPU only.
+CAPABILITIES = CapabilityTable("eager", {DeviceKind.CPU: frozenset(Precision)})
 
 
 class EagerEngine:
@@ -82,15 +81,12 @@ def _check_no_pickle(path: Path) -> None:
                 raise BackendError("eager engine needs unpickling to load", where=str(path), fix="rebuild the artifact")
 
 
-class EagerBackend:
+class EagerBackend(BackendBase):
     name: ClassVar[str] = "eager"
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
     def available(self) -> Availability:
         return Availability(True, version=torch.__version__)
-
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
-        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> EagerEngine:
         try:

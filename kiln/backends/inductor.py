@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support, export_partition
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, export_partition)
 from kiln.ir import PartitionGraph
 from kiln.backends.inductor_precision import lowered_program
 from kiln.errors import BackendError, BackendUnavailable, KilnError
@@ -47,14 +47,18 @@ def _device_ready(device: DeviceSpec) -> str | None:
     return None
 
 
-# Inductor lowers every ATen op (falling back to ATen kernels where it has no codegen), so the
-# table's default covers all ops; entries here would only narrow it.
-_FLOATS_AND_INT8 = frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8})
+# Inductor lowers every ATen op (falling back to ATen kernels where it has no codegen), so no op
+# is left out; the table narrows precisions. What kiln's Inductor path lowers fast: on CPU, bf16
+# (oneDNN, fp32 accumulation), int8 (PT2E X86InductorQuantizer) and int4 weight-only (PyTorch's
+# packed int4 matmul, the kernel torchao uses there); on CUDA, bf16 and fp16.
+_ALL_BUT_INT4 = frozenset(Precision) - {Precision.INT4}
 CAPABILITIES = CapabilityTable(
-    # int4 weight-only: linear layers, through PyTorch's packed int4 matmul (inductor_precision)
-    ops={torch.ops.aten.linear.default: OpSupport(_FLOATS_AND_INT8 | {Precision.INT4})},
-    default=OpSupport(_FLOATS_AND_INT8),
-    device_kinds=frozenset({"cpu", "gpu"}),
+    "inductor",
+    {DeviceKind.CPU: frozenset({Precision.FP32, Precision.BF16, Precision.INT8, Precision.INT4}),
+     DeviceKind.GPU: frozenset({Precision.FP32, Precision.BF16, Precision.FP16})},
+    # int4 weight-only: linear layers only (inductor_precision packs their weights)
+    ops={torch.ops.aten.linear.default: OpSupport(frozenset(Precision))},
+    default=OpSupport(_ALL_BUT_INT4),
     device_ready=_device_ready,
 )
 
@@ -247,7 +251,7 @@ def _lowered_partition(partition: PartitionGraph, device: torch.device, dtype: t
                           partition.output_names, examples, partition.dynamic_shapes)
 
 
-class InductorBackend:
+class InductorBackend(BackendBase):
     name: ClassVar[str] = "inductor"
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
@@ -259,14 +263,6 @@ class InductorBackend:
         if shutil.which("c++") is None and shutil.which("g++") is None:
             return Availability(False, "no C++ compiler on PATH (Inductor generates C++ on CPU)", "apt-get install g++")
         return Availability(True, version=torch.__version__)
-
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
-        from kiln.precision.capability import backend_runs
-
-        if precision is not Precision.FP32 and not backend_runs(self.name, device, precision):
-            return Support(False, f"kiln's Inductor path does not lower {precision.value} on {device.kind.value} "
-                                  "(on CPU it lowers bf16, int8 and int4 weight-only)")
-        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> InductorEngine:
         status = self.available()

@@ -28,7 +28,7 @@ import torch
 from torch.fx import Node
 
 from kiln.backends.onnxruntime_precision import lower as lower_precision
-from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support, export_partition)
 from kiln.ir import PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
@@ -70,23 +70,9 @@ NPU_PROVIDERS: tuple[NpuProvider, ...] = (
 def npu_provider(device: DeviceSpec) -> NpuProvider | None:
     model = device.model.lower()
     return next((row for row in NPU_PROVIDERS if row.keyword in model), None)
+
+
 OPSET = 20
-
-
-class _ExporterTable(CapabilityTable):
-    """The exporter's registry viewed as a capability table (built on first use)."""
-
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32, check_ready: bool = True) -> Support:
-        if check_ready and (reason := _device_ready(device)) is not None:
-            return Support(False, reason)
-        if node.op != "call_function":
-            return Support(True)
-        target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
-            return Support(True)  # operator.getitem and friends export as tuple plumbing
-        if precision is not Precision.FP32 and (reason := _precision_reason(node, device, precision)) is not None:
-            return Support(False, reason)
-        return exporter_supports(node)
 
 
 def exporter_supports(node: Node) -> Support:
@@ -123,18 +109,6 @@ def _functional_form(target):
         return None
     packet = getattr(torch.ops.aten, name[:-1], None)
     return getattr(packet, target._overloadname, None) if packet is not None else None
-
-
-def _precision_reason(node: Node, device: DeviceSpec, precision: Precision) -> str | None:
-    """Why kiln's ORT path does not run `node` at `precision` on `device` (None: it does)."""
-    from kiln.precision.capability import backend_runs
-
-    if not backend_runs("onnxruntime", device, precision):
-        return (f"ONNX Runtime has no fast {precision.value} kernels on {device.kind.value} "
-                f"(kiln lowers fp32, int8 and int4 weight-only there)")
-    if precision is Precision.INT4 and node.target is not torch.ops.aten.linear.default:
-        return "ONNX Runtime's int4 weight-only kernel (MatMulNBits) takes linear layers only"
-    return None
 
 
 def _rank4_query(node: Node) -> str | None:
@@ -433,9 +407,27 @@ def _providers_for(device: DeviceSpec) -> list[tuple[str, dict]]:
     return [("CPUExecutionProvider", {})]
 
 
-class OnnxRuntimeBackend:
+# Op coverage is the exporter's registry (exporter_supports). Precisions are what runs *fast*:
+# the CPU provider has int8 (QDQ static, dynamic; VNNI kernels) and int4 weight-only
+# (MatMulNBits, linear layers only) but no bf16 kernels and few fp16 ones (an fp16 graph runs as
+# casts around fp32 kernels), so neither is offered there; GPU providers add fp16. An NPU's
+# execution provider takes the fp32 graph and applies its own precision.
+_ALL_BUT_INT4 = frozenset(Precision) - {Precision.INT4}
+CAPABILITIES = CapabilityTable(
+    "onnxruntime",
+    {DeviceKind.CPU: frozenset({Precision.FP32, Precision.INT8, Precision.INT4}),
+     DeviceKind.GPU: frozenset({Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT4}),
+     DeviceKind.NPU: frozenset({Precision.FP32})},
+    ops={torch.ops.aten.linear.default: OpSupport(frozenset(Precision))},
+    default=OpSupport(_ALL_BUT_INT4),
+    coverage=lambda node: exporter_supports(node),  # looked up at call time: tests may patch it
+    device_ready=lambda device: _device_ready(device),
+)
+
+
+class OnnxRuntimeBackend(BackendBase):
     name: ClassVar[str] = "onnxruntime"
-    capabilities: ClassVar[CapabilityTable] = _ExporterTable(ops={}, device_kinds=frozenset({"cpu", "gpu", "npu"}))
+    capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
     def available(self) -> Availability:
         try:
@@ -445,9 +437,6 @@ class OnnxRuntimeBackend:
         except ImportError as exc:
             return Availability(False, f"{exc.name} is not installed", "pip install onnxruntime onnx onnxscript")
         return Availability(True, version=onnxruntime.__version__)
-
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
-        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> OnnxRuntimeEngine:
         self._require()

@@ -53,7 +53,7 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition)
 from kiln.ir import PartitionGraph
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
@@ -181,29 +181,29 @@ _NODE_CHECKS = {"aten.scaled_dot_product_attention.default": _rank4_sdpa,
                     "aten.amax.default", "aten.amin.default", "aten.sum.dim_IntList", "aten.mean.dim", "aten.prod.dim_int")}}
 
 
-class _FrontendTable(CapabilityTable):
-    """OpenVINO's PyTorch frontend coverage viewed as a capability table (read on first use)."""
+def frontend_supports(node: Node) -> Support:
+    """Whether OpenVINO's PyTorch frontend converts `node` (its op table, read on first use)."""
+    if node.op != "call_function":
+        return Support(True)
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return Support(True)  # operator.getitem and friends are tuple plumbing the decoder follows
+    key = _op_key(target)
+    if (check := _NODE_CHECKS.get(key)) is not None and (reason := check(node)) is not None:
+        return Support(False, reason)
+    if key in _frontend_ops() or key in _decomposed_ops() \
+            or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
+        return Support(True)
+    return Support(False, f"OpenVINO's PyTorch frontend has no conversion for {target}")
 
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
-                 check_ready: bool = True) -> Support:
-        if device.kind.value not in self.device_kinds:
-            return Support(False, f"OpenVINO has no plugin for {device.kind.value} devices")
-        if check_ready and (reason := _device_ready(device)) is not None:
-            return Support(False, reason)
-        if node.op != "call_function":
-            return Support(True)
-        target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
-            return Support(True)  # operator.getitem and friends are tuple plumbing the decoder follows
-        if precision not in PRECISION_HINTS:
-            return Support(False, f"kiln's OpenVINO path does not lower {precision.value} yet")
-        key = _op_key(target)
-        if (check := _NODE_CHECKS.get(key)) is not None and (reason := check(node)) is not None:
-            return Support(False, reason)
-        if key in _frontend_ops() or key in _decomposed_ops() \
-                or torch._C._dispatch_has_kernel_for_dispatch_key(target.name(), "CompositeImplicitAutograd"):
-            return Support(True)
-        return Support(False, f"OpenVINO's PyTorch frontend has no conversion for {target}")
+
+# Float precisions through the inference precision hint, int8 from QDQ nodes; on every plugin.
+CAPABILITIES = CapabilityTable(
+    "openvino",
+    {kind: frozenset(PRECISION_HINTS) for kind in DeviceKind},
+    coverage=frontend_supports,
+    device_ready=lambda device: _device_ready(device),
+)
 
 
 @contextlib.contextmanager
@@ -412,10 +412,9 @@ def _set_shapes_and_names(model, partition: PartitionGraph, placeholders: list[s
     return tuple(positions)
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(BackendBase):
     name: ClassVar[str] = "openvino"
-    capabilities: ClassVar[CapabilityTable] = _FrontendTable(ops={}, device_kinds=frozenset({"cpu", "gpu", "npu"}),
-                                                             device_ready=_device_ready)
+    capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
     def available(self) -> Availability:
         try:
@@ -423,9 +422,6 @@ class OpenVinoBackend:
         except ImportError as exc:
             return Availability(False, f"{exc.name} is not installed", INSTALL_HINT)
         return Availability(True, version=ov.get_version())
-
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
-        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> OpenVinoEngine:
         self._require()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import difflib
 
 from kiln.errors import BackendUnavailable
+from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.ir import BACKEND_NAMES, EAGER
+from kiln.types import Precision
 
 # name -> "module:Class"; classes are imported on first use so `import kiln` needs no runtime.
 BACKENDS: dict[str, str] = {
@@ -28,3 +30,8 @@ def get(name: str):
     import importlib
 
     return getattr(importlib.import_module(module_name), class_name)()
+
+
+def lowering(names: tuple[str, ...], device: DeviceSpec, precision: Precision) -> list[str]:
+    """Those of backends `names` whose capability table lowers `precision` on `device`'s kind."""
+    return [name for name in names if get(name).capabilities.runs(device.kind, precision)]

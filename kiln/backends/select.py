@@ -139,9 +139,7 @@ def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) 
     for node in partition.gm.graph.nodes:
         decision = node.meta.get("kiln")
         precision = decision.precision if decision is not None else Precision.FP32
-        # fp32 is every backend's default; the precision argument is passed only when it says more
-        support = backend.supports(node, settings.device) if precision is Precision.FP32 \
-            else backend.supports(node, settings.device, precision)
+        support = backend.supports(node, settings.device, precision)
         if not support.ok:
             reasons.setdefault(support.reason, node.name)
     return "; ".join(f"{reason} (e.g. node {node})" for reason, node in list(reasons.items())[:3])

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import Availability, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support)
 from kiln.ir import PartitionGraph
 from kiln.backends.tensorrt_config import (TRT_DATATYPE, TRT_RESTRICTIONS, EngineFacts, ParserError, PrecisionPlan,
                                            TrtBuildConfig, derive_build_config, has_qdq, incompatibility, is_dla,
@@ -61,22 +61,24 @@ def device_ready(device: DeviceSpec) -> str | None:
     return None
 
 
-class _TensorRTTable(CapabilityTable):
-    """TensorRT's own limits (TRT_RESTRICTIONS, tensor limits) on top of the ONNX export's coverage."""
+def _trt_coverage(node: Node) -> Support:
+    from kiln.backends.onnxruntime import exporter_supports
 
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
-                 check_ready: bool = True) -> Support:
-        if device.kind.value not in self.device_kinds:
-            return Support(False, f"TensorRT runs on NVIDIA GPUs and DLAs, not {device.kind.value} devices")
-        if check_ready and (reason := device_ready(device)) is not None:
-            return Support(False, reason)
-        from kiln.backends.onnxruntime import exporter_supports
-
-        return trt_supports(node, exporter_supports)
+    return trt_supports(node, exporter_supports)
 
 
-CAPABILITIES = _TensorRTTable(ops={op: OpSupport(frozenset(TRT_DATATYPE), check) for op, check in TRT_RESTRICTIONS.items()},
-                              device_kinds=frozenset({"gpu", "npu"}), device_ready=device_ready)
+# TensorRT's own limits (TRT_RESTRICTIONS, tensor limits) on top of the ONNX export's coverage.
+# Per-layer precisions kiln expresses on a GPU (tf32 is a math mode, not a layer precision, and
+# int4 weight-only goes to the runtimes with an int4 matmul kernel); a DLA runs fp16 and int8
+# itself and leaves fp32 layers to the GPU beside it.
+CAPABILITIES = CapabilityTable(
+    "tensorrt",
+    {DeviceKind.GPU: frozenset({Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8, Precision.FP8}),
+     DeviceKind.NPU: frozenset({Precision.FP32, Precision.FP16, Precision.INT8})},
+    ops={op: OpSupport(frozenset(TRT_DATATYPE), check) for op, check in TRT_RESTRICTIONS.items()},
+    coverage=_trt_coverage,
+    device_ready=device_ready,
+)
 
 
 def _import_trt():
@@ -166,7 +168,7 @@ def check_loadable(meta: dict, tensorrt: str, compute_capability: tuple[int, int
     return facts
 
 
-class TensorRTBackend:
+class TensorRTBackend(BackendBase):
     name: ClassVar[str] = "tensorrt"
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
@@ -187,9 +189,6 @@ class TensorRTBackend:
             return Availability(False, f"{exc.name} is not installed (kiln exports to ONNX for TensorRT)",
                                 "pip install onnx onnxscript", trt.__version__)
         return Availability(True, version=trt.__version__)
-
-    def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32) -> Support:
-        return self.capabilities.supports(node, device, precision)
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> TensorRTEngine:
         self._require()

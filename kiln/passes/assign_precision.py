@@ -23,13 +23,14 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.frontend.input_spec import random_inputs
+from kiln.backends import registry
 from kiln.errors import OptionsError
+from kiln.frontend.input_spec import random_inputs
 from kiln.fx_helpers import attr_value, in_module, is_call, module_hint
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement.cost_model import shape_of
-from kiln.precision.capability import auto_candidates, device_runs
+from kiln.precision.capability import FLOATS_BELOW_FP32, device_runs
 from kiln.ir import LAYER_META, LayerPlan, Scheme
 from kiln.precision.sensitivity import Analysis
 from kiln.types import NodeDecision, Precision
@@ -129,6 +130,20 @@ def _schemes(ctx: PassContext) -> list[str]:
         precisions = [opts.precision] if device_runs(device, opts.precision) else []
     return [(Scheme.INT8_STATIC if calibrated else Scheme.INT8_DYNAMIC) if p is Precision.INT8 else SCHEME_FOR[p]
             for p in precisions]
+
+
+def auto_candidates(device, backends: tuple[str, ...], calibrated: bool) -> list[Precision]:
+    """Precisions "auto" may assign, fastest first by the device's peak figures: those the device
+    runs and at least one tried backend's capability table lowers there, integer types only with
+    calibration data. Weight-only int4 is left to explicit requests: it pays on memory-bound
+    decoding, not on math."""
+    found = []
+    for precision in (Precision.INT8, *FLOATS_BELOW_FP32):
+        if precision.is_integer and not calibrated:
+            continue
+        if device_runs(device, precision) and registry.lowering(backends, device, precision):
+            found.append(precision)
+    return sorted(found, key=lambda p: -device.peak_tflops.get(p, 0.0))
 
 
 def _kept_fp32(gm: GraphModule, layers: dict[str, Node], keys: tuple[str, ...]) -> dict[str, str]:

@@ -133,11 +133,7 @@ def _backend(name: str, cache: dict, planning: bool = False):
 
 
 def _supports(backend, node: Node, device, precision: Precision, check_ready: bool):
-    table = getattr(backend, "capabilities", None)
-    try:
-        return table.supports(node, device, precision, check_ready=check_ready)
-    except (TypeError, AttributeError):  # a backend without the planning form of the table
-        return backend.supports(node, device)
+    return backend.supports(node, device, precision, check_ready=check_ready)
 
 
 def _pins(units, ctx: PassContext, options, refusals) -> dict[Node, str]:

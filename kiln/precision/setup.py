@@ -14,7 +14,6 @@ from kiln.errors import InputMismatch, OptionsError
 from kiln.frontend.capture import Captured
 from kiln.frontend.input_spec import check_call, normalize_call
 from kiln.options import CompileOptions
-from kiln.precision.capability import check_requested  # noqa: F401  (api's entry point)
 from kiln.ir import LAYER_META, LayerPlan, PrecisionPlan, Scheme
 from kiln.report import Report
 from kiln.types import Precision

@@ -40,7 +40,7 @@ class _Backend:
     def available(self):
         return Availability(self._available, "" if self._available else "not installed", "pip install it")
 
-    def supports(self, node, device):
+    def supports(self, node, device, precision=None, check_ready=True):
         return Support(False, self._unsupported) if self._unsupported else Support(True)
 
     def compile(self, partition, settings):

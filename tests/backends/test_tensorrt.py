@@ -276,7 +276,7 @@ def test_device_ready_says_no_cuda_gpu_is_present():
     node = _node(torch.relu, torch.randn(4), torch.ops.aten.relu.default)
     support = CAPABILITIES.supports(node, load("a100").primary)
     assert not support.ok and "no CUDA GPU is present" in support.reason
-    assert "not cpu devices" in CAPABILITIES.supports(node, load("cpu-x86").primary).reason
+    assert "runs on gpu, npu devices, not cpu" in CAPABILITIES.supports(node, load("cpu-x86").primary).reason
 
 
 class _FakeEngine:
@@ -292,7 +292,7 @@ class _FakeBackend:
     def available(self):
         return Availability(True)
 
-    def supports(self, node, device):
+    def supports(self, node, device, precision=None, check_ready=True):
         return Support(True)
 
     def compile(self, partition, settings):

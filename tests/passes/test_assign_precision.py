@@ -8,7 +8,7 @@ from kiln.budget import Budget
 from kiln.errors import OptionsError
 from kiln.hardware_profiles import load
 from kiln.options import CompileOptions
-from kiln.passes.assign_precision import assign_precision
+from kiln.passes.assign_precision import assign_precision, auto_candidates
 from kiln.passes.context import PassContext
 from kiln.ir import LAYER_META, Scheme
 from kiln.types import Precision
@@ -265,3 +265,12 @@ def test_a_plan_is_measured_on_every_calibration_sample_that_verification_will_c
     run_loud.ctx = loud_only
     run_loud.apply(assign_precision)
     assert all(p.scheme == Scheme.INT8_STATIC for p in _plans(run_loud).values())  # the faint samples decide it
+
+
+def test_auto_candidates_follow_the_profile_and_need_calibration_for_integers():
+    cpu = load("cpu-x86").primary
+    assert auto_candidates(cpu, cpu.backends, calibrated=False) == [Precision.BF16]
+    assert auto_candidates(cpu, cpu.backends, calibrated=True) == [Precision.INT8, Precision.BF16]
+    assert auto_candidates(cpu, ("onnxruntime",), calibrated=False) == []
+    h100 = load("h100").primary
+    assert Precision.FP8 in auto_candidates(h100, h100.backends, calibrated=False)

@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from kiln.precision.capability import auto_candidates, openvino_hint
 from kiln.ir import LayerPlan, PrecisionPlan, Scheme
 from kiln.precision.schemes import (Observer, affine_uint8, fake_input, fake_weight, float_grid, groupwise_int4,
                                     per_channel_int8)
-from kiln.hardware_profiles import load
 from kiln.types import Precision
 
 
@@ -103,20 +101,6 @@ def test_mse_clips_each_end_of_the_range_on_its_own():
     lo, hi = observer.range()
     assert lo == -1.0 or lo < -0.99
     assert hi < 20
-
-
-def test_auto_candidates_follow_the_profile_and_need_calibration_for_integers():
-    cpu = load("cpu-x86").primary
-    assert auto_candidates(cpu, cpu.backends, calibrated=False) == [Precision.BF16]
-    assert auto_candidates(cpu, cpu.backends, calibrated=True) == [Precision.INT8, Precision.BF16]
-    assert auto_candidates(cpu, ("onnxruntime",), calibrated=False) == []
-    h100 = load("h100").primary
-    assert Precision.FP8 in auto_candidates(h100, h100.backends, calibrated=False)
-
-
-def test_openvino_hint_names_float_precisions_only():
-    assert [openvino_hint(p) for p in (Precision.FP32, Precision.BF16, Precision.FP16)] == ["f32", "bf16", "f16"]
-    assert openvino_hint(Precision.INT8) is None
 
 
 def test_a_plan_round_trips_through_json_and_names_its_lowest_precision():
