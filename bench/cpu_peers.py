@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from kiln.backends.select import SETTLE_SECONDS
+from kiln.build.select import SETTLE_SECONDS
 from kiln.profile_host import cpu_model
 
 CONTENDERS = ("eager", "torch.compile", "onnxruntime", "openvino", "kiln")

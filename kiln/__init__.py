@@ -3,7 +3,7 @@
 from kiln.api import PlannedModel, optimize, plan
 from kiln.budget import Budget
 from kiln.errors import (ArtifactError, BackendError, BackendUnavailable, CaptureError, InputMismatch, KilnError,
-                         OptionsError, PassFailed, ProfileError, VerificationError)
+                         OptionsError, PassFailed, ProfileError, UnprovenAccuracyWarning, VerificationError)
 from kiln.hardware_profiles.schema import Profile
 from kiln.options import CompileOptions
 from kiln.runtime.compiled_model import CompiledModel, load
@@ -12,4 +12,4 @@ from kiln.version import __version__
 
 __all__ = ["optimize", "plan", "PlannedModel", "load", "Budget", "CompileOptions", "CompiledModel", "Profile", "Precision", "Dim", "KilnError",
            "CaptureError", "ProfileError", "PassFailed", "BackendUnavailable", "BackendError", "InputMismatch",
-           "ArtifactError", "VerificationError", "OptionsError"]
+           "ArtifactError", "VerificationError", "OptionsError", "UnprovenAccuracyWarning"]

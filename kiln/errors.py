@@ -57,3 +57,7 @@ class VerificationError(KilnError):
 
 class OptionsError(KilnError):
     """CompileOptions or a keyword of optimize() is invalid."""
+
+
+class UnprovenAccuracyWarning(UserWarning):
+    """Layers were lowered without calibration data: their accuracy rests on the example inputs."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -33,7 +34,9 @@ class CompileOptions:
     keep_fp32: tuple[str, ...] = field(default=())
     calibration_observer: str = "minmax"  # activation ranges for static int8: minmax | percentile | mse
     int4_group_size: int = 128  # weights per scale for int4 weight-only: 32, 64 or 128
-    allow_fallback: bool = False  # in "prefer" mode, a failed build moves on (recorded) instead of raising
+    # in "prefer" mode, a backend whose build fails or disagrees with eager makes way for the next
+    # one the device lists (recorded) instead of raising
+    backend_fallback: bool = False
     verify: bool = True
     verify_draws: int = 2  # fresh random inputs checked besides the example inputs
     seed: int = 0
@@ -54,8 +57,16 @@ class CompileOptions:
     # {module path prefix or node name: device}: placement puts those nodes there, whatever it costs
     pin: Mapping[str, str] = field(default_factory=dict)
     eager_fallback: bool = True  # ops no backend supports run eagerly in PyTorch on the host (reported)
+    # precision="auto": when no backend builds the lowered plan within the budget, build the model
+    # at fp32 (reported) instead of failing
+    fp32_fallback: bool = True
+    # precision="auto": build fp32 too, time both here and keep the lowered plan only if it is
+    # faster; None: when the profile measures backends (its `select: measure`)
+    time_against_fp32: bool | None = None
+    allow_fallback: bool | None = None  # the old name of backend_fallback, read for one more release
 
     def __post_init__(self) -> None:
+        self._read_old_names()
         self._check_precision()
         if self.select not in (None, "prefer", "measure"):
             raise OptionsError(f"unknown selection mode {self.select!r}", where="options.select", fix="use 'prefer' or 'measure'")
@@ -82,6 +93,23 @@ class CompileOptions:
             raise OptionsError(f"time_budget_s must be positive, got {self.time_budget_s!r}", where="options.time_budget_s", fix="use seconds > 0 or None")
         if self.build_memory_mb is not None and (not isinstance(self.build_memory_mb, int) or self.build_memory_mb < 64):
             raise OptionsError(f"build_memory_mb must be an int >= 64, got {self.build_memory_mb!r}", where="options.build_memory_mb", fix="use megabytes, e.g. 8192")
+
+    def _read_old_names(self) -> None:
+        if self.allow_fallback is not None:
+            warnings.warn("CompileOptions(allow_fallback=...) is now backend_fallback=... (it names which fallback: to the "
+                          "next backend; eager_fallback and fp32_fallback name the others); the old name goes in the next release",
+                          DeprecationWarning, stacklevel=4)
+            object.__setattr__(self, "backend_fallback", bool(self.allow_fallback))
+            object.__setattr__(self, "allow_fallback", None)
+        if self.select == "prefer" and self.time_against_fp32 is None and self.precision in (Auto.AUTO, "auto"):
+            warnings.warn("select='prefer' chooses backends by preference; it also turned off precision='auto''s timing "
+                          "against fp32, a second meaning that goes in the next release: pass time_against_fp32=False for that",
+                          DeprecationWarning, stacklevel=4)
+            object.__setattr__(self, "time_against_fp32", False)
+
+    def times_against_fp32(self, profile_select: str) -> bool:
+        """Whether precision="auto" times its lowered plan against fp32 on a profile selecting so."""
+        return self.time_against_fp32 if self.time_against_fp32 is not None else profile_select == "measure"
 
     def _check_precision(self) -> None:
         if isinstance(self.precision, str):
@@ -129,7 +157,7 @@ class CompileOptions:
 
     # Fields that change how kiln builds, not what it builds; left out of the cache key.
     NOT_IN_CACHE_KEY = ("verify", "verify_draws", "seed", "cache", "cache_dir", "cache_max_gb", "isolate",
-                        "build_timeout_s", "build_memory_mb")
+                        "build_timeout_s", "build_memory_mb", "allow_fallback")
 
     def cache_fields(self) -> dict:
         """The options that shape the build; calibration and the metric's dataset by content."""

@@ -7,6 +7,7 @@ so a quiet terminal means work and not a hang. Short steps print nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -41,3 +42,13 @@ class Progress:
         """One closing line, only for a step that spoke on the way."""
         if self.spoke:
             log.info("%s: %d%s done in %.1f s", self.what, self.done, self.unit, time.perf_counter() - self.start)
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float]):
+    """Log a stage's start and end on the kiln logger and record its seconds in `timings`."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    log.info("%s done in %.1f s", name, timings[name])

@@ -33,6 +33,7 @@ class PassRecord:
     counts: dict[str, int]
     skipped: list[tuple[str, str]]  # (node, reason)
     seconds: float
+    annotated: int = 0  # nodes whose decision a decide-only pass wrote
 
 
 @dataclass

@@ -30,6 +30,7 @@ from torch.fx import GraphModule, Node
 from kiln.backends.base import Support
 from kiln.errors import BackendError
 from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.ir import DECISION_META
 from kiln.types import DeviceKind, NodeDecision, Precision
 
 # Precisions TensorRT computes in, as trt.DataType member names (TF32 is FLOAT math on tensor cores).
@@ -247,7 +248,7 @@ def _provenance_owner(sources, graph_id: int, names: set[str]) -> str | None:
 
 def layer_precisions(gm: GraphModule, owners: Mapping[str, str], default: Precision) -> dict[str, Precision]:
     """ONNX node name -> precision, for nodes whose fx node's NodeDecision differs from `default`."""
-    decided = {n.name: d.precision for n in gm.graph.nodes if isinstance(d := n.meta.get("kiln"), NodeDecision)}
+    decided = {n.name: d.precision for n in gm.graph.nodes if isinstance(d := n.meta.get(DECISION_META), NodeDecision)}
     return {onnx: decided[fx] for onnx, fx in owners.items() if decided.get(fx, default) != default}
 
 

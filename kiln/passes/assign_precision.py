@@ -18,6 +18,7 @@ is honoured as it is: nothing is re-quantised.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,7 +32,7 @@ from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement.cost_model import shape_of
 from kiln.precision.capability import FLOATS_BELOW_FP32, device_runs
-from kiln.ir import LAYER_META, LayerPlan, Scheme
+from kiln.ir import DECISION_META, LAYER_META, LayerPlan, Scheme
 from kiln.precision.sensitivity import Analysis
 from kiln.types import NodeDecision, Precision
 
@@ -70,24 +71,23 @@ SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precisio
 def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     opts = ctx.options
     layers = _layers(gm)
+    if ctx.layer_plans is not None:  # the precision search picked one of the plans weighed before
+        return _annotated(gm, dict(ctx.layer_plans), layers)
     kept = _kept_fp32(gm, layers, opts.keep_fp32)
     quantized = [n.name for n in gm.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)]
     if quantized:
         reason = f"the model already carries {len(quantized)} Q/DQ or fake-quant nodes; its quantisation is kept as is"
-        _annotate(gm, {}, reason)
-        return PassResult(False, {"lowered": 0, "layers": len(layers)}, (Skip(quantized[0], reason),))
+        result = _annotated(gm, {}, layers, reason)
+        return dataclasses.replace(result, skipped=(Skip(quantized[0], reason),))
     if opts.precision is Precision.FP32 or not layers:
-        plans = {name: _plain(node, "precision='fp32' was requested" if layers else "") for name, node in layers.items()}
-        _annotate(gm, plans, "")
-        return PassResult(False, {"lowered": 0, "layers": len(layers)})
+        return _annotated(gm, {name: _plain(node, "precision='fp32' was requested" if layers else "")
+                               for name, node in layers.items()}, layers)
     schemes = _schemes(ctx)
     if not schemes:
         why = ("no precision below fp32 that this device and a tried backend both run" +
                (" (integer types need calibration data)" if not ctx.calibration else "")) if opts.auto \
             else f"device {ctx.profile.primary.name} does not run {opts.precision.value}"
-        plans = {name: _plain(node, why) for name, node in layers.items()}
-        _annotate(gm, plans, "")
-        return PassResult(False, {"lowered": 0, "layers": len(layers)})
+        return _annotated(gm, {name: _plain(node, why) for name, node in layers.items()}, layers)
     analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
     outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx, kept)) for scheme in schemes]
@@ -95,12 +95,21 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     plans = ranked[0][1]
     if not any(p.scheme != Scheme.FP32 for p in plans.values()):
         plans = outcomes[0][1]  # nothing fits: report why the fastest candidate did not
-    ctx.alternatives[:] = [(scheme, other) for scheme, other in ranked[1:]
-                           if opts.auto and any(p.scheme != Scheme.FP32 for p in other.values())]
-    _annotate(gm, plans, "")
-    lowered = [p for p in plans.values() if p.scheme != Scheme.FP32]
-    kept = tuple(Skip(p.node, p.reason) for p in plans.values() if p.scheme == Scheme.FP32 and p.reason)
-    return PassResult(False, {"lowered": len(lowered), "layers": len(layers)}, kept)
+    # under "auto", the other precisions' plans that fit the budget, most estimated saving first:
+    # the precision search builds the next one when the chosen plan measures slower than fp32
+    alternatives = [(scheme, other) for scheme, other in ranked[1:]
+                    if opts.auto and any(p.scheme != Scheme.FP32 for p in other.values())]
+    result = _annotated(gm, plans, layers)
+    held = tuple(Skip(p.node, p.reason) for p in plans.values() if p.scheme == Scheme.FP32 and p.reason)
+    return dataclasses.replace(result, skipped=held, decided={"plans": plans, "alternatives": alternatives})
+
+
+def _annotated(gm: GraphModule, plans: dict[str, LayerPlan], layers: dict[str, Node], override: str = "") -> PassResult:
+    """Annotate `gm` with `plans` and say so: the layers lowered, and the nodes annotated."""
+    annotated = _annotate(gm, plans, override)
+    lowered = sum(p.scheme != Scheme.FP32 for p in plans.values())
+    return PassResult(False, {"lowered": lowered, "layers": len(layers)}, annotated=annotated,
+                      decided={"plans": plans, "alternatives": []})
 
 
 def _layers(gm: GraphModule) -> dict[str, Node]:
@@ -251,22 +260,23 @@ def _metric_drop(gm: GraphModule, ctx: PassContext):
     return drop
 
 
-def apply_plan(gm: GraphModule, plans: dict[str, LayerPlan]) -> None:
-    """Annotate `gm` with another of the plans the pass weighed (one of ctx.alternatives)."""
-    _annotate(gm, plans, "")
-
-
-def _annotate(gm: GraphModule, plans: dict[str, LayerPlan], override: str) -> None:
-    """Write a NodeDecision on every op node, and the LayerPlan on each weighted layer."""
+def _annotate(gm: GraphModule, plans: dict[str, LayerPlan], override: str) -> int:
+    """Write a NodeDecision on every op node, and the LayerPlan on each weighted layer; returns
+    how many nodes were annotated."""
+    count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
+        count += 1
         plan = plans.get(node.name)
         if plan is not None:
             node.meta[LAYER_META] = plan
             reason = override or plan.reason or "kept at fp32"
-            node.meta["kiln"] = NodeDecision(precision=plan.precision, reasons=(reason,))
+            node.meta[DECISION_META] = NodeDecision(precision=plan.precision, reasons=(reason,))
         elif (kind := FRAGILE_KIND.get(node.target)) is not None:
-            node.meta["kiln"] = NodeDecision(reasons=(override or f"numerically fragile ({kind}): fp32 by rule",))
+            node.meta.pop(LAYER_META, None)
+            node.meta[DECISION_META] = NodeDecision(reasons=(override or f"numerically fragile ({kind}): fp32 by rule",))
         else:
-            node.meta["kiln"] = NodeDecision(reasons=(override or "not a weighted layer: fp32",))
+            node.meta.pop(LAYER_META, None)
+            node.meta[DECISION_META] = NodeDecision(reasons=(override or "not a weighted layer: fp32",))
+    return count

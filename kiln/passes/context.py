@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 
 from kiln.hardware_profiles.schema import Profile
+from kiln.ir import LayerPlan
 from kiln.options import CompileOptions
 from kiln.types import InputSpec
 
@@ -26,7 +27,7 @@ class PassContext:
     # Planning only (kiln.plan): placement may choose devices this machine cannot run, judging
     # backends by their capability tables alone; nothing is built.
     plan_only: bool = False
-    # Written by assign_precision under precision="auto": the other precisions' plans that fit
-    # the budget, most estimated saving first, as (scheme, {node name: LayerPlan}). optimize()
-    # builds the next one when the chosen plan measures slower than fp32.
-    alternatives: list = field(default_factory=list)
+    # Set when the precision search (kiln/build/precision_search.py) asks for a plan it chose
+    # among those assign_precision weighed (a back-off, the fp32 comparison, the next precision):
+    # {layer node name: LayerPlan} that assign_precision annotates instead of analysing again.
+    layer_plans: Mapping[str, LayerPlan] | None = None

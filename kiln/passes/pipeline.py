@@ -1,22 +1,23 @@
 """The pass pipeline: the one place the order of kiln's graph passes is written.
 
 The runner, not each pass, removes dead code after a pass, lints the graph, recompiles it,
-checks that every op node still carries its shape meta, times the pass, records what it did,
-and turns an exception into PassFailed naming the pass, the passes before it and the node.
+checks that every op node still carries its shape meta, times the pass, records what it did
+(and what a decide-only pass decided), and turns an exception into PassFailed naming the pass,
+the passes before it, the node it was at and the user's source line that made that node.
 """
 
 from __future__ import annotations
 
 import difflib
 import time
-import traceback
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.fx import GraphModule
 
 from kiln.errors import KilnError, OptionsError, PassFailed
+from kiln.fx_helpers import source_line
 from kiln.passes.assign_precision import assign_precision
 from kiln.passes.context import PassContext
 from kiln.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -76,8 +77,18 @@ PIPELINE: tuple[Stage, ...] = (
 )
 
 
-# Placement again, alone: after "auto" falls back to fp32 the nodes' precisions changed.
-PLACEMENT_ONLY: tuple[Stage, ...] = (Stage("placement", (place_on_devices,)),)
+# The decisions again, on the graph the passes left: the precision search asks for another of
+# the plans assign_precision weighed (ctx.layer_plans), and placement follows the new precisions.
+REDECIDE: tuple[Stage, ...] = (Stage("precision", (assign_precision,)), Stage("placement", (place_on_devices,)))
+
+
+@dataclass
+class PipelineRun:
+    """What running a pipeline left: one record per pass run, and what the decide-only passes
+    decided beyond node meta (pass name -> its PassResult.decided, the last run's)."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    decided: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def onnxruntime_may_build(ctx: PassContext) -> bool:
@@ -87,10 +98,10 @@ def onnxruntime_may_build(ctx: PassContext) -> bool:
     return any("onnxruntime" in device.backends for device in ctx.profile.devices.values())
 
 
-def run(gm: GraphModule, ctx: PassContext, pipeline: tuple[Stage, ...] = PIPELINE) -> list[PassRecord]:
-    """Run `pipeline` over `gm` in place; return one record per pass run."""
+def run(gm: GraphModule, ctx: PassContext, pipeline: tuple[Stage, ...] = PIPELINE) -> PipelineRun:
+    """Run `pipeline` over `gm` in place; return the records and the decisions."""
     _check_disabled_names(ctx.options.disabled_passes, pipeline)
-    records: list[PassRecord] = []
+    done = PipelineRun()
     for stage in pipeline:
         if not stage.when(ctx):
             continue
@@ -99,15 +110,24 @@ def run(gm: GraphModule, ctx: PassContext, pipeline: tuple[Stage, ...] = PIPELIN
             for pass_fn in stage.passes:
                 if pass_fn.__name__ in ctx.options.disabled_passes:
                     continue
-                record = _run_one(pass_fn, stage.name, gm, ctx, records)
-                records.append(record)
+                record, result = _run_one(pass_fn, stage.name, gm, ctx, done.records)
+                done.records.append(record)
+                if result.decided:
+                    done.decided[pass_fn.__name__] = result.decided
                 changed |= record.changed
             if not changed:
                 break
-    return records
+    return done
 
 
-def _run_one(pass_fn: Pass, stage: str, gm: GraphModule, ctx: PassContext, before: list[PassRecord]) -> PassRecord:
+def run_pass(pass_fn: Pass, gm: GraphModule, ctx: PassContext, stage: str = "single") -> PassResult:
+    """One pass through the runner's checks and clean-up, as the pipeline runs it (for tests and
+    tools that study one pass)."""
+    return _run_one(pass_fn, stage, gm, ctx, [])[1]
+
+
+def _run_one(pass_fn: Pass, stage: str, gm: GraphModule, ctx: PassContext,
+             before: list[PassRecord]) -> tuple[PassRecord, PassResult]:
     start = time.perf_counter()
     try:
         result = pass_fn(gm, ctx)
@@ -122,9 +142,10 @@ def _run_one(pass_fn: Pass, stage: str, gm: GraphModule, ctx: PassContext, befor
     except KilnError:
         raise  # a pass's own error already says what, where and the fix (e.g. a pin naming no node)
     except Exception as exc:
-        raise _failure(pass_fn.__name__, stage, before, exc) from exc
-    return PassRecord(pass_fn.__name__, stage, result.changed, dict(result.counts),
-                      [(s.node, s.reason) for s in result.skipped], time.perf_counter() - start)
+        raise _failure(pass_fn.__name__, stage, before, exc, gm) from exc
+    record = PassRecord(pass_fn.__name__, stage, result.changed, dict(result.counts),
+                        [(s.node, s.reason) for s in result.skipped], time.perf_counter() - start, result.annotated)
+    return record, result
 
 
 def _check_disabled_names(disabled: tuple[str, ...], pipeline: tuple[Stage, ...]) -> None:
@@ -162,9 +183,35 @@ def _check_dynamic_sizes(gm: GraphModule, ctx: PassContext) -> None:
                                    f"{int(size.node.expr)}: the pass computed with the symbolic size, not its example value")
 
 
-def _failure(name: str, stage: str, before: list[PassRecord], exc: Exception) -> PassFailed:
+def _failure(name: str, stage: str, before: list[PassRecord], exc: Exception, gm: GraphModule) -> PassFailed:
     ran = ", ".join(dict.fromkeys(r.name for r in before)) or "none"
-    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    node = _node_at_failure(exc, gm)
+    if node is not None:
+        line = source_line(node)
+        where = f"node {node.name} ({node.target})" + (f", from {line}" if line else "")
+    else:
+        where = "no single node (the pass failed outside its walk over the graph)"
     return PassFailed(f"pass {name} (stage {stage}) failed: {type(exc).__name__}: {exc}",
-                      where=f"{frame.filename}:{frame.lineno}; passes run before it: {ran}",
+                      where=f"{where}; passes run before it: {ran}",
                       fix=f"disable it with CompileOptions(disabled_passes=({name!r},)) and report the model")
+
+
+def _node_at_failure(exc: BaseException, gm: GraphModule) -> torch.fx.Node | None:
+    """The node of `gm` the pass was working on when it raised: the innermost frame of the
+    traceback that holds one of the graph's nodes in a local variable named `node`, else in
+    any local variable."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    nodes = set(gm.graph.nodes)
+    for frame in reversed(frames):
+        local = frame.f_locals
+        named = local.get("node")
+        if isinstance(named, torch.fx.Node) and named in nodes:
+            return named
+        found = next((v for v in local.values() if isinstance(v, torch.fx.Node) and v in nodes), None)
+        if found is not None:
+            return found
+    return None

@@ -32,7 +32,7 @@ from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement import cost_model as cm
 from kiln.placement.solver import Problem, Value, solve
-from kiln.ir import EAGER
+from kiln.ir import DECISION_META, EAGER
 from kiln.types import NodeDecision, Precision
 
 INPUTS, OUTPUT = "\x00inputs", "\x00output"  # solver units pinned to the host
@@ -68,7 +68,8 @@ def place_on_devices(gm: GraphModule, ctx: PassContext) -> PassResult:
     for node in units:
         key = f"{labels[node]}/{backends[node]}"
         counts[key] = counts.get(key, 0) + 1
-    return PassResult(False, counts, tuple(skips))
+    placed = sum(isinstance(d := n.meta.get(DECISION_META), NodeDecision) and d.device is not None for n in gm.graph.nodes)
+    return PassResult(False, counts, tuple(skips), annotated=placed)
 
 
 def _is_unit(node: Node) -> bool:
@@ -81,7 +82,7 @@ def _is_unit(node: Node) -> bool:
 
 
 def _precision(node: Node, ctx: PassContext) -> Precision:
-    decision = node.meta.get("kiln")
+    decision = node.meta.get(DECISION_META)
     if isinstance(decision, NodeDecision):
         return decision.precision
     # without assign_precision's decision: the requested precision, fp32 for "auto"
@@ -272,9 +273,9 @@ def _decide(gm, units, labels, backends, options, refusals, pinned, evicted, eag
         if node in evicted:
             reasons.append(evicted[node])
             skips.append(Skip(node.name, evicted[node]))
-        old = node.meta.get("kiln")
+        old = node.meta.get(DECISION_META)
         base = old if isinstance(old, NodeDecision) else NodeDecision(precision=_precision(node, ctx))
-        node.meta["kiln"] = dataclasses.replace(base, device=device, backend=backends[node], reasons=(*base.reasons, *reasons))
+        node.meta[DECISION_META] = dataclasses.replace(base, device=device, backend=backends[node], reasons=(*base.reasons, *reasons))
     _follow_producers(gm, labels, backends)
     return skips
 
@@ -282,13 +283,13 @@ def _decide(gm, units, labels, backends, options, refusals, pinned, evicted, eag
 def _follow_producers(gm: GraphModule, labels, backends) -> None:
     """getitem, assertions and shape arithmetic go with a placed node they read or, for a graph
     input, with a placed node that reads the same input."""
-    placed = lambda n: isinstance(n.meta.get("kiln"), NodeDecision) and n.meta["kiln"].device  # noqa: E731
+    placed = lambda n: isinstance(n.meta.get(DECISION_META), NodeDecision) and n.meta[DECISION_META].device  # noqa: E731
     for node in gm.graph.nodes:
         if node.op != "call_function" or node in labels:
             continue
         neighbours = [*node.all_input_nodes, *(u for a in node.all_input_nodes for u in a.users if u is not node)]
         source = next((a for a in neighbours if placed(a)), None)
         if source is not None:
-            decision = source.meta["kiln"]
-            node.meta["kiln"] = NodeDecision(decision.precision, decision.device, decision.backend,
+            decision = source.meta[DECISION_META]
+            node.meta[DECISION_META] = NodeDecision(decision.precision, decision.device, decision.backend,
                                              (f"follows {source.name}",))

@@ -29,7 +29,7 @@ TOL = TOLERANCE[Precision.FP32]
 def _compile(model: nn.Module, inputs: tuple, settings):
     captured = capture(model.eval(), inputs)
     ctx = PassContext(load("cpu-x86"), CompileOptions(), captured.input_spec)
-    records = pipeline.run(captured.gm, ctx)
+    records = pipeline.run(captured.gm, ctx).records
     partition = PartitionGraph("p0", captured.gm, captured.input_spec.names, captured.output_names,
                                captured.example_inputs, None)
     engine = backend.compile(partition, settings)

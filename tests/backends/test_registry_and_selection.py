@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kiln.backends import registry, select
+from kiln.backends import registry
+from kiln.build import select
 from kiln.backends.base import Availability, Support
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.verify import OutputCheck
@@ -90,7 +91,7 @@ def test_prefer_takes_the_first_available_backend_and_does_not_build_the_rest(fa
 
 def test_prefer_raises_on_a_build_failure_unless_fallback_is_allowed(fakes, convnet_partition, settings):
     fakes.update({"crashes": _Backend("crashes", error=RuntimeError("bad build")), "next": _Backend("next", _Engine(0.0))})
-    with pytest.raises(BackendError, match="allow_fallback"):
+    with pytest.raises(BackendError, match="backend_fallback"):
         select.select_engine(_partition(convnet_partition), tuple(fakes), "prefer", settings, _check, 0.05, False)
     chosen = select.select_engine(_partition(convnet_partition), tuple(fakes), "prefer", settings, _check, 0.05, True)
     assert chosen.backend == "next" and chosen.candidates[0].status == "failed"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from kiln.backends import registry, select
+from kiln.backends import registry
+from kiln.build import select
 from kiln.backends.base import Availability, BackendSettings, Support
 from kiln.backends.onnxruntime import export_onnx, exporter_supports
 from kiln.backends.tensorrt import CAPABILITIES, TensorRTBackend, check_loadable

@@ -72,7 +72,7 @@ class ConvBlocks(nn.Module):
 
 def test_group_epilogues_counts_conv_pairs_after_batchnorm_is_folded(run_pass):
     run = run_pass(_trained_stats(ConvBlocks(), 2, 3, 6, 6), (torch.randn(1, 3, 6, 6),))
-    records = pipeline.run(run.gm, run.ctx)
+    records = pipeline.run(run.gm, run.ctx).records
     grouped = next(r for r in records if r.name == "group_epilogues")
     assert grouped.counts == {"conv_relu": 2, "conv_hardswish": 1, "flattened_for_gemm_epilogue": 0}
     run.assert_same_numerics()

@@ -116,7 +116,7 @@ def test_pipeline_merges_projections_only_where_onnxruntime_cannot_build(run_pas
 
     run = run_pass(Projections(), (torch.randn(2, 6),))
     ctx = PassContext(run.ctx.profile, CompileOptions(backend=backend), run.ctx.input_spec)
-    records = pipeline.run(run.gm, ctx)
+    records = pipeline.run(run.gm, ctx).records
     merged = [r.counts for r in records if r.name == "merge_qkv_projections"]
     assert merged == ([{"merged": 1}] if runs else [])
     assert run.ops().count(aten.linear.default) == (1 if runs else 3)

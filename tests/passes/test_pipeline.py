@@ -35,7 +35,7 @@ def test_pipeline_recognises_patterns_before_folding_batchnorm_and_groups_epilog
 
 def test_pipeline_records_every_pass_with_counts_and_keeps_numerics(run_pass):
     run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
-    records = pipeline.run(run.gm, run.ctx)
+    records = pipeline.run(run.gm, run.ctx).records
     names = [r.name for r in records]
     assert "fold_batchnorm" in names and "remove_inactive_dropout" in names
     folded = next(r for r in records if r.name == "fold_batchnorm")
@@ -46,7 +46,7 @@ def test_pipeline_records_every_pass_with_counts_and_keeps_numerics(run_pass):
 def test_pipeline_skips_disabled_passes(run_pass):
     run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
     ctx = PassContext(run.ctx.profile, CompileOptions(disabled_passes=("fold_batchnorm",)), run.ctx.input_spec)
-    records = pipeline.run(run.gm, ctx)
+    records = pipeline.run(run.gm, ctx).records
     assert "fold_batchnorm" not in {r.name for r in records}
     assert torch.ops.aten.batch_norm.default in run.ops()
 
@@ -61,7 +61,7 @@ def test_pipeline_refuses_an_unknown_disabled_pass_naming_a_close_match(run_pass
 def test_pipeline_without_fusion_runs_cleanup_only(run_pass):
     run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
     ctx = PassContext(run.ctx.profile, CompileOptions(fusion=False), run.ctx.input_spec)
-    records = pipeline.run(run.gm, ctx)
+    records = pipeline.run(run.gm, ctx).records
     assert "fusion" not in {r.stage for r in records}
     assert torch.ops.aten.batch_norm.default in run.ops()
     run.assert_same_numerics()

@@ -13,7 +13,7 @@ LAYERS = 3
 def _run(run_pass, model):
     torch.manual_seed(0)
     run = run_pass(model.eval(), (torch.randint(0, 64, (2, 8)),))
-    counts = {r.name: r.counts for r in pipeline.run(run.gm, run.ctx)}
+    counts = {r.name: r.counts for r in pipeline.run(run.gm, run.ctx).records}
     run.assert_same_numerics()
     return run, counts
 

@@ -1,4 +1,4 @@
-"""The child side of an isolated build (see isolate.py): `python -m kiln.backends.build_worker JOB`.
+"""The child side of an isolated build (see kiln/build/isolate.py): `python -m kiln.build.worker JOB`.
 
 Reads JOB/request.json, JOB/program.pt2 and JOB/verify.pt; writes the engine to JOB/engine/
 and the outcome to JOB/result.json. Any exception is reported in result.json; a crash leaves

@@ -15,7 +15,7 @@ import torch
 
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine
-from kiln.ir import PartitionGraph
+from kiln.ir import DECISION_META, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.report import CandidateRecord
 from kiln.types import Precision
@@ -24,8 +24,8 @@ from kiln.verify import OutputCheck, failures_text
 # Checks a built engine: returns the worst output checks over the verification inputs.
 Checker = Callable[[Engine], list[OutputCheck]]
 # Builds and checks one candidate: (backend object) -> (engine, checks). In-process by default;
-# api passes an isolating builder (child process with budgets) when asked to.
-Builder = Callable[[object], tuple[Engine, list[OutputCheck]]]
+# build/engines.py passes an isolating one (a child process with budgets) when asked to.
+CandidateBuild = Callable[[object], tuple[Engine, list[OutputCheck]]]
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Selection:
 
 
 def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, settings: BackendSettings,
-                  check: Checker, measure_seconds: float, allow_fallback: bool, build: Builder | None = None,
+                  check: Checker, measure_seconds: float, backend_fallback: bool, build: CandidateBuild | None = None,
                   deadline: float | None = None) -> Selection:
     """Pick the engine for `partition` among backends `names`; `deadline` (time.monotonic())
     ends the search: candidates not started by then are recorded as skipped."""
@@ -45,7 +45,7 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
         def build(backend):
             engine = backend.compile(partition, settings)
             return engine, check(engine)
-    strict = mode == "prefer" and not allow_fallback  # a failure is the user's answer, not a reason to move on
+    strict = mode == "prefer" and not backend_fallback  # a failure is the user's answer, not a reason to move on
     records: list[CandidateRecord] = []
     built: list[_Built] = []
     for name in names:
@@ -104,7 +104,7 @@ def _usable_backend(name: str, partition: PartitionGraph, settings: BackendSetti
     return backend
 
 
-def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: bool, partition: str,
+def _build_and_check(backend, build: CandidateBuild, record: CandidateRecord, strict: bool, partition: str,
                      settings: BackendSettings) -> _Built | None:
     """Build one candidate and check it against eager; failures are recorded (raised if strict)."""
     start = time.perf_counter()
@@ -119,7 +119,7 @@ def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: b
         record.status, record.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         if strict:
             raise BackendError(f"backend {backend.name} failed on partition {partition}: {record.reason}",
-                               fix="pass allow_fallback=True to try the next preferred backend, or choose another backend") from exc
+                               fix="pass backend_fallback=True to try the next preferred backend, or choose another backend") from exc
         return None
     finally:
         record.compile_seconds = time.perf_counter() - start
@@ -129,7 +129,7 @@ def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: b
         record.status, record.reason = "mismatch", failures_text(checks, settings.precision, settings.budget)
         if strict:
             raise VerificationError(f"backend {backend.name} disagrees with eager: {record.reason}", where=f"partition {partition}",
-                                    fix="pass allow_fallback=True to try the next backend, or report the model")
+                                    fix="pass backend_fallback=True to try the next backend, or report the model")
         return None
     return _Built(engine, checks, record)
 
@@ -137,7 +137,7 @@ def _build_and_check(backend, build: Builder, record: CandidateRecord, strict: b
 def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) -> str:
     reasons = {}
     for node in partition.gm.graph.nodes:
-        decision = node.meta.get("kiln")
+        decision = node.meta.get(DECISION_META)
         precision = decision.precision if decision is not None else Precision.FP32
         support = backend.supports(node, settings.device, precision)
         if not support.ok:

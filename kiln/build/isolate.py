@@ -53,7 +53,7 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "fuse": settings.fuse, "autotune": settings.autotune,
     }
     (job / "request.json").write_text(json.dumps(request))
-    command = [sys.executable, "-m", "kiln.backends.build_worker", str(job)]
+    command = [sys.executable, "-m", "kiln.build.worker", str(job)]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s, env=_child_env(),

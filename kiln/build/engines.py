@@ -1,0 +1,112 @@
+"""Build one engine per partition: candidates from the device's backend list (or the forced
+backend), each built (in a child process when measuring), checked against the partition's
+graph run eagerly, and timed; the selection (kiln/build/select.py) keeps one per partition."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kiln.backends.base import BackendSettings, Engine
+from kiln.build.isolate import build_isolated
+from kiln.build.select import select_engine
+from kiln.hardware_profiles.schema import Profile
+from kiln.host import usable_cores
+from kiln.ir import EAGER, Partition, PartitionPlan, op_counts
+from kiln.options import CompileOptions
+from kiln.precision.lowering import with_lowered_weights
+from kiln.report import CandidateRecord, PartitionRecord
+from kiln.verify import OutputCheck, worst_checks
+
+log = logging.getLogger("kiln")
+
+
+@dataclass
+class BuiltEngines:
+    engines: dict[str, Engine] = field(default_factory=dict)  # partition name -> engine
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    partitions: list[PartitionRecord] = field(default_factory=list)
+
+
+def selection_mode(profile: Profile, opts: CompileOptions) -> str:
+    """How each partition's backend is chosen: a forced backend is the only candidate."""
+    return "prefer" if opts.backend else (opts.select or profile.select)
+
+
+def threads(profile: Profile, opts: CompileOptions) -> int:
+    here = usable_cores()
+    return opts.threads or max(1, min(profile.primary.cores or here, here))
+
+
+def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, draws: list, synthetic: frozenset[int],
+                  workdir: Path, deadline: float | None) -> BuiltEngines:
+    """Engines for every partition of `plan`, checked on `draws` (the indexes in `synthetic`
+    are random draws, held to the precision's tolerance). Fills in each partition's backend."""
+    built = BuiltEngines()
+    mode = selection_mode(profile, opts)
+    isolate = opts.isolate if opts.isolate is not None else mode == "measure"
+    for partition in plan.partitions:
+        eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
+        device = profile.devices[partition.device]
+        names = (EAGER,) if eager else (opts.backend,) if opts.backend else device.backends
+        graph = partition.graph
+        # backends build from the plan's rounded weights and corrected biases; the references stay fp32
+        lowered = graph if eager else with_lowered_weights(graph)
+        budget = opts.accuracy_budget if graph.precision.lowered else None
+        settings = BackendSettings(device, threads(profile, opts), workdir, graph.precision.lowest(), budget=budget,
+                                   fuse=opts.fusion, autotune=opts.autotune)
+        partition_draws = draws if len(plan.partitions) == 1 else _partition_draws(plan, partition, draws)
+        with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
+            references = [tuple(graph.gm(*inputs)) for inputs in partition_draws]
+
+        def check(engine) -> list[OutputCheck]:
+            runs = ((list(engine(*inputs)), list(want)) for inputs, want in zip(partition_draws, references))
+            return worst_checks(graph.output_names, runs, settings.precision, budget, synthetic)
+
+        def build_in_child(backend):
+            engine, checks, _ = build_isolated(backend, lowered, settings, partition_draws, references, synthetic,
+                                               opts.build_timeout_s, opts.build_memory_mb)
+            return engine, checks
+
+        log.info("building partition %s on %s: candidates %s (%s%s)", partition.name, device.name, ", ".join(names), mode,
+                 ", each in a child process" if isolate and not eager else "")
+        selection = select_engine(lowered, names, "prefer" if eager else mode, settings, check, opts.measure_seconds,
+                                  opts.backend_fallback, build_in_child if isolate and not eager else None, deadline)
+        partition.backend = selection.backend
+        built.engines[partition.name] = selection.engine
+        built.candidates.extend(selection.candidates)
+        ops = op_counts(graph.gm)
+        built.partitions.append(PartitionRecord(partition.name, partition.device, selection.backend, sum(ops.values()), ops,
+                                                partition.estimated_ms, _median_ms(selection.engine, graph.example_inputs)))
+    return built
+
+
+def _partition_draws(plan: PartitionPlan, partition: Partition, draws) -> list[tuple[torch.Tensor, ...]]:
+    """Each verification draw's values at `partition`'s inputs, from running the earlier
+    partitions' graphs eagerly."""
+    result = []
+    for inputs in draws:
+        values = dict(zip(plan.input_names, inputs))
+        for earlier in plan.partitions:
+            if earlier is partition:
+                break
+            with torch.no_grad():
+                values.update(zip(earlier.graph.output_names, earlier.graph.gm(*(values[n] for n in earlier.graph.input_names))))
+        result.append(tuple(values[n] for n in partition.graph.input_names))
+    return result
+
+
+def _median_ms(engine, inputs: tuple, calls: int = 5) -> float:
+    """The engine's median time on the example inputs after one warm-up call (for the report's
+    est. vs measured column; selection's own timing is separate)."""
+    engine(*inputs)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        engine(*inputs)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3

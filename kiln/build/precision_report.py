@@ -1,0 +1,93 @@
+"""The report's precision section: the per-layer table, what was requested and chosen, the
+calibration warning, and what the lowered layers cost, measured on the built model."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from kiln.errors import UnprovenAccuracyWarning, VerificationError
+from kiln.frontend.capture import Captured
+from kiln.ir import EAGER, LayerPlan, PartitionPlan, PrecisionPlan, Scheme
+from kiln.options import CompileOptions
+from kiln.report import Report
+from kiln.types import Precision
+
+UNPROVEN = ("layers were lowered without calibration data: their accuracy budget was measured on the example inputs only, "
+            "so it is unproven on other real inputs; pass calibration=[...] with real samples")
+COST = "; measured cost"
+
+
+def record_plan(plan: PartitionPlan, opts: CompileOptions, report: Report, calibrated: bool) -> None:
+    """The per-layer table, what was requested and chosen, and the calibration warning."""
+    _eager_runs_fp32(plan)
+    layers = [layer for partition in plan.partitions for layer in partition.graph.precision.layers]
+    # the per-channel bias corrections are the lowering's business; the table notes them in the reason
+    report.precision = [{k: v for k, v in layer.to_dict().items() if k != "bias_shift"} for layer in layers]
+    lowered = [layer for layer in layers if layer.precision is not Precision.FP32]
+    requested = opts.precision.value
+    schemes = sorted({str(layer.scheme) for layer in lowered})
+    if lowered:
+        report.precision_summary = (f"precision={requested}: {', '.join(schemes)} for {len(lowered)} of {len(layers)} layers "
+                                    f"within the budget ({opts.accuracy_budget.describe()}); the rest fp32")
+    else:
+        report.precision_summary = f"precision={requested}: every layer fp32" + (f" ({len(layers)} weighted layers)" if layers else "")
+    if not opts.auto and opts.precision is not Precision.FP32 and len(lowered) < len(layers):
+        report.notes.append(f"precision={requested} was requested; {len(layers) - len(lowered)} of {len(layers)} layers stay fp32 "
+                            "(see the precision table for each reason)")
+    if lowered and not calibrated:
+        report.notes.append(UNPROVEN)
+        _warn_user(UNPROVEN)
+
+
+def _warn_user(text: str) -> None:
+    """Warn at the user's own line (the first frame outside kiln), however deep kiln called from."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "kiln":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(text, UnprovenAccuracyWarning, stacklevel=level)
+
+
+def _eager_runs_fp32(plan: PartitionPlan) -> None:
+    """A lowered layer that placement left to eager PyTorch (no backend runs it at its
+    precision) computes in fp32 there: its plan says so, rather than claim a precision it
+    does not run at."""
+    for partition in plan.partitions:
+        graph = partition.graph
+        if partition.placed_backend != EAGER or not graph.precision.lowered:
+            continue
+        graph.precision.layers[:] = [
+            layer if layer.scheme == Scheme.FP32 else
+            layer.at_fp32(f"runs eagerly in PyTorch at fp32: no tried backend runs this layer at {layer.scheme}")
+            for layer in graph.precision.layers]
+
+
+def warn_again(report: Report) -> None:
+    """A cached build lowered without calibration data is as unproven as when it was built."""
+    if UNPROVEN in report.notes:
+        _warn_user(UNPROVEN)
+
+
+def record_cost(checks, compiled, captured: Captured, opts: CompileOptions, report: Report, metric_score) -> None:
+    """What the lowered layers cost in accuracy, measured on the built model; the metric too
+    (`metric_score` as kiln.build.inputs.metric_score makes it, None without a metric)."""
+    report.precision_summary = report.precision_summary.split(COST)[0]  # a cache hit measures again
+    checks = [c for c in checks if c.on_budget]  # random draws are held to the precision's tolerance instead
+    if checks:
+        worst_cos = min(c.cosine for c in checks)
+        worst_rel = max(c.rel_error for c in checks)
+        report.precision_summary += f"{COST}: worst cosine {worst_cos:.6f}, worst rel. error {worst_rel:.3g}"
+    budget = opts.accuracy_budget
+    if metric_score is None:
+        return
+    eager = metric_score(lambda *flat: tuple(captured.gm(*flat)))
+    built = metric_score(lambda *flat: tuple(compiled.run_flat(flat)))
+    report.precision_summary += f"; {getattr(budget.metric, '__name__', 'metric')} {built:.4g} (eager {eager:.4g})"
+    if eager - built > budget.max_metric_drop:
+        raise VerificationError(f"the compiled model's metric dropped by {eager - built:.4g} ({eager:.4g} -> {built:.4g}), "
+                                f"more than the budget's {budget.max_metric_drop:g}",
+                                where=f"model {report.model}", fix="loosen max_metric_drop, or use precision='fp32'")
+
+
+def lowest_precision(report: Report) -> Precision:
+    return PrecisionPlan([LayerPlan.from_dict(row) for row in report.precision]).lowest()

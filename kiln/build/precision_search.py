@@ -1,0 +1,152 @@
+"""Building a lowered precision plan that holds its budget and pays for itself on this host.
+
+assign_precision chooses a plan from simulations; the built engine is the proof. This search
+takes the pass's plan and the alternatives it weighed, and a `build` step (kiln's Builder, or a
+fake in tests) that re-decides, builds and verifies a plan, returning the compiled model:
+
+1. Build the chosen plan. A build that misses the budget is rebuilt with the most sensitive
+   BACK_OFF_SHARES of its lowered layers back at fp32 (the simulation rounds as each backend
+   does and measures few samples, so a built plan can land just outside the budget).
+2. precision="auto" only: when no backend builds the lowered plan within the budget, build at
+   fp32 instead, with a note (CompileOptions.fp32_fallback); an explicit precision raises.
+3. precision="auto" with timing (CompileOptions.time_against_fp32): build fp32 too and time
+   both interleaved; keep the lowered plan only when it is faster here. A plan that loses
+   makes way for the next alternative, built and timed the same way; fp32 is kept when none
+   wins. Every build is verified; the losers' chosen candidates stay in the report as slower.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol
+
+from kiln.errors import BackendError, BackendUnavailable, VerificationError
+from kiln.ir import LayerPlan, Scheme
+from kiln.report import Report
+
+# Shares of a plan's lowered layers put back at fp32, most sensitive first, on each rebuild
+# after a budget miss; after the last one the miss is final.
+BACK_OFF_SHARES = (0.25, 0.5)
+BUILD_FAILURES = (BackendUnavailable, BackendError, VerificationError)
+
+LayerPlans = Mapping[str, LayerPlan]  # layer node name -> its plan, for every weighted layer
+
+
+class Built(Protocol):
+    """What a build step returns: anything with its own report (CompiledModel)."""
+
+    report: Report
+
+
+# Re-decides (None: the passes' own decision), builds and verifies; raises a BUILD_FAILURES error.
+BuildStep = Callable[[LayerPlans | None], Built]
+# Times two built models interleaved on the same inputs: (seconds per call of a, of b).
+Race = Callable[[Built, Built], tuple[float, float]]
+
+
+@dataclass
+class Choice:
+    """What assign_precision decided: its plan, and under "auto" the other precisions' plans
+    that fit the budget, most estimated saving first."""
+
+    plans: dict[str, LayerPlan]
+    alternatives: list[tuple[Scheme, dict[str, LayerPlan]]] = field(default_factory=list)
+
+
+def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: bool = True,
+               race: Race | None = None) -> Built:
+    """Build `choice` as the module docstring says; `race` set means time against fp32."""
+    notes: list[str] = []
+    try:
+        built, plans = _within_budget(build, choice.plans, notes)
+    except BUILD_FAILURES as exc:
+        lowered = count_lowered(choice.plans)
+        if not (auto and lowered and fp32_fallback):
+            raise
+        built = build(all_fp32(choice.plans, f"auto: the lowered plan failed ({type(exc).__name__})"))
+        notes.append(f"precision=auto: no backend built the plan with {lowered} lowered layers within the budget "
+                     f"({exc.what[:300]}); built at fp32 instead")
+    else:
+        if auto and race is not None and count_lowered(plans):
+            built = _faster_than_fp32(build, built, plans, list(choice.alternatives), race, notes)
+    built.report.notes = list(dict.fromkeys([*built.report.notes, *notes]))
+    return built
+
+
+def _within_budget(build: BuildStep, plans: dict[str, LayerPlan], notes: list[str]) -> tuple[Built, dict[str, LayerPlan]]:
+    """The built model and the plan it holds."""
+    current: dict[str, LayerPlan] | None = None  # the passes' own decision first
+    for share in (*BACK_OFF_SHARES, None):
+        try:
+            return build(current), dict(current or plans)
+        except VerificationError as exc:
+            layers = dict(current or plans)
+            lowered = count_lowered(layers)
+            if share is None or not lowered:
+                raise
+            current, raised = most_sensitive_to_fp32(
+                layers, share, f"back to fp32: the plan with {lowered} lowered layers missed the budget once built")
+            notes.append(f"precision: the plan with {lowered} lowered layers missed the budget once built "
+                         f"({exc.what[:200]}); its {raised} most sensitive lowered layers went back to fp32 and it was rebuilt")
+    raise AssertionError("unreachable")  # the last share re-raises
+
+
+def _faster_than_fp32(build: BuildStep, lowered: Built, plans: dict[str, LayerPlan],
+                      alternatives: list[tuple[Scheme, dict[str, LayerPlan]]], race: Race, notes: list[str]) -> Built:
+    """Keep a lowered plan only if it runs faster than fp32 here: the profile's peak figures that
+    chose it are estimates, and a runtime's low-precision kernels can lose to its fp32 ones."""
+    try:
+        fp32 = build(all_fp32(plans, "auto: fp32 measured against the lowered plan"))
+    except BUILD_FAILURES as exc:
+        notes.append(f"precision=auto: the fp32 comparison build failed ({exc.what[:200]}); the lowered plan is kept")
+        return lowered
+    losers: list[tuple[Built, str]] = []
+    while True:
+        lowered_s, fp32_s = race(lowered, fp32)
+        schemes = ", ".join(sorted({str(p.scheme) for p in plans.values() if p.scheme != Scheme.FP32}))
+        verdict = (f"precision=auto: the lowered plan ({count_lowered(plans)} layers, {schemes}) ran "
+                   f"{lowered_s * 1e3:.2f} ms, fp32 {fp32_s * 1e3:.2f} ms (timed interleaved here)")
+        if fp32_s > lowered_s:
+            notes.append(f"{verdict}; the lowered plan kept")
+            return _with_losers(lowered, [*losers, (fp32, f"at fp32: slower than the {schemes} plan here")])
+        losers.append((lowered, f"with the {schemes} plan: slower than fp32 here"))
+        notes.append(f"{verdict}; fp32 kept" if not alternatives else f"{verdict}; next: {alternatives[0][0]}")
+        if not alternatives:
+            return _with_losers(fp32, losers)
+        scheme, plans = alternatives.pop(0)
+        try:
+            lowered = build(plans)
+        except BUILD_FAILURES as exc:
+            notes.append(f"precision=auto: the {scheme} plan failed ({exc.what[:200]}); fp32 kept")
+            return _with_losers(fp32, losers)
+
+
+def _with_losers(kept: Built, losers: list[tuple[Built, str]]) -> Built:
+    """`kept`, its report listing the losing builds' candidates first: their chosen engines as
+    slower, with the reason."""
+    earlier = []
+    for loser, reason in losers:
+        for candidate in loser.report.candidates:
+            if candidate.status == "chosen":
+                candidate.status, candidate.reason = "slower", reason
+            earlier.append(candidate)
+    kept.report.candidates = [*earlier, *kept.report.candidates]
+    return kept
+
+
+def count_lowered(plans: LayerPlans) -> int:
+    return sum(p.scheme != Scheme.FP32 for p in plans.values())
+
+
+def all_fp32(plans: LayerPlans, reason: str) -> dict[str, LayerPlan]:
+    """Every lowered layer of `plans` back at fp32, with `reason`."""
+    return {name: p.at_fp32(reason) if p.scheme != Scheme.FP32 else p for name, p in plans.items()}
+
+
+def most_sensitive_to_fp32(plans: LayerPlans, share: float, reason: str) -> tuple[dict[str, LayerPlan], int]:
+    """The most sensitive `share` of the lowered layers (by the error each caused alone), at
+    least one, back at fp32 with `reason`; returns the new plans and how many went back."""
+    lowered = sorted((p for p in plans.values() if p.scheme != Scheme.FP32), key=lambda p: -(p.error or 0.0))
+    chosen = {p.node for p in lowered[:max(1, math.ceil(share * len(lowered)))]} if lowered else set()
+    return {name: p.at_fp32(reason) if name in chosen else p for name, p in plans.items()}, len(chosen)

@@ -1,0 +1,45 @@
+"""The compiled model against eager PyTorch, end to end: the example outputs captured with the
+graph, then the user's model called afresh on every other draw (random draws and calibration
+samples). Fresh builds and compile-cache hits answer to this same check."""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+
+from kiln.build import precision_report
+from kiln.errors import VerificationError
+from kiln.frontend.capture import Captured, plain_containers
+from kiln.frontend.input_spec import rebuild_call
+from kiln.options import CompileOptions
+from kiln.report import Report
+from kiln.verify import failures_text, worst_checks
+
+
+def verify_against_eager(model, compiled, captured: Captured, draws, synthetic: frozenset[int], opts: CompileOptions,
+                         report: Report, metric_score=None) -> None:
+    """Check `compiled` on `draws` (synthetic: the indexes of random draws, held to the
+    precision's tolerance); record the worst check per output; raise VerificationError on a miss."""
+    budget = opts.accuracy_budget if report.lowered else None
+    precision = precision_report.lowest_precision(report)
+
+    def runs():
+        for index, inputs in enumerate(draws):
+            if index == 0:
+                want = list(captured.example_outputs)
+            else:
+                args, kwargs = rebuild_call(captured.input_spec, list(inputs))
+                with torch.no_grad():
+                    want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
+            yield list(compiled.run_flat(inputs)), want
+    checks = worst_checks(captured.output_names, runs(), precision, budget, synthetic)
+    report.verification = [c.to_dict() for c in checks]
+    report.verified_draws = len(draws) - 1
+    report.verified_calibration = len(opts.calibration or ())  # read once into a tuple by CompileOptions
+    if budget is not None:
+        precision_report.record_cost(checks, compiled, captured, opts, report, metric_score)
+    if not all(c.ok for c in checks):
+        fix = ("loosen accuracy_budget, pass calibration data like the real inputs, or use precision='fp32'" if budget is not None
+               else "report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
+        raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, precision, budget)}",
+                                where=f"model {report.model}, backends {', '.join(compiled.backends.values())}", fix=fix)
