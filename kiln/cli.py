@@ -74,13 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", parents=[common], help="capture, optimise, build and verify a model; write an artifact")
     p.add_argument("model", help="MODULE:FACTORY (returns a model, or (model, example_inputs)) or a torch.export .pt2 file")
     p.add_argument("--profile", default="cpu-x86", help="hardware profile name or YAML path (default cpu-x86)")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE:DTYPE[:LOW:HIGH]",
-                   help="example input, e.g. input_ids=1x128:int64:0:30000 (repeat per input, in call order)")
+    p.add_argument("--input-spec", action="append", default=[], metavar="NAME=SHAPE:DTYPE[:LOW:HIGH]",
+                   help="an example input drawn at random, e.g. input_ids=1x128:int64:0:30000 (repeat per input, in call order)")
+    # the old spelling (run's --input reads .npy files): still read, with a note, for one release
+    p.add_argument("--input", dest="old_input_spec", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--dynamic", action="append", default=[], metavar="NAME:AXIS=DIM[:MIN:MAX]",
                    help="mark an axis dynamic, e.g. input_ids:0=batch:1:64")
     p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=8")
     p.add_argument("--backend", help="use this backend only")
     p.add_argument("--select", choices=["prefer", "measure"], help="override the profile's backend selection")
+    p.add_argument("--backend-fallback", action="store_true",
+                   help="with --select prefer: a backend whose build fails moves on to the next one (recorded)")
+    p.add_argument("--time-against-fp32", action=argparse.BooleanOptionalAction, default=None,
+                   help="precision=auto: build fp32 too and keep the lowered plan only if it runs faster here "
+                        "(default: when the profile measures backends)")
     p.add_argument("--precision", help="auto (default), or every layer at one of fp32, bf16, fp16, int8, int4-weight, fp8")
     p.add_argument("--min-cosine", type=float, metavar="C",
                    help="accuracy budget: each output's cosine to eager at least C (e.g. 0.995); default 0.9999 with rel. error 1e-2")
@@ -99,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="place a module (path prefix, e.g. classifier) or node on a device of the profile (repeatable)")
     p.add_argument("--plan-only", action="store_true",
                    help="place and partition only, build nothing: works for devices this machine lacks")
+    p.add_argument("--assume-precision", metavar="P",
+                   help="with --plan-only: plan as if every op ran at P (e.g. fp16 for an NPU) instead of deciding per layer")
     p.add_argument("--html", metavar="FILE", help="with --plan-only: also draw the placed graph as an HTML page")
     p.set_defaults(handler=_compile)
 
@@ -108,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse the artifact unless its digest (see `kiln inspect`) is this")
     # `compile --pin MODULE=DEVICE` places layers; run once took --pin for the digest: still read, with a note
     p.add_argument("--pin", dest="pin_digest", metavar="DIGEST", help=argparse.SUPPRESS)
-    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="input from a .npy file")
+    p.add_argument("--input-file", action="append", default=[], metavar="NAME=FILE.npy", help="an input read from a .npy file")
+    # the old spelling (compile's --input-spec draws inputs): still read, with a note, for one release
+    p.add_argument("--input", dest="old_input_file", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
     p.add_argument("--out", help="directory to write outputs as .npy")
     p.set_defaults(handler=_run)
@@ -155,16 +166,24 @@ def _compile(args: argparse.Namespace) -> int:
     import kiln
 
     model, example = _load_model(args.model, args.factory_arg)
-    if args.input:
-        example = _named_inputs(model, [_random_input(spec) for spec in args.input])
+    specs = args.input_spec + _renamed(args.old_input_spec, "kiln compile --input", "--input-spec")
+    if specs:
+        example = _named_inputs(model, [_random_input(spec) for spec in specs])
     if example is None:
-        raise UsageError(f"no example inputs for {args.model}", fix="give --input NAME=SHAPE:DTYPE per input, or return (model, inputs) from the factory")
+        raise UsageError(f"no example inputs for {args.model}",
+                         fix="give --input-spec NAME=SHAPE:DTYPE per input, or return (model, inputs) from the factory")
+    if args.assume_precision and not args.plan_only:
+        raise UsageError("--assume-precision plans without building", fix="add --plan-only, or use --precision to build at a precision")
     dynamic = _parse_dynamic(args.dynamic)
     overrides: dict[str, Any] = {"verify": not args.no_verify}
     if args.backend:
         overrides["backend"] = args.backend
     if args.select:
         overrides["select"] = args.select
+    if args.backend_fallback:
+        overrides["backend_fallback"] = True
+    if args.time_against_fp32 is not None:
+        overrides["time_against_fp32"] = args.time_against_fp32
     if args.autotune:
         overrides["autotune"] = True
     if args.pin:
@@ -175,7 +194,8 @@ def _compile(args: argparse.Namespace) -> int:
         example, kwargs = (), example
     if args.plan_only:
         overrides.pop("verify")
-        planned = kiln.plan(model, args.profile, example, example_kwargs=kwargs, dynamic=dynamic, **overrides)
+        planned = kiln.plan(model, args.profile, example, example_kwargs=kwargs, dynamic=dynamic,
+                            options=kiln.CompileOptions.build(**overrides), assume_precision=args.assume_precision)
         if args.html:
             Path(args.html).write_text(planned.html())
         if args.json:
@@ -310,9 +330,9 @@ def _random_input(text: str) -> tuple[str, torch.Tensor]:
             raise ValueError("give both LOW and HIGH, or neither")
         low, high = (int(bounds[0]), int(bounds[1])) if bounds else (0, 1)
     except ValueError as exc:
-        raise UsageError(f"bad --input {text!r} ({exc})", fix=fix) from None
+        raise UsageError(f"bad --input-spec {text!r} ({exc})", fix=fix) from None
     if not name or any(size < 0 for size in shape) or low > high:
-        raise UsageError(f"bad --input {text!r} (need a name, sizes >= 0 and LOW <= HIGH)", fix=fix)
+        raise UsageError(f"bad --input-spec {text!r} (need a name, sizes >= 0 and LOW <= HIGH)", fix=fix)
     if dtype.is_floating_point:
         return name, torch.randn(shape).to(dtype)
     if dtype == torch.bool:
@@ -336,7 +356,7 @@ def _named_inputs(model: torch.nn.Module, named: list[tuple[str, torch.Tensor]])
         return tuple(tensor for _, tensor in named)
     stray = [n for n in names if n not in params]
     if stray:
-        raise UsageError(f"--input names {stray} are not parameters of {type(model).__name__}.forward",
+        raise UsageError(f"--input-spec names {stray} are not parameters of {type(model).__name__}.forward",
                          fix=f"its parameters are: {', '.join(params)}")
     return dict(named)
 
@@ -377,6 +397,13 @@ def _artifact_inputs(compiled, items: list[str], seed: int) -> list[torch.Tensor
     return tensors
 
 
+def _renamed(values: list[str], old: str, new: str) -> list[str]:
+    """Values given under an option's old name, with a note naming the new one."""
+    if values:
+        print(f"kiln: note: `{old}` is now `{new}` (the old name is read for one more release)", file=sys.stderr)
+    return values
+
+
 def _expected_digest(args: argparse.Namespace) -> str | None:
     if args.pin_digest is None:
         return args.expected_digest
@@ -394,7 +421,8 @@ def _run(args: argparse.Namespace) -> int:
     from kiln.frontend.input_spec import check_call, rebuild_call
 
     compiled = kiln.load(args.artifact, expected_digest=_expected_digest(args))
-    tensors = _artifact_inputs(compiled, args.input, args.seed)
+    files = args.input_file + _renamed(args.old_input_file, "kiln run --input", "--input-file")
+    tensors = _artifact_inputs(compiled, files, args.seed)
     call_args, call_kwargs = rebuild_call(compiled.input_spec, tensors)
     checked = check_call(compiled.input_spec, call_args, call_kwargs)
     outputs = compiled.run_flat(checked)

@@ -107,6 +107,10 @@ class CompileOptions:
                           DeprecationWarning, stacklevel=4)
             object.__setattr__(self, "time_against_fp32", False)
 
+    def backends_for(self, device) -> tuple[str, ...]:
+        """The backends tried on `device`: the forced one, else the device's own list, in order."""
+        return (self.backend,) if self.backend else tuple(device.backends)
+
     def times_against_fp32(self, profile_select: str) -> bool:
         """Whether precision="auto" times its lowered plan against fp32 on a profile selecting so."""
         return self.time_against_fp32 if self.time_against_fp32 is not None else profile_select == "measure"

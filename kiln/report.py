@@ -146,6 +146,8 @@ class Report:
                      else "Passes")
         for p in self.passes:
             counts = ", ".join(f"{k} {v}" for k, v in p.counts.items() if v) or "no change"
+            if p.annotated:
+                counts += f"; decided {p.annotated} nodes"
             lines.append(f"  {p.stage:9s} {p.name:31s} {counts}  ({p.seconds * 1000:.0f} ms)")
             for node, reason in p.skipped[:5]:
                 lines.append(f"  {'':9s} {'':31s} skipped {node}: {reason}")

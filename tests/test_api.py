@@ -8,6 +8,10 @@ import kiln
 from kiln.backends import onnxruntime as ort_backend
 from kiln.backends.inductor import InductorBackend
 from kiln.backends.base import Availability
+from kiln.verify import TOLERANCE
+from kiln.types import Precision
+
+FP32 = TOLERANCE[Precision.FP32]  # compiled fp32 engines against eager
 
 
 class Tiny(nn.Module):
@@ -28,7 +32,7 @@ def tiny():
 def test_optimize_returns_a_model_with_eager_outputs_and_a_report(tiny):
     model, inputs = tiny
     compiled = kiln.optimize(model, "cpu-x86", inputs, backend="onnxruntime")
-    torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=FP32.rtol, atol=FP32.atol)
     text = compiled.report.render()
     for section in ("Passes", "Backend decisions", "Verification against eager", "onnxruntime"):
         assert section in text

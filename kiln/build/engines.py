@@ -52,7 +52,7 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
     for partition in plan.partitions:
         eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
         device = profile.devices[partition.device]
-        names = (EAGER,) if eager else (opts.backend,) if opts.backend else device.backends
+        names = (EAGER,) if eager else opts.backends_for(device)
         graph = partition.graph
         # backends build from the plan's rounded weights and corrected biases; the references stay fp32
         lowered = graph if eager else with_lowered_weights(graph)

@@ -35,7 +35,7 @@ def check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
                            f"{precision.value}; it runs {', '.join(runs)}",
                            where=f"{Path(profile.source_file).name}: devices.{device.name}.peak_tflops",
                            fix=f"choose one of {', '.join(runs)}, or precision='auto'")
-    names = (opts.backend,) if opts.backend else device.backends
+    names = opts.backends_for(device)
     if precision is not Precision.FP32 and not registry.lowering(names, device, precision):
         able = sorted(registry.lowering(tuple(n for n in BACKEND_NAMES if n != EAGER), device, precision))
         raise OptionsError(f"no backend tried for device {device.name} ({', '.join(names)}) runs {precision.value} "
@@ -49,7 +49,7 @@ def check_primary_ready(profile: Profile, opts: CompileOptions) -> None:
     device = profile.primary
     probe = torch.fx.Graph().placeholder("x")  # a node every table accepts: only the device is asked about
     reasons = []
-    for name in (opts.backend,) if opts.backend else device.backends:
+    for name in opts.backends_for(device):
         try:
             backend = registry.get(name)
         except BackendUnavailable as exc:

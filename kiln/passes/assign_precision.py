@@ -133,8 +133,7 @@ def _schemes(ctx: PassContext) -> list[str]:
     opts, device = ctx.options, ctx.profile.primary
     calibrated = bool(ctx.calibration)
     if opts.auto:
-        backends = (opts.backend,) if opts.backend else device.backends
-        precisions = auto_candidates(device, backends, calibrated)
+        precisions = auto_candidates(device, opts.backends_for(device), calibrated)
     else:
         precisions = [opts.precision] if device_runs(device, opts.precision) else []
     return [(Scheme.INT8_STATIC if calibrated else Scheme.INT8_DYNAMIC) if p is Precision.INT8 else SCHEME_FOR[p]

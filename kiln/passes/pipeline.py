@@ -93,9 +93,7 @@ class PipelineRun:
 
 def onnxruntime_may_build(ctx: PassContext) -> bool:
     """Whether ONNX Runtime is the forced backend or a candidate on any device of the profile."""
-    if ctx.options.backend is not None:
-        return ctx.options.backend == "onnxruntime"
-    return any("onnxruntime" in device.backends for device in ctx.profile.devices.values())
+    return any("onnxruntime" in ctx.options.backends_for(device) for device in ctx.profile.devices.values())
 
 
 def run(gm: GraphModule, ctx: PassContext, pipeline: tuple[Stage, ...] = PIPELINE) -> PipelineRun:

@@ -89,17 +89,13 @@ def _precision(node: Node, ctx: PassContext) -> Precision:
     return ctx.options.precision if isinstance(ctx.options.precision, Precision) else Precision.FP32
 
 
-def _backend_names(ctx: PassContext, device) -> tuple[str, ...]:
-    return (ctx.options.backend,) if ctx.options.backend else device.backends
-
-
 def _candidates(units, ctx: PassContext, costs, precision, cache: dict):
     """node -> {device: (backend, seconds)} where it can run, and node -> {device: why not}."""
     options = {n: {} for n in units}
     refusals = {n: {} for n in units}
     for name, device in ctx.profile.devices.items():
         usable, why = [], []
-        for backend_name in _backend_names(ctx, device):
+        for backend_name in ctx.options.backends_for(device):
             backend, reason = _backend(backend_name, cache, ctx.plan_only)
             (usable.append(backend) if backend is not None else why.append(f"{backend_name}: {reason}"))
         for node in units:
@@ -233,7 +229,7 @@ def _backends_per_device(units, labels, options, ctx: PassContext, cache: dict) 
     chosen = {}
     for name, device in ctx.profile.devices.items():
         placed = [n for n in units if labels[n] == name and options[n][name][0] != EAGER]
-        common = next((b for b in _backend_names(ctx, device) if all(options[n][name][0] == b or
+        common = next((b for b in ctx.options.backends_for(device) if all(options[n][name][0] == b or
                                                                      _also_supports(n, b, name, ctx, cache) for n in placed)), None)
         for node in placed:
             chosen[node] = common or options[node][name][0]

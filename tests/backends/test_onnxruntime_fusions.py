@@ -19,6 +19,8 @@ from kiln.passes.context import PassContext
 from kiln.types import Precision
 from kiln.verify import TOLERANCE
 
+FP32 = TOLERANCE[Precision.FP32]  # compiled fp32 engines against eager
+
 backend = OnnxRuntimeBackend()
 if not backend.available().ok:
     pytest.skip(backend.available().reason, allow_module_level=True)
@@ -209,7 +211,7 @@ def test_spelled_out_skip_layer_norm_computes_the_fused_outputs_under_their_name
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal((2, 3, 8)).astype(np.float32) for n in ("x", "skip")}
     for got, want in zip(_run(ir.to_proto(model), feeds), _run(proto, feeds)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, want, rtol=FP32.rtol, atol=FP32.atol)
 
 
 def test_skip_layer_norm_whose_mean_is_read_stays_fused():

@@ -80,7 +80,7 @@ def built(tmp_path_factory) -> SimpleNamespace:
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(CLI_DIR))
         mp.chdir(root)
-        result = run_main(["compile", "tiny_models:tiny", "--factory-arg", "out_features=3", "--input", "x=2x8:float32",
+        result = run_main(["compile", "tiny_models:tiny", "--factory-arg", "out_features=3", "--input-spec", "x=2x8:float32",
                            *ORT, "-o", "out.kiln"])
     result.path = root / "out.kiln"
     return result
@@ -187,21 +187,21 @@ def test_compile_from_a_torch_export_pt2_file(cli, tmp_path):
 def test_compile_of_a_model_whose_output_is_all_zeros_succeeds(cli, tmp_path):
     # Regression: verify.compare used Tensor.max(initial=0) (no such argument in torch) for
     # all-zero outputs, so this build failed as "backend onnxruntime failed: TypeError".
-    result = cli("compile", "tiny_models:all_zero", "--input", "x=2x8:float32", *ORT, "-o", tmp_path / "zero.kiln")
+    result = cli("compile", "tiny_models:all_zero", "--input-spec", "x=2x8:float32", *ORT, "-o", tmp_path / "zero.kiln")
     assert result.rc == 0, result.err
     [row] = json.loads(cli("run", tmp_path / "zero.kiln", "--json").out)["outputs"]
     assert row["sum"] == 0.0
 
 
 def test_compile_with_unknown_profile_exits_1_with_one_line(cli, tmp_path):
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", "--profile", "nosuch", "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", "--profile", "nosuch", "-o", tmp_path / "o.kiln")
     assert result.rc == 1
     assert "'nosuch'" in one_error_line(result.err)
     assert not (tmp_path / "o.kiln").exists()
 
 
 def test_compile_with_unknown_backend_exits_1_with_one_line(cli, tmp_path):
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", "--backend", "nosuch", "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", "--backend", "nosuch", "-o", tmp_path / "o.kiln")
     assert result.rc == 1
     assert "'nosuch'" in one_error_line(result.err)
 
@@ -211,14 +211,14 @@ def test_compile_with_unknown_backend_exits_1_with_one_line(cli, tmp_path):
     "x=2x8:int64:0",
 ])
 def test_compile_refuses_bad_input_syntax_as_usage_error(cli, tmp_path, spec):
-    result = cli("compile", "tiny_models:tiny", "--input", spec, *ORT, "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", spec, *ORT, "-o", tmp_path / "o.kiln")
     assert result.rc == 2
     assert repr(spec) in one_error_line(result.err, "kiln: usage error:")
 
 
 @pytest.mark.parametrize("spec", ["x=-2x8:float32", "x=2x8:int64:5:1"])
 def test_compile_refuses_impossible_input_values_as_usage_error(cli, tmp_path, spec):
-    result = cli("compile", "tiny_models:tiny", "--input", spec, *ORT, "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", spec, *ORT, "-o", tmp_path / "o.kiln")
     assert result.rc == 2
     one_error_line(result.err, "kiln: usage error:")
 
@@ -230,7 +230,7 @@ def test_compile_refuses_impossible_input_values_as_usage_error(cli, tmp_path, s
     ("tiny_models", "neither MODULE:FACTORY"),
 ])
 def test_compile_refuses_a_bad_model_target_as_usage_error(cli, tmp_path, target, words):
-    result = cli("compile", target, "--input", "x=2x8:float32", "-o", tmp_path / "o.kiln")
+    result = cli("compile", target, "--input-spec", "x=2x8:float32", "-o", tmp_path / "o.kiln")
     assert result.rc == 2
     assert words in one_error_line(result.err, "kiln: usage error:")
 
@@ -238,7 +238,7 @@ def test_compile_refuses_a_bad_model_target_as_usage_error(cli, tmp_path, target
 def test_compile_without_any_example_inputs_is_a_usage_error(cli, tmp_path):
     result = cli("compile", "tiny_models:tiny", "-o", tmp_path / "o.kiln")
     assert result.rc == 2
-    assert "--input" in one_error_line(result.err, "kiln: usage error:")
+    assert "--input-spec" in one_error_line(result.err, "kiln: usage error:")
 
 
 def test_compile_refuses_a_factory_arg_without_equals_as_usage_error(cli, tmp_path):
@@ -248,7 +248,7 @@ def test_compile_refuses_a_factory_arg_without_equals_as_usage_error(cli, tmp_pa
 
 
 @pytest.mark.parametrize("argv", [
-    ["compile", "tiny_models:tiny", "--input", "x=2x8:float32"],  # missing -o
+    ["compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32"],  # missing -o
     ["nosuchcommand"],
     ["profiles", "frobnicate"],
     ["--debug", "profiles", "list"],  # options belong after the subcommand
@@ -305,15 +305,23 @@ def test_run_out_writes_each_output_as_npy(cli, built, tmp_path):
 def test_run_input_from_npy_matches_eager_within_fp32_tolerance(cli, built, tmp_path):
     x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    result = cli("run", built.path, "--input", f"x={tmp_path / 'x.npy'}", "--out", tmp_path / "outs")
+    result = cli("run", built.path, "--input-file", f"x={tmp_path / 'x.npy'}", "--out", tmp_path / "outs")
     assert result.rc == 0, result.err
     got = torch.from_numpy(np.load(tmp_path / "outs" / "output.npy"))
     torch.testing.assert_close(got, eager(torch.from_numpy(x)), rtol=FP32.rtol, atol=FP32.atol)
 
 
+def test_the_old_input_spellings_still_work_for_a_release_with_a_note_naming_the_new_ones(cli, built, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 8), np.float32))
+    ran = cli("run", built.path, "--input", f"x={tmp_path / 'x.npy'}")
+    assert ran.rc == 0 and "`kiln run --input` is now `--input-file`" in ran.err
+    compiled = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", "--plan-only")
+    assert compiled.rc == 0 and "`kiln compile --input` is now `--input-spec`" in compiled.err
+
+
 def test_run_refuses_an_input_name_the_artifact_lacks(cli, built, tmp_path):
     np.save(tmp_path / "y.npy", np.zeros((2, 8), np.float32))
-    result = cli("run", built.path, "--input", f"y={tmp_path / 'y.npy'}")
+    result = cli("run", built.path, "--input-file", f"y={tmp_path / 'y.npy'}")
     assert result.rc == 2
     line = one_error_line(result.err, "kiln: usage error:")
     assert "'y'" in line and "x" in line
@@ -321,14 +329,14 @@ def test_run_refuses_an_input_name_the_artifact_lacks(cli, built, tmp_path):
 
 def test_run_refuses_an_unreadable_npy_file(cli, built, tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
-    result = cli("run", built.path, "--input", f"x={tmp_path / 'bad.npy'}")
+    result = cli("run", built.path, "--input-file", f"x={tmp_path / 'bad.npy'}")
     assert result.rc == 2
     assert "bad.npy" in one_error_line(result.err, "kiln: usage error:")
 
 
 def test_run_with_an_input_of_the_wrong_shape_exits_1_with_one_line(cli, built, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 9), np.float32))
-    result = cli("run", built.path, "--input", f"x={tmp_path / 'x.npy'}")
+    result = cli("run", built.path, "--input-file", f"x={tmp_path / 'x.npy'}")
     assert result.rc == 1
     assert "'x'" in one_error_line(result.err)
 
@@ -418,8 +426,8 @@ def test_bench_refuses_nonsense_counts_as_usage_error(cli, built, argv):
     (["profiles", "list"], 0),
     (["profiles", "show", "nosuch"], 1),
     (["nosuchcommand"], 2),
-    (["compile", "tiny_models:tiny", "--input", "x=2x8:float32"], 2),  # missing -o
-    (["compile", "tiny_models:tiny", "--input", "x=2x8", "-o", "o.kiln"], 2),  # bad --input
+    (["compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32"], 2),  # missing -o
+    (["compile", "tiny_models:tiny", "--input-spec", "x=2x8", "-o", "o.kiln"], 2),  # bad --input
     (["run", "nowhere.kiln"], 1),
 ])
 def test_python_m_kiln_cli_exit_codes(tmp_path, argv, code):
@@ -447,7 +455,7 @@ def test_python_m_kiln_cli_debug_prints_the_traceback(tmp_path):
 
 def test_compile_lowers_to_int8_with_calibration_from_a_factory_and_a_budget(cli, tmp_path):
     # the model factory takes out_features, the calibration factory only what it names (batch)
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--factory-arg", "out_features=4",
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--factory-arg", "out_features=4",
                  "--precision", "int8", "--calibration", "tiny_models:calibration",
                  "--min-cosine", "0.99", "--json", "-o", tmp_path / "int8.kiln")
     assert result.rc == 0, result.err
@@ -456,7 +464,7 @@ def test_compile_lowers_to_int8_with_calibration_from_a_factory_and_a_budget(cli
 
 
 def test_compile_keep_fp32_holds_the_named_module_and_a_typo_is_one_error_line(cli, tmp_path):
-    common = ("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+    common = ("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--precision", "int8",
               "--calibration", "tiny_models:calibration", "--min-cosine", "0.99")
     result = cli(*common, "--keep-fp32", "fc", "--json", "-o", tmp_path / "kept.kiln")
     assert result.rc == 0, result.err
@@ -469,20 +477,20 @@ def test_compile_keep_fp32_holds_the_named_module_and_a_typo_is_one_error_line(c
 
 def test_compile_takes_calibration_samples_from_a_torch_save_file(cli, tmp_path):
     torch.save([torch.randn(2, 8) for _ in range(3)], tmp_path / "samples.pt")
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--precision", "int8",
                  "--calibration", tmp_path / "samples.pt", "--max-rel-error", "0.05", "--json", "-o", tmp_path / "o.kiln")
     assert result.rc == 0, result.err
     assert "int8-static for 1 of 1 layers" in json.loads(result.out)["report"]["precision_summary"]
 
 
 def test_compile_with_an_unknown_precision_exits_1_naming_it(cli, tmp_path):
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int7", "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--precision", "int7", "-o", tmp_path / "o.kiln")
     assert result.rc == 1
     assert "'int7'" in one_error_line(result.err)
 
 
 def test_compile_refuses_a_precision_the_backend_cannot_run_with_one_line(cli, tmp_path):
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "bf16", "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--precision", "bf16", "-o", tmp_path / "o.kiln")
     assert result.rc == 1
     line = one_error_line(result.err)
     assert "bf16" in line and "onnxruntime" in line
@@ -494,7 +502,7 @@ def test_compile_refuses_a_precision_the_backend_cannot_run_with_one_line(cli, t
     ("nocolon", "neither MODULE:FACTORY nor a .pt file"),
 ])
 def test_compile_refuses_bad_calibration_sources_as_usage_errors(cli, tmp_path, source, words):
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--precision", "int8",
                  "--calibration", source, "-o", tmp_path / "o.kiln")
     assert result.rc == 2
     assert words in one_error_line(result.err, "kiln: usage error:")
@@ -502,13 +510,13 @@ def test_compile_refuses_bad_calibration_sources_as_usage_errors(cli, tmp_path, 
 
 def test_compile_refuses_an_unreadable_calibration_file_as_a_usage_error(cli, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--precision", "int8",
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--precision", "int8",
                  "--calibration", tmp_path / "junk.pt", "-o", tmp_path / "o.kiln")
     assert result.rc == 2
     assert "cannot read calibration samples" in one_error_line(result.err, "kiln: usage error:")
 
 
 def test_compile_refuses_a_factory_arg_the_factory_does_not_take_as_a_usage_error(cli, tmp_path):
-    result = cli("compile", "tiny_models:tiny", "--input", "x=2x8:float32", *ORT, "--factory-arg", "batch=2", "-o", tmp_path / "o.kiln")
+    result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "--factory-arg", "batch=2", "-o", tmp_path / "o.kiln")
     assert result.rc == 2
     assert "tiny_models:tiny does not take batch=" in one_error_line(result.err, "kiln: usage error:")

@@ -1,4 +1,5 @@
-"""Helpers for pass tests: capture a tiny model through the real frontend, run one pass."""
+"""Helpers for pass tests: capture a tiny model through the real frontend, run one pass through
+the pipeline's own runner (its dead-code removal, lint, recompile and meta checks included)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from kiln.frontend.capture import capture
 from kiln.hardware_profiles import load
 from kiln.options import CompileOptions
 from kiln.passes.context import PassContext
+from kiln.passes import pipeline
 from kiln.verify import TOLERANCE
 from kiln.types import Precision
 
@@ -26,12 +28,7 @@ class PassRun:
         self.ctx = PassContext(load("cpu-x86"), CompileOptions(), self.captured.input_spec)
 
     def apply(self, pass_fn):
-        result = pass_fn(self.gm, self.ctx)
-        if result.changed:
-            self.gm.graph.eliminate_dead_code()
-            self.gm.graph.lint()
-            self.gm.recompile()
-        return result
+        return pipeline.run_pass(pass_fn, self.gm, self.ctx)
 
     def ops(self) -> list:
         return [n.target for n in self.gm.graph.nodes if n.op == "call_function"]

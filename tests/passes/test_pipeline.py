@@ -80,6 +80,32 @@ def test_pipeline_wraps_a_failing_pass_naming_it_and_the_passes_before(run_pass)
     assert "disabled_passes" in message
 
 
+def test_a_failing_pass_names_the_node_it_was_at_and_the_users_source_line(run_pass):
+    def trip_on_relu(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.relu.default:
+                raise ValueError("cannot rewrite this relu")
+        return PassResult(changed=False)
+
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    relu = next(n for n in run.gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+    with pytest.raises(PassFailed) as info:
+        pipeline.run(run.gm, run.ctx, (Stage("bad", (trip_on_relu,)),))
+    where = info.value.where
+    assert f"node {relu.name} (aten.relu.default)" in where
+    assert "test_pipeline.py" in where and "in forward" in where  # Small.forward's line, where relu was called
+
+
+def test_decide_only_passes_report_the_nodes_they_annotated_and_what_they_decided(run_pass):
+    run = run_pass(Small(), (torch.randn(1, 3, 8, 8),))
+    done = pipeline.run(run.gm, run.ctx)
+    by_name = {r.name: r for r in done.records}
+    ops = sum(n.op == "call_function" for n in run.gm.graph.nodes)
+    assert not by_name["assign_precision"].changed and by_name["assign_precision"].annotated == ops
+    assert not by_name["place_on_devices"].changed and by_name["place_on_devices"].annotated == ops
+    assert set(done.decided["assign_precision"]) == {"plans", "alternatives"}
+
+
 def test_pipeline_rejects_a_pass_that_loses_shape_meta(run_pass):
     def add_bare_node(gm, ctx):
         node = next(n for n in gm.graph.nodes if n.op == "call_function")

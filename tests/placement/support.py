@@ -12,6 +12,7 @@ from kiln.frontend.capture import capture
 from kiln.hardware_profiles import load
 from kiln.options import CompileOptions
 from kiln.passes.context import PassContext
+from kiln.passes.pipeline import run_pass
 from kiln.passes.place_on_devices import place_on_devices
 from kiln.types import NodeDecision
 
@@ -23,10 +24,10 @@ def profile(name: str):
 
 
 def place(model: nn.Module, inputs: tuple, profile_name: str, plan_only: bool = True, **options):
-    """Capture `model` and run place_on_devices alone; returns (gm, result)."""
+    """Capture `model` and run place_on_devices alone, through the pipeline's runner; returns (captured, result)."""
     captured = capture(model.eval(), inputs)
     ctx = PassContext(profile(profile_name), CompileOptions(**options), captured.input_spec, plan_only=plan_only)
-    return captured, place_on_devices(captured.gm, ctx)
+    return captured, run_pass(place_on_devices, captured.gm, ctx)
 
 
 def decisions(gm, op=None) -> dict[str, NodeDecision]:

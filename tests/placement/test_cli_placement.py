@@ -14,7 +14,7 @@ CLI_DIR = Path(__file__).parent.parent / "cli"
 def test_compile_plan_only_places_on_devices_absent_here_and_draws_the_graph(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(CLI_DIR))
     page = tmp_path / "plan.html"
-    rc = main(["compile", "tiny_models:tiny", "--input", "x=2x8:float32", "--profile", "jetson-orin", "--plan-only",
+    rc = main(["compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", "--profile", "jetson-orin", "--plan-only",
                "--pin", "fc=cpu", "--html", str(page)])
     out = capsys.readouterr().out
     assert rc == 0
