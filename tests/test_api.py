@@ -114,3 +114,23 @@ def test_autotune_reaches_the_backend_build_settings_and_the_cache_key(tiny, mon
     assert seen == [True]
     assert kiln.CompileOptions().autotune is False
     assert kiln.CompileOptions(autotune=True).cache_fields() != kiln.CompileOptions().cache_fields()
+
+
+def test_renamed_options_still_read_their_old_spelling_for_a_release_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="backend_fallback"):
+        opts = kiln.CompileOptions(allow_fallback=True)
+    assert opts.backend_fallback is True and opts.allow_fallback is None
+    with pytest.warns(DeprecationWarning, match="time_against_fp32=False"):
+        opts = kiln.CompileOptions(select="prefer")
+    assert opts.time_against_fp32 is False and not opts.times_against_fp32("measure")
+    assert kiln.CompileOptions(select="prefer", time_against_fp32=True).times_against_fp32("prefer")
+    assert kiln.CompileOptions().times_against_fp32("measure") and not kiln.CompileOptions().times_against_fp32("prefer")
+
+
+def test_plan_assumes_a_precision_with_assume_precision_and_reads_the_old_keyword_with_a_warning():
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), torch.randn(2, 8)
+    assumed = kiln.plan(model, "cpu-x86", (x,), assume_precision="bf16")
+    assert {r["precision"] for r in assumed.report.placement} == {"bf16"}
+    with pytest.warns(DeprecationWarning, match="assume_precision"):
+        old = kiln.plan(model, "cpu-x86", (x,), precision="bf16")
+    assert {r["precision"] for r in old.report.placement} == {"bf16"}
