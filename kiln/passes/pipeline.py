@@ -27,6 +27,7 @@ from kiln.passes.fold_shape_arithmetic import fold_shape_arithmetic
 from kiln.passes.fuse_attention import fuse_attention
 from kiln.passes.fuse_linear_bias import fuse_linear_bias
 from kiln.passes.group_epilogues import group_epilogues
+from kiln.passes.guard_fully_masked_attention import guard_fully_masked_attention
 from kiln.passes.merge_qkv_projections import merge_qkv_projections
 from kiln.passes.place_on_devices import place_on_devices
 from kiln.passes.put_scalar_operands_last import put_scalar_operands_last
@@ -68,6 +69,9 @@ PIPELINE: tuple[Stage, ...] = (
     # One Q/K/V GEMM, except where ONNX Runtime may build the graph: its attention fusion
     # matches three separate projections and is lost after the merge (measured on MiniLM).
     Stage("fusion", (merge_qkv_projections,), when=lambda ctx: ctx.options.fusion and not onnxruntime_may_build(ctx)),
+    # PyTorch's answer for fully masked attention rows, on every backend (a correctness rewrite,
+    # so it runs with fusion off too); before the cleanup that merges each layer's copy of the guard.
+    Stage("masking", (guard_fully_masked_attention,)),
     # Fusion leaves folded statistics unused and may leave views and permutes that now cancel.
     Stage("cleanup", (remove_noop_views, remove_redundant_permutes, eliminate_common_subexpressions, remove_dead_code)),
     # Precision is decided on the final graph, so each measured layer is one the backend sees.

@@ -258,7 +258,9 @@ def test_optimize_eager_bert_on_onnxruntime_verifies_with_attention_fused():
     record = next(p for p in compiled.report.passes if p.name == "fuse_attention")
     assert record.counts == {"attention": 2}
     chosen = next(c for c in compiled.report.candidates if c.status == "chosen")
-    assert "attention 2" in chosen.detail, chosen.detail
+    # ORT runs its fused attention kernel (MultiHeadAttention: the fully-masked-row guard after
+    # each attention keeps onnxscript's rule from packing the Q/K/V projections into Attention)
+    assert "Attention 2" in chosen.detail.split(";")[0], chosen.detail
 
 
 def test_fuse_attention_handles_symbolic_lengths_and_matches_at_another_length():
