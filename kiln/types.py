@@ -91,7 +91,10 @@ class TensorSpec:
     """One flat tensor input: its name, dtype, and per-axis size (int) or dynamic Dim.
 
     `low`/`high` bound the values of integer inputs (token ids, masks) so that verification
-    draws stay in the range the model saw, e.g. ids below the vocabulary size.
+    draws stay in the range the model saw, e.g. ids below the vocabulary size. `index_range`
+    is the range of values the model can look up with the input (ids into an embedding table:
+    0..rows-1), checked on every call; `mask` marks an input the model masks with (an
+    attention_mask), which verification draws with padding, as real traffic has it.
     """
 
     name: str
@@ -99,6 +102,8 @@ class TensorSpec:
     shape: tuple[int | Dim, ...]
     low: float | None = None
     high: float | None = None
+    index_range: tuple[int, int] | None = None
+    mask: bool = False
 
     def describe(self) -> str:
         dims = "x".join(f"{d.name}[{d.min}..{d.max}]" if isinstance(d, Dim) else str(d) for d in self.shape)
@@ -111,12 +116,16 @@ class TensorSpec:
             "shape": [{"dim": d.name, "min": d.min, "max": d.max} if isinstance(d, Dim) else d for d in self.shape],
             "low": self.low,
             "high": self.high,
+            "index_range": None if self.index_range is None else list(self.index_range),
+            "mask": self.mask,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "TensorSpec":
         shape = tuple(Dim(d["dim"], d["min"], d["max"]) if isinstance(d, dict) else int(d) for d in data["shape"])
-        return cls(data["name"], DTYPES[data["dtype"]], shape, data.get("low"), data.get("high"))
+        index_range = data.get("index_range")
+        return cls(data["name"], DTYPES[data["dtype"]], shape, data.get("low"), data.get("high"),
+                   None if index_range is None else (int(index_range[0]), int(index_range[1])), bool(data.get("mask", False)))
 
 
 @dataclass(frozen=True)

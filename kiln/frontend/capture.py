@@ -20,6 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from kiln.errors import CaptureError
+from kiln.frontend.input_roles import with_input_roles
 from kiln.frontend.input_spec import build_spec, export_dynamic_shapes, leaf_names, normalize_call
 from kiln.types import Dim, InputSpec
 
@@ -104,6 +105,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
         raise _capture_error(exc, model, spec.names) from exc
     gm = exported.module()
     drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
+    spec = with_input_roles(spec, gm)  # which inputs index tables (checked per call) and which are masks
     for param in gm.parameters():
         param.requires_grad_(False)
     # One eager call gives the output structure and the reference outputs verification reuses.

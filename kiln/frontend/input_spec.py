@@ -283,7 +283,21 @@ def check_tensor(ts: TensorSpec, value: Any) -> torch.Tensor:
     if value.device.type != "cpu":
         raise InputMismatch(f"tensor is on {value.device}, the compiled model takes CPU tensors", where=f"input {ts.name!r}",
                             fix="move it with .cpu()")
+    if ts.index_range is not None and value.numel():
+        _check_index_values(ts, value)
     return value if value.is_contiguous() else value.contiguous()
+
+
+def _check_index_values(ts: TensorSpec, value: torch.Tensor) -> None:
+    """Ids past the table the model looks them up in: PyTorch raises IndexError, a compiled
+    engine would read out of bounds (an Inductor engine aborts the process)."""
+    low, high = ts.index_range
+    smallest, largest = (int(v) for v in torch.aminmax(value))
+    if smallest < low or largest > high:
+        bad = smallest if smallest < low else largest
+        raise InputMismatch(f"value {bad} is outside {low}..{high}, the rows of the table the model looks this input up in",
+                            where=f"input {ts.name!r}",
+                            fix=f"pass values in {low}..{high} (token ids from the model's own tokenizer, for a vocabulary)")
 
 
 def _check_shared_dims(spec: InputSpec, tensors: list[torch.Tensor]) -> None:
@@ -310,12 +324,30 @@ def random_inputs(spec: InputSpec, seed: int, sizes: Mapping[str, int] | None = 
         shape = [chosen[d.name] if isinstance(d, Dim) else d for d in ts.shape]
         if ts.dtype.is_floating_point:
             out.append(torch.randn(shape, generator=gen).to(ts.dtype))
+        elif ts.mask:
+            out.append(padding_mask(shape, gen, fully_padded=seed % 2 == 0).to(ts.dtype))
         elif ts.dtype == torch.bool:
             out.append(torch.randint(0, 2, shape, generator=gen).bool())
         else:
             low, high = int(ts.low or 0), int(ts.high if ts.high is not None else 1)
             out.append(torch.randint(low, high + 1, shape, generator=gen, dtype=ts.dtype))
     return out
+
+
+def padding_mask(shape: list[int], gen: torch.Generator, fully_padded: bool) -> torch.Tensor:
+    """A mask as real batches have them: each row (the last axis) ones for its length, then
+    zeros. Lengths are drawn per row; with `fully_padded` the last row is all zeros (a batch
+    padded with an empty sequence) and, with more than one row, the first one is whole."""
+    if not shape or 0 in shape:
+        return torch.zeros(shape, dtype=torch.int64)
+    length = shape[-1]
+    rows = torch.randint(0, length + 1, (max(1, int(torch.tensor(shape[:-1]).prod())),), generator=gen)
+    if fully_padded:
+        rows[-1] = 0
+        if rows.numel() > 1:
+            rows[0] = length
+    mask = (torch.arange(length)[None, :] < rows[:, None]).to(torch.int64)
+    return mask.reshape(shape)
 
 
 def rebuild_call(spec: InputSpec, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
