@@ -68,6 +68,7 @@ class Builder:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         report.candidates, report.partitions = built.candidates, built.partitions
+        report.notes += built.notes
         compiled = CompiledModel(plan, built.engines, captured.input_spec, captured.output_structure, report,
                                  {"name": self.profile.name, "digest": self.profile.digest}, captured.output_none_positions)
         weakref.finalize(compiled, shutil.rmtree, workdir, True)

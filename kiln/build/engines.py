@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from kiln.backends.base import BackendSettings, Engine
-from kiln.build.isolate import build_isolated
+from kiln.build.isolate import build_isolated, op_libraries
 from kiln.build.select import select_engine
 from kiln.hardware_profiles.schema import Profile
 from kiln.host import usable_cores
@@ -30,6 +30,7 @@ class BuiltEngines:
     engines: dict[str, Engine] = field(default_factory=dict)  # partition name -> engine
     candidates: list[CandidateRecord] = field(default_factory=list)
     partitions: list[PartitionRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the report: how the builds ran, where that differs
 
 
 def selection_mode(profile: Profile, opts: CompileOptions) -> str:
@@ -67,15 +68,23 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
             runs = ((list(engine(*inputs)), list(want)) for inputs, want in zip(partition_draws, references))
             return worst_checks(graph.output_names, runs, settings.precision, budget, synthetic)
 
+        libraries = op_libraries(graph.gm)
+
         def build_in_child(backend):
             engine, checks, _ = build_isolated(backend, lowered, settings, partition_draws, references, synthetic,
-                                               opts.build_timeout_s, opts.build_memory_mb)
+                                               opts.build_timeout_s, opts.build_memory_mb, libraries)
             return engine, checks
 
+        in_child = isolate and not eager
+        if in_child and libraries.unimportable:
+            in_child = False
+            built.notes.append(f"partition {partition.name} was built in this process, not in child processes: its op(s) "
+                               f"{', '.join(libraries.unimportable)} are defined where a child cannot import them (__main__); "
+                               "define them in an importable module to build each candidate in isolation")
         log.info("building partition %s on %s: candidates %s (%s%s)", partition.name, device.name, ", ".join(names), mode,
-                 ", each in a child process" if isolate and not eager else "")
+                 ", each in a child process" if in_child else "")
         selection = select_engine(lowered, names, "prefer" if eager else mode, settings, check, opts.measure_seconds,
-                                  opts.backend_fallback, build_in_child if isolate and not eager else None, deadline)
+                                  opts.backend_fallback, build_in_child if in_child else None, deadline)
         partition.backend = selection.backend
         built.engines[partition.name] = selection.engine
         built.candidates.extend(selection.candidates)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,8 +32,54 @@ class IsolatedBuildFailed(BackendError):
     """The child process building a candidate failed, crashed, or ran past its budget."""
 
 
+# Op namespaces torch itself defines: any other namespace is a user's torch.library op.
+TORCH_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_quantized", "quantized_decomposed", "higher_order",
+                              "onednn", "mkldnn", "mkl", "inductor", "_c10d_functional", "c10d_functional", "profiler"})
+
+
+@dataclass(frozen=True)
+class OpLibraries:
+    """The modules defining a graph's torch.library ops, which a child process must import to
+    load the graph; and the ops whose definition no child can import (a script's __main__)."""
+
+    modules: tuple[str, ...] = ()
+    unimportable: tuple[str, ...] = ()
+
+
+def op_libraries(gm: torch.fx.GraphModule) -> OpLibraries:
+    modules, unimportable = [], []
+    for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_function"):
+        if not isinstance(target, torch._ops.OpOverload) or target.namespace in TORCH_NAMESPACES:
+            continue
+        module = _defining_module(target)
+        if module is None or module == "__main__":
+            unimportable.append(str(target))
+        else:
+            modules.append(module)
+    return OpLibraries(tuple(dict.fromkeys(modules)), tuple(unimportable))
+
+
+def _defining_module(op: torch._ops.OpOverload) -> str | None:
+    """The importable module that registers `op`: torch.library.custom_op's function, else the
+    file the dispatcher says registered the op's schema."""
+    from torch._library import custom_ops
+
+    qualname = f"{op.namespace}::{op._schema.name.split('::')[-1]}"
+    definition = custom_ops.OPDEFS.get(qualname)
+    if definition is not None:
+        return getattr(definition._init_fn, "__module__", None)
+    dump = torch._C._dispatch_dump(qualname)
+    match = re.search(r"debug: registered at (.+?):\d+", dump)
+    if match is None:
+        return None
+    path = os.path.realpath(match.group(1))
+    return next((name for name, module in list(sys.modules.items())
+                 if getattr(module, "__file__", None) and os.path.realpath(module.__file__) == path), None)
+
+
 def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings, draws: list, references: list,
-                   synthetic: frozenset[int], timeout_s: float, memory_mb: int | None) -> tuple[Engine, list[OutputCheck], str]:
+                   synthetic: frozenset[int], timeout_s: float, memory_mb: int | None,
+                   libraries: OpLibraries = OpLibraries()) -> tuple[Engine, list[OutputCheck], str]:
     job = settings.workdir / f"{partition.name}-{backend.name}-build"
     job.mkdir(parents=True, exist_ok=True)
     torch.export.save(export_partition(partition), job / "program.pt2")
@@ -51,6 +98,7 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "budget": None if settings.budget is None else [settings.budget.min_cosine, settings.budget.max_rel_error],
         "synthetic": sorted(synthetic),  # the draws held to the precision's tolerance (verify.worst_checks)
         "fuse": settings.fuse, "autotune": settings.autotune,
+        "import": list(libraries.modules),  # the user's torch.library ops, registered before the program loads
     }
     (job / "request.json").write_text(json.dumps(request))
     command = [sys.executable, "-m", "kiln.build.worker", str(job)]

@@ -29,6 +29,10 @@ def main(job: Path) -> int:
     request = json.loads((job / "request.json").read_text())
     result: dict = {"ok": False}
     try:
+        import importlib
+
+        for module in request.get("import", ()):  # the user's torch.library ops, before the program names them
+            importlib.import_module(module)
         exported = torch.export.load(job / "program.pt2")
         gm = exported.module()
         drop_guard_calls(gm)  # kiln checks inputs itself, as at capture
