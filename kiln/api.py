@@ -25,7 +25,7 @@ from kiln.build.inputs import flat_calibration, inputs_to_check, metric_score, v
 from kiln.build.select import time_interleaved
 from kiln.build.verification import verify_against_eager
 from kiln.cache import CompileCache, cache_key
-from kiln.frontend.capture import Captured, capture
+from kiln.frontend.capture import Captured, capture, keeping_modes
 from kiln.frontend.input_spec import export_dynamic_shapes
 from kiln.hardware_profiles.schema import Profile
 from kiln.ir import DECISION_META, PartitionPlan, op_counts
@@ -49,6 +49,11 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     that vary between calls. Options are CompileOptions fields, as `options=` or keywords.
     """
     opts = CompileOptions.build(options, **option_overrides)
+    with keeping_modes(model):  # the user's model leaves in the train/eval mode it came in
+        return _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts)
+
+
+def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: CompileOptions) -> CompiledModel:
     start, timings = time.monotonic(), {}
     with stage("profile", timings):
         prof = _profile(profile)
@@ -195,7 +200,8 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
         assume_precision = option_overrides.pop("precision")
     opts = CompileOptions.build(options, **option_overrides)
     prof = _profile(profile)
-    captured = capture(model, example_inputs, example_kwargs, dynamic)
+    with keeping_modes(model):
+        captured = capture(model, example_inputs, example_kwargs, dynamic)
     if assume_precision is not None:
         wanted = assume_precision if isinstance(assume_precision, Precision) else Precision.parse(assume_precision)
         for node in captured.gm.graph.nodes:

@@ -9,6 +9,7 @@ that serialise without pickle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -104,6 +105,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
     except Exception as exc:  # torch.export raises many types; all become one clear CaptureError
         raise _capture_error(exc, model, spec.names) from exc
     gm = exported.module()
+    _refuse_state_writes(gm, model)
     drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
     spec = with_input_roles(spec, gm)  # which inputs index tables (checked per call) and which are masks
     for param in gm.parameters():
@@ -120,6 +122,39 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
     tensor_names = tuple(n for i, n in enumerate(output_names) if i not in none_positions)
     return Captured(gm, spec, pytree.treespec_dumps(out_structure), tensor_names, tensors,
                     tuple(x for x in eager_leaves if x is not None), none_positions)
+
+
+@contextlib.contextmanager
+def keeping_modes(model: torch.nn.Module):
+    """Run a compile with `model` in eval mode, and leave each of its modules in the train or
+    eval mode it had (capture switches a training model to eval: dropout off, BatchNorm on its
+    running statistics)."""
+    modes = [(module, module.training) for module in model.modules()] if isinstance(model, torch.nn.Module) else []
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _refuse_state_writes(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """A model whose forward writes its own buffers or parameters (a step counter, a running
+    statistic, a cache kept in a buffer) has state a compiled engine would not keep: its answers
+    would drift from the model's call by call. Refused here, before any eager call advances it."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for arg, schema_arg in zip(node.args, node.target._schema.arguments):
+            info = schema_arg.alias_info
+            if info is not None and info.is_write and isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                line = next((ln.strip() for ln in reversed((node.meta.get("stack_trace") or "").strip().splitlines())
+                             if ln.strip().startswith("File ")), None)
+                state = arg.target[len("model."):] if arg.target.startswith("model.") else arg.target  # past the wrapper
+                raise CaptureError(f"the model writes its own state in forward(): {node.target} updates {state!r} "
+                                   "on every call, which a compiled engine would not do, so its answers would drift from "
+                                   "the model's", where=line or f"{type(model).__name__}.forward",
+                                   fix="keep forward() free of state updates in eval mode (move the update out of forward, "
+                                       "or guard it with `if self.training`), or compile a module without that state")
 
 
 def _output_names(structure: pytree.TreeSpec) -> tuple[str, ...]:

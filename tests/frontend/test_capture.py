@@ -622,3 +622,33 @@ def test_dynamic_entry_that_is_not_a_mapping_is_a_capture_error_naming_the_input
         raise AssertionError(f"bare {type(exc).__name__} escaped capture: {exc}") from exc
     else:
         raise AssertionError("a malformed dynamic entry was accepted")
+
+
+class _Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.count += 1
+        return self.fc(x) + self.count
+
+
+def test_a_model_that_writes_its_own_buffers_is_refused_naming_the_buffer_and_line_with_its_state_untouched():
+    model = _Counter()
+    with pytest.raises(kiln.CaptureError) as info:
+        kiln.optimize(model, "cpu-x86", torch.randn(2, 4), backend="onnxruntime", cache=False)
+    assert "updates 'count' on every call" in info.value.what
+    assert "test_capture.py" in info.value.where and "in forward" in info.value.where
+    assert float(model.count) == 0.0  # neither capture nor a verification call advanced it
+
+
+def test_optimize_leaves_each_module_in_the_train_or_eval_mode_it_came_in():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 4)).train()
+    model[2].eval()
+    compiled = kiln.optimize(model, "cpu-x86", torch.randn(2, 4), backend="onnxruntime", cache=False)
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    model.eval()
+    with torch.no_grad():  # the compiled model is the inference graph: dropout off
+        torch.testing.assert_close(compiled(torch.ones(2, 4)), model(torch.ones(2, 4)))
