@@ -177,8 +177,15 @@ def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Pa
         try:
             engines[item["name"]] = backend.load(directory / "engines", entry, settings)
         except KilnError as exc:
-            raise ArtifactError(f"engine of partition {item['name']!r} failed to load: {exc.what}", where=str(path),
+            raise ArtifactError(f"engine of partition {item['name']!r} ({entry.backend}) failed to load: {exc.what}", where=str(path),
                                 fix=exc.fix or "rebuild the artifact") from exc
+        except MemoryError:
+            raise
+        except Exception as exc:  # whatever a runtime raises on a file it cannot take (assertions, parse errors)
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:300]
+            raise ArtifactError(f"engine of partition {item['name']!r} ({entry.backend}) failed to load: {type(exc).__name__}: {first}",
+                                where=str(path), fix="the engine file is corrupt or needs another version of its runtime; "
+                                                     "rebuild the artifact") from exc
         graph = PartitionGraph(item["name"], None, tuple(item["inputs"]), tuple(item["outputs"]), (), None)
         partitions.append(Partition(graph, item["device"], item["backend"], item.get("placed_backend", ""),
                                     item.get("device_kind", "cpu"), item.get("estimated_ms")))
