@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from kiln.artifact.manifest import MANIFEST, engine_member, read_manifest, safe_member, sha256_file
+from kiln.artifact.manifest import MANIFEST, MANIFEST_MAX_BYTES, engine_member, read_manifest, safe_member, sha256_file
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, EngineEntry
 from kiln.errors import ArtifactError, BackendUnavailable, KilnError
@@ -50,15 +51,19 @@ def read(path: str | Path, threads: int | None = None, expected_digest: str | No
     path = Path(path).expanduser()
     if not path.exists():
         raise ArtifactError("no such file or directory", where=str(path), fix="check the path")
-    directory, cleanup = _open(path)
+    cleanup = lambda: None  # noqa: E731  (replaced once a zip is being extracted)
     try:
-        manifest_bytes = (directory / MANIFEST).read_bytes()
-        if expected_digest is not None and hashlib.sha256(manifest_bytes).hexdigest() != expected_digest.lower():
-            raise ArtifactError(f"artifact digest {hashlib.sha256(manifest_bytes).hexdigest()[:16]}... differs from the pinned "
-                                f"{expected_digest[:16]}...", where=str(path),
-                                fix="the artifact is not the one you pinned; rebuild it or update the pin from a trusted build")
+        manifest_bytes = _manifest_bytes(path)
+        _check_digest(manifest_bytes, expected_digest, path)
         manifest = read_manifest(manifest_bytes, where=str(path))
         _check_versions(manifest, path)
+        sizes = _listed_files(manifest, path)
+        if path.is_dir():
+            directory = path
+        else:
+            directory = Path(tempfile.mkdtemp(prefix="kiln-load-"))
+            cleanup = lambda: shutil.rmtree(directory, ignore_errors=True)  # noqa: E731
+            _extract(path, sizes, directory)
         entries = _check_files(manifest, directory, path)
         _check_no_unlisted_files(manifest, directory, path)
         # Everything that can be parsed is parsed before any engine (native code) loads.
@@ -72,8 +77,7 @@ def read(path: str | Path, threads: int | None = None, expected_digest: str | No
                               tuple(manifest.get("output_none_positions", ())), cleanup)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         cleanup()
-        raise ArtifactError(f"manifest is malformed ({type(exc).__name__}: {exc})", where=str(path),
-                            fix="the artifact is corrupt or was edited; rebuild it") from exc
+        raise _malformed(exc, path) from exc
     except BaseException:
         cleanup()
         raise
@@ -82,43 +86,128 @@ def read(path: str | Path, threads: int | None = None, expected_digest: str | No
 def digest(path: str | Path) -> str:
     """The artifact's digest: sha256 of its manifest (which holds every engine file's sha256)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return hashlib.sha256(archive.read(MANIFEST)).hexdigest()
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise ArtifactError(f"cannot read the manifest ({exc})", where=str(path), fix="pass an artifact written by kiln") from None
+    if not path.exists():
+        raise ArtifactError("no such file or directory", where=str(path), fix="check the path")
+    return hashlib.sha256(_manifest_bytes(path)).hexdigest()
 
 
-def _open(path: Path):
+def _malformed(exc: Exception, path: Path) -> ArtifactError:
+    return ArtifactError(f"manifest is malformed ({type(exc).__name__}: {exc})", where=str(path),
+                         fix="the artifact is corrupt or was edited; rebuild it")
+
+
+def _check_digest(manifest_bytes: bytes, expected_digest: str | None, path: Path) -> None:
+    if expected_digest is None:
+        return
+    found = hashlib.sha256(manifest_bytes).hexdigest()
+    if found != expected_digest.lower():
+        raise ArtifactError(f"artifact digest {found[:16]}... differs from the pinned {expected_digest[:16]}...", where=str(path),
+                            fix="the artifact is not the one you pinned; rebuild it or update the pin from a trusted build")
+
+
+_CORRUPT = "the artifact is truncated or corrupt; rebuild it"
+
+
+def _manifest_bytes(path: Path) -> bytes:
+    """The manifest's bytes, size-capped, from a directory or from a zip whose member names were
+    all checked first; nothing else of the artifact is read."""
     if path.is_dir():
-        if not (path / MANIFEST).is_file():
+        file = path / MANIFEST
+        if not file.is_file():
             raise ArtifactError("directory has no manifest.json", where=str(path), fix="pass a directory written by CompiledModel.save")
-        return path, lambda: None
+        if file.stat().st_size > MANIFEST_MAX_BYTES:
+            raise ArtifactError(f"manifest.json is {file.stat().st_size} bytes, more than the {MANIFEST_MAX_BYTES >> 20} MiB "
+                                "a kiln manifest may be", where=str(path), fix="the artifact was edited; rebuild it")
+        return file.read_bytes()
     if not zipfile.is_zipfile(path):
         raise ArtifactError("not a kiln artifact (not a zip archive; truncated or another format)", where=str(path),
                             fix="pass a file written by CompiledModel.save or `kiln compile`")
-    target = Path(tempfile.mkdtemp(prefix="kiln-load-"))
-    cleanup = lambda: shutil.rmtree(target, ignore_errors=True)  # noqa: E731
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            for name in names:  # every member checked before anything is written
+            seen = set()
+            for name in archive.namelist():  # every member's name checked before anything is read
                 safe_member(name, where=f"{path} member {name!r}")
-            if MANIFEST not in names:
+                if name in seen:
+                    raise ArtifactError(f"archive holds two members named {name!r}", where=str(path),
+                                        fix="the artifact was edited; rebuild it from the model")
+                seen.add(name)
+            if MANIFEST not in seen:
                 raise ArtifactError("archive has no manifest.json", where=str(path), fix="the artifact is corrupt; rebuild it")
-            bad = archive.testzip()
-            if bad is not None:
-                raise ArtifactError(f"archive member {bad!r} fails its CRC check", where=str(path), fix="the artifact is corrupt; rebuild it")
-            archive.extractall(target)
+            info = archive.getinfo(MANIFEST)
+            if info.file_size > MANIFEST_MAX_BYTES:
+                raise ArtifactError(f"manifest.json declares {info.file_size} bytes, more than the {MANIFEST_MAX_BYTES >> 20} MiB "
+                                    "a kiln manifest may be", where=str(path), fix="the artifact was edited; rebuild it")
+            buffer = io.BytesIO()
+            _copy_capped(archive, info, buffer, path)
+            return buffer.getvalue()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        cleanup()
-        raise ArtifactError(f"archive cannot be read ({exc})", where=str(path), fix="the artifact is truncated or corrupt; rebuild it") from exc
-    except BaseException:
-        cleanup()
-        raise
-    return target, cleanup
+        raise ArtifactError(f"archive cannot be read ({exc})", where=str(path), fix=_CORRUPT) from exc
+
+
+def _listed_files(manifest: dict, path: Path) -> dict[str, int]:
+    """Every engine file the manifest lists, checked to lie in engines/, with its size."""
+    sizes: dict[str, int] = {}
+    for engine in manifest["engines"]:
+        for item in engine["files"]:
+            sizes[engine_member(item["path"], where=f"{path}: manifest engines").as_posix()] = item["size"]
+    return sizes
+
+
+def _extract(path: Path, sizes: dict[str, int], target: Path) -> None:
+    """Extract the listed engine files of a zip artifact into `target`. The zip directory is
+    checked against the manifest before anything is written (no unlisted member, each declared
+    size equal to the manifest's), and each member is streamed with a cap at its manifest size,
+    so a zip bomb writes at most what the manifest lists. zipfile checks each CRC as its
+    stream ends."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            folders = {str(PurePosixPath(name).parent) + "/" for name in sizes}
+            for info in infos:
+                if info.filename == MANIFEST or (info.filename in folders and info.file_size == 0):
+                    continue
+                if info.filename not in sizes:
+                    raise ArtifactError(f"artifact holds a file its manifest does not list: {info.filename}", where=str(path),
+                                        fix="the artifact was edited; rebuild it from the model")
+                if info.file_size != sizes[info.filename]:
+                    raise ArtifactError(f"archive member {info.filename} declares {info.file_size} bytes, its manifest lists "
+                                        f"{sizes[info.filename]}", where=str(path), fix="the artifact was edited or is corrupt; rebuild it")
+            needed = sum(info.file_size for info in infos if info.filename in sizes)
+            free = shutil.disk_usage(target).free
+            if needed > free:
+                raise ArtifactError(f"its engine files need {needed} bytes and the temporary folder has {free} free", where=str(path),
+                                    fix="free space there, or point TMPDIR at a larger disk")
+            for info in infos:
+                if info.filename not in sizes:
+                    continue
+                file = target / info.filename
+                file.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with open(file, "xb") as out:
+                        _copy_capped(archive, info, out, path)
+                except BaseException:
+                    file.unlink(missing_ok=True)
+                    raise
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ArtifactError(f"archive cannot be read ({exc})", where=str(path), fix=_CORRUPT) from exc
+
+
+def _copy_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, out, path: Path) -> None:
+    """Copy one member to `out`, refusing it once its data runs past its declared size."""
+    written = 0
+    try:
+        with archive.open(info) as stream:
+            while block := stream.read(min(1 << 20, info.file_size - written + 1)):
+                written += len(block)
+                if written > info.file_size:
+                    raise ArtifactError(f"archive member {info.filename} holds more data than the {info.file_size} bytes it declares",
+                                        where=str(path), fix="the artifact was edited or is corrupt; rebuild it")
+                out.write(block)
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"archive member {info.filename!r} is corrupt ({exc})", where=str(path), fix=_CORRUPT) from exc
+    if written != info.file_size:
+        raise ArtifactError(f"archive member {info.filename} holds {written} of the {info.file_size} bytes it declares",
+                            where=str(path), fix=_CORRUPT)
 
 
 def _check_versions(manifest: dict, path: Path) -> None:

@@ -20,6 +20,9 @@ FORMAT = "kiln-artifact"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ENGINE_DIR = "engines"
+# The manifest is read into memory whole; a real one is kilobytes (its report included), so a
+# larger one is refused from its declared size before any of it is read.
+MANIFEST_MAX_BYTES = 64 << 20
 
 
 def sha256_file(path: Path) -> str:
