@@ -101,7 +101,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep a module's layers (path prefix, e.g. classifier) or a node at fp32 whatever the precision (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
     p.add_argument("--autotune", action="store_true", help="let backends benchmark kernel variants while building (slower builds)")
-    p.add_argument("-o", "--output", help="artifact path (a file, or a directory if it ends with /)")
+    p.add_argument("-o", "--output", help="artifact path (a file, or a directory if it ends with /); "
+                                          "an existing path is refused unless it is a kiln artifact and --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing kiln artifact at -o (atomically); anything else there is still refused")
     p.add_argument("--pin", action="append", default=[], metavar="MODULE=DEVICE",
                    help="place a module (path prefix, e.g. classifier) or node on a device of the profile (repeatable)")
     p.add_argument("--plan-only", action="store_true",
@@ -165,6 +168,10 @@ def _configure_progress(args: argparse.Namespace) -> None:
 def _compile(args: argparse.Namespace) -> int:
     import kiln
 
+    if not args.plan_only:
+        from kiln.artifact import check_target
+
+        check_target(args.output, args.overwrite)  # before the model loads and builds, so a refused path costs nothing
     model, example = _load_model(args.model, args.factory_arg)
     specs = args.input_spec + _renamed(args.old_input_spec, "kiln compile --input", "--input-spec")
     if specs:
@@ -204,7 +211,7 @@ def _compile(args: argparse.Namespace) -> int:
             print(planned.render())
         return 0
     compiled = kiln.optimize(model, args.profile, example, example_kwargs=kwargs, dynamic=dynamic, **overrides)
-    path = compiled.save(args.output)
+    path = compiled.save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({"artifact": str(path), "backends": compiled.backends, "report": compiled.report.to_dict()}, default=str))
     else:

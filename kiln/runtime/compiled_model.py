@@ -80,10 +80,13 @@ class CompiledModel:
     def backends(self) -> dict[str, str]:
         return {p.name: p.backend for p in self.plan.partitions}
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the artifact: a single file (zip, no pickle) or, for a path ending in '/' or an
-        existing directory, a directory."""
-        return artifact.save(self, Path(path), as_directory=str(path).endswith("/") or Path(path).is_dir())
+        existing directory, a directory. An existing path is replaced only when it is a kiln
+        artifact and overwrite=True (atomically: a crash leaves the old or the new artifact);
+        anything else there is refused with an ArtifactError and left untouched."""
+        return artifact.save(self, Path(path), as_directory=str(path).endswith("/") or Path(path).is_dir(),
+                             overwrite=overwrite)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{p.name}@{p.device}:{p.backend}" for p in self.plan.partitions)

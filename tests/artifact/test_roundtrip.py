@@ -102,12 +102,13 @@ def test_save_to_an_existing_directory_without_slash_writes_a_directory(built, t
     assert (written / "engines" / "p0.onnx").is_file()
 
 
-def test_save_over_an_existing_file_replaces_it_and_leaves_no_partial_file(built, tmp_path):
+def test_save_over_an_existing_artifact_with_overwrite_replaces_it_and_leaves_no_partial_file(built, tmp_path):
     _, compiled, _, _ = built
     target = tmp_path / "model.kiln"
-    target.write_bytes(b"old contents")
     compiled.save(target)
-    assert zipfile.is_zipfile(target)
+    before = target.stat().st_ino  # a replacement is a new file renamed in
+    compiled.save(target, overwrite=True)
+    assert zipfile.is_zipfile(target) and target.stat().st_ino != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.kiln"]
 
 

@@ -193,6 +193,34 @@ def test_compile_of_a_model_whose_output_is_all_zeros_succeeds(cli, tmp_path):
     assert row["sum"] == 0.0
 
 
+def test_compile_to_the_working_folder_exits_1_with_one_line_and_leaves_its_files(cli, tmp_path, monkeypatch):
+    # Regression: `-o .` once removed the working folder's files, then failed.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('mine')\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "values.csv").write_text("1,2,3\n")
+    for extra in ([], ["--overwrite"]):
+        result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", "-o", ".", *extra)
+        assert result.rc == 1
+        line = one_error_line(result.err)
+        assert str(tmp_path) in line and "not a kiln artifact" in line
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["data", "data/values.csv", "train.py"]
+    assert (tmp_path / "train.py").read_text() == "print('mine')\n"
+
+
+def test_compile_replaces_an_existing_artifact_only_with_overwrite(cli, built, tmp_path):
+    target = tmp_path / "out.kiln"
+    target.write_bytes(built.path.read_bytes())  # built with out_features=3
+    argv = ["compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", *ORT, "-o", target]
+    refused = cli(*argv)
+    assert refused.rc == 1
+    assert "--overwrite" in one_error_line(refused.err)
+    assert target.read_bytes() == built.path.read_bytes()
+    result = cli(*argv, "--overwrite")
+    assert result.rc == 0, result.err
+    assert kiln.load(target)(torch.randn(2, 8)).shape == (2, 4)  # the new model (out_features=4)
+
+
 def test_compile_with_unknown_profile_exits_1_with_one_line(cli, tmp_path):
     result = cli("compile", "tiny_models:tiny", "--input-spec", "x=2x8:float32", "--profile", "nosuch", "-o", tmp_path / "o.kiln")
     assert result.rc == 1
