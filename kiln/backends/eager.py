@@ -10,8 +10,11 @@ program loads: import the library that registers them before `kiln.load`.
 
 from __future__ import annotations
 
+import ast
+import functools
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import ClassVar
@@ -72,13 +75,190 @@ def _uses_pickle(payload: bytes) -> bool:
     return any(entry.get("use_pickle") for entry in config.values() if isinstance(entry, dict))
 
 
-def _check_no_pickle(path: Path) -> None:
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if "/sample_inputs/" in name and archive.getinfo(name).file_size:
-                raise BackendError("eager engine carries pickled sample inputs", where=str(path), fix="rebuild the artifact")
-            if name.endswith("_config.json") and _uses_pickle(archive.read(name)):
-                raise BackendError("eager engine needs unpickling to load", where=str(path), fix="rebuild the artifact")
+# ---------------------------------------------------------------- load-time checks
+#
+# torch.export.load unpickles whatever an archive asks it to: a legacy weights or constants
+# member (data/weights/model.pt), sample inputs, config entries with use_pickle, and opaque or
+# script-object constants (pickled whatever use_pickle says); it passes every symbolic
+# expression to sympy.sympify, which eval()s it, and exec()s the program's guards_code when it
+# rebuilds the module with sample inputs present. So before torch opens an eager engine, kiln
+# reads the archive as a zip and accepts only what its own save writes (an allow-list; anything
+# else is refused, naming the member):
+#
+#   <root>/archive_format, archive_version, byteorder, .data/version, .data/serialization_id
+#   <root>/models/model.json                 the graph: no guards_code, every expression plain
+#                                            sympy, every call target an operator
+#   <root>/data/weights/model_weights_config.json, data/weights/weight_<n>        raw tensor bytes
+#   <root>/data/constants/model_constants_config.json, data/constants/tensor_<n>  raw tensor bytes
+#   <root>/data/sample_inputs/model.pt      empty (kiln blanks it when saving)
+
+PT2_METADATA = frozenset({"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"})
+_EAGER_FIXED = PT2_METADATA | {"models/model.json", "data/weights/model_weights_config.json",
+                               "data/constants/model_constants_config.json", "data/sample_inputs/model.pt"}
+_PAYLOADS = {"data/weights/model_weights_config.json": ("data/weights/", re.compile(r"weight_\d+")),
+             "data/constants/model_constants_config.json": ("data/constants/", re.compile(r"tensor_\d+"))}
+_UNTRUSTED = "rebuild the artifact from the model; pin its digest to load only the artifact you built"
+
+
+def pt2_members(path: Path, what: str) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """The open archive of a .pt2 file and its members by name below the archive's one root
+    folder; refuses duplicate names and members outside that folder (torch reads one root)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BackendError(f"{what} is not a readable .pt2 archive ({exc})", where=str(path), fix=_UNTRUSTED) from exc
+    members: dict[str, zipfile.ZipInfo] = {}
+    root = None
+    for info in archive.infolist():
+        head, _, rest = info.filename.partition("/")
+        root = head if root is None else root
+        if head != root or not rest or rest in members:
+            archive.close()
+            problem = "a second member named" if rest in members and head == root else "a member outside its root folder:"
+            raise BackendError(f"{what} holds {problem} {info.filename!r}", where=str(path), fix=_UNTRUSTED)
+        members[rest] = info
+    return archive, members
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse an eager .pt2 unless it holds only what kiln's save writes (see above): nothing in
+    it may be unpickled, exec()ed or eval()ed when torch loads it."""
+    archive, members = pt2_members(path, "eager engine")
+    with archive:
+        payload_files: dict[str, set[str]] = {}
+        for config_name, (folder, pattern) in _PAYLOADS.items():
+            if config_name not in members:
+                raise BackendError(f"eager engine lacks member {config_name!r}", where=str(path), fix=_UNTRUSTED)
+            payload_files[folder] = _payload_paths(archive.read(members[config_name]), config_name, pattern, path)
+        for name, info in members.items():
+            folder, _, file = name.rpartition("/")
+            if name in _EAGER_FIXED or file in payload_files.get(folder + "/", ()):
+                continue
+            raise BackendError(f"eager engine holds member {name!r}, which kiln never writes (it could hold a pickle)",
+                               where=str(path), fix=_UNTRUSTED)
+        for folder, files in payload_files.items():
+            missing = sorted(f for f in files if folder + f not in members)
+            if missing:
+                raise BackendError(f"eager engine lacks member {folder + missing[0]!r}, which its config names",
+                                   where=str(path), fix=_UNTRUSTED)
+        sample = members.get("data/sample_inputs/model.pt")
+        if sample is not None and sample.file_size:
+            raise BackendError("eager engine member 'data/sample_inputs/model.pt' holds pickled sample inputs "
+                               "(kiln saves it empty)", where=str(path), fix=_UNTRUSTED)
+        if "models/model.json" not in members:
+            raise BackendError("eager engine lacks member 'models/model.json'", where=str(path), fix=_UNTRUSTED)
+        _check_program(archive.read(members["models/model.json"]), path)
+
+
+def _payload_paths(data: bytes, member: str, pattern: re.Pattern, path: Path) -> set[str]:
+    """The raw tensor files a weights or constants config names; refuses an entry that is a
+    pickle (use_pickle) or names anything but a raw tensor file (a script or opaque object)."""
+    try:
+        config = json.loads(data)["config"]
+        entries = list(config.items())
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise BackendError(f"eager engine member {member!r} is not a payload config ({type(exc).__name__})",
+                           where=str(path), fix=_UNTRUSTED) from None
+    files = set()
+    for key, entry in entries:
+        name = entry.get("path_name") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or entry.get("use_pickle") is not False or not isinstance(name, str) \
+                or not pattern.fullmatch(name) or not isinstance(entry.get("tensor_meta"), dict):
+            raise BackendError(f"eager engine member {member!r} entry {key!r} is not raw tensor bytes (a pickled payload "
+                               f"or an object torch.export can only pickle: {name!r})", where=str(path), fix=_UNTRUSTED)
+        files.add(name)
+    return files
+
+
+# Call targets torch's deserializer resolves by attribute lookup from `torch`, `operator` or
+# `math`: operators (torch.ops.<namespace>.<op>[.<overload>]) and the symbolic-shape ops it
+# knows; anything else (torch.load, a function reached through torch's own imports) is refused.
+_OP_TARGET = re.compile(r"torch\.ops(\.(?!__)\w+){2,3}")
+_SYM_TARGETS = frozenset(
+    [f"_operator.{n}" for n in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub", "floordiv", "mod",
+                                "pow", "truediv", "and_", "or_", "lshift", "rshift", "getitem")]
+    + ["math.trunc"] + [f"torch.sym_{n}" for n in ("not", "int", "float", "ite", "max", "min", "sqrt")])
+
+
+def _check_program(data: bytes, path: Path) -> None:
+    member = "models/model.json"
+    try:
+        program = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BackendError(f"eager engine member {member!r} is not JSON ({exc})", where=str(path), fix=_UNTRUSTED) from None
+    if not isinstance(program, dict) or program.get("guards_code", []) != []:
+        raise BackendError(f"eager engine member {member!r} carries guards_code, Python source torch would exec() "
+                           "(kiln never writes any)", where=str(path), fix=_UNTRUSTED)
+    stack = [(program, None)]
+    while stack:
+        value, key = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, k) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, key) for v in value)
+        elif key in ("target", "as_operator") and not (isinstance(value, str) and (
+                _OP_TARGET.fullmatch(value) or value in _SYM_TARGETS)):
+            raise BackendError(f"eager engine member {member!r} calls {value!r}, which is not an operator",
+                               where=str(path), fix=_UNTRUSTED)
+        elif key == "expr_str" and not (isinstance(value, str) and _plain_sympy(value)):
+            raise BackendError(f"eager engine member {member!r} holds the expression {str(value)[:80]!r}, which is not plain "
+                               "sympy (torch would eval() it)", where=str(path), fix=_UNTRUSTED)
+
+
+@functools.cache
+def _sympy_names() -> frozenset[str]:
+    import torch.utils._sympy.functions as shape_functions
+
+    torch_functions = {n for n, v in vars(shape_functions).items() if isinstance(v, type) and v.__module__ == shape_functions.__name__}
+    return frozenset(torch_functions | {
+        "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "floor", "ceiling",
+        "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality", "Unequality", "StrictLessThan", "StrictGreaterThan", "LessThan",
+        "GreaterThan", "And", "Or", "Not", "Xor", "ITE", "Piecewise", "ExprCondPair", "BooleanTrue", "BooleanFalse",
+        "oo", "zoo", "nan", "true", "false", "pi", "E"})
+
+
+_SYMBOL = re.compile(r"[a-z]+\d+")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)
+_OPERATORS = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop,
+              ast.boolop, ast.Load)
+
+
+def _plain_sympy(text: str) -> bool:
+    """True when `text` is what sympy's srepr writes for a shape expression (sympy classes and
+    functions by name, the program's symbols, numbers): no attribute, subscript, lambda or
+    string beyond a Symbol's name or a Float's digits, so sympify has nothing to run."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    names = _sympy_names()
+    allowed_strings = set()  # ids of the string constants a Call below admits (ast.walk visits parents first)
+    for node in ast.walk(tree):
+        if isinstance(node, _OPERATORS) or isinstance(node, ast.keyword):
+            continue
+        if isinstance(node, ast.Name):
+            if node.id not in names and not _SYMBOL.fullmatch(node.id):
+                return False
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in names:
+                return False
+            if node.keywords and node.func.id not in ("Symbol", "Float"):
+                return False
+            if any(not isinstance(k.value, ast.Constant) or not isinstance(k.value.value, (bool, int)) for k in node.keywords):
+                return False
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, str) and (
+                    (node.func.id == "Symbol" and _SYMBOL.fullmatch(first.value))
+                    or (node.func.id == "Float" and _NUMBER.fullmatch(first.value))):
+                allowed_strings.add(id(first))
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and id(node) not in allowed_strings:
+                return False
+            if not isinstance(node.value, (bool, int, float, str)):
+                return False
+        else:
+            return False
+    return True
 
 
 class EagerBackend(BackendBase):
@@ -97,7 +277,7 @@ class EagerBackend(BackendBase):
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> EagerEngine:
         path = directory / entry.files[0]
-        _check_no_pickle(path)
+        _check_archive(path)
         try:
             program = torch.export.load(path)
         except Exception as exc:

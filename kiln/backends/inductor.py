@@ -251,6 +251,29 @@ def _lowered_partition(partition: PartitionGraph, device: torch.device, dtype: t
                           partition.output_names, examples, partition.dynamic_shapes)
 
 
+# What AOTInductor's package loader may find in a package kiln saved: the archive's metadata and
+# the compiled model's files under data/aotinductor/model/. The loader (torch's load_pt2) also
+# reads any torch.export program (models/*.json, with its pickled legacy weights and sample
+# inputs), pickled weights under data/weights/ and script objects under data/constants/; kiln
+# never writes those into an Inductor engine, so any other member is refused before the loader
+# opens the file. The shared library itself is native code by design: the manifest's checksum
+# covers it, and only a pinned digest says it is the one you built.
+_AOTI_SUFFIXES = (".so", ".cpp", ".h", ".json", ".cubin", ".fatbin", ".ptx", ".spv", ".hsaco", ".o")
+_AOTI_FILE = re.compile(r"data/aotinductor/model/[\w.+-]+")
+
+
+def _check_package(path: Path) -> None:
+    from kiln.backends.eager import PT2_METADATA, pt2_members
+
+    archive, members = pt2_members(path, "Inductor engine")
+    archive.close()
+    for name in members:
+        if name in PT2_METADATA or (_AOTI_FILE.fullmatch(name) and name.endswith(_AOTI_SUFFIXES)):
+            continue
+        raise BackendError(f"Inductor engine holds member {name!r}, which kiln never writes (it could hold a pickle)",
+                           where=str(path), fix="rebuild the artifact from the model; pin its digest to load only the artifact you built")
+
+
 class InductorBackend(BackendBase):
     name: ClassVar[str] = "inductor"
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
@@ -311,6 +334,7 @@ class InductorBackend(BackendBase):
         return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> InductorEngine:
+        _check_package(directory / entry.files[0])
         meta = {k: v for k, v in entry.meta.items() if k not in ("torch", "summary", "output_names")}
         if meta.get("device") == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("this Inductor engine was built for a CUDA GPU, and no CUDA GPU is present "
