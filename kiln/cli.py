@@ -135,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="show an artifact's report: passes, placement, backend decisions, verification")
     p.add_argument("artifact")
+    p.add_argument("--expected-digest", metavar="DIGEST",
+                   help="refuse the artifact unless its digest (printed by inspect) is this")
+    p.add_argument("--load-engines", action="store_true",
+                   help="also check and load every engine (by default only the manifest is read, so nothing in the artifact runs)")
     p.add_argument("--html", metavar="FILE", help="also draw the placed graph (devices, precisions, partitions) as an HTML page")
     p.set_defaults(handler=_inspect)
 
@@ -478,22 +482,29 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import kiln
+    from kiln.artifact import describe
 
-    from kiln.artifact import digest
+    # The manifest alone: no engine is extracted or loaded unless asked, so inspecting an
+    # artifact from elsewhere runs nothing from it.
+    described = describe(args.artifact, expected_digest=args.expected_digest)
+    manifest, report = described.manifest, described.report
+    loaded = None
+    if args.load_engines:
+        import kiln
 
-    compiled = kiln.load(args.artifact)
-    pin = digest(args.artifact)
+        loaded = kiln.load(args.artifact, expected_digest=described.digest)  # the manifest just read, nothing swapped in since
     if args.html:
         from kiln.placement.html import render_html
 
-        Path(args.html).write_text(render_html(compiled.report))
+        Path(args.html).write_text(render_html(report))
     if args.json:
-        print(json.dumps({"digest": pin, "profile": compiled.profile, "plan": compiled.plan.to_dict(),
-                          "report": compiled.report.to_dict()}, default=str))
+        print(json.dumps({"digest": described.digest, "profile": manifest["profile"], "plan": manifest["plan"],
+                          "report": report.to_dict(), "engines_loaded": loaded is not None}, default=str))
     else:
-        print(compiled.report.render())
-        print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or kiln run --expected-digest): {pin}")
+        print(report.render())
+        if loaded is not None:
+            print(f"\nEngines loaded: {', '.join(f'{k} ({v})' for k, v in loaded.backends.items())}")
+        print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or kiln run --expected-digest): {described.digest}")
     return 0
 
 

@@ -83,6 +83,33 @@ def read(path: str | Path, threads: int | None = None, expected_digest: str | No
         raise
 
 
+@dataclass
+class ArtifactDescription:
+    """What an artifact says about itself, read from its manifest alone (see `describe`)."""
+
+    digest: str
+    manifest: dict
+    report: Report
+
+
+def describe(path: str | Path, expected_digest: str | None = None) -> ArtifactDescription:
+    """Open an artifact (zip file or directory) and return its digest, manifest and report
+    without extracting or loading any engine, so nothing in it runs: checks the digest (when
+    pinned), the format, the schema version and the manifest's shape. Engine files are neither
+    read nor checksummed here; `read` (kiln.load) checks them before loading."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ArtifactError("no such file or directory", where=str(path), fix="check the path")
+    manifest_bytes = _manifest_bytes(path)
+    _check_digest(manifest_bytes, expected_digest, path)
+    manifest = read_manifest(manifest_bytes, where=str(path))
+    try:
+        report = Report.from_dict(manifest["report"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _malformed(exc, path) from exc
+    return ArtifactDescription(hashlib.sha256(manifest_bytes).hexdigest(), manifest, report)
+
+
 def digest(path: str | Path) -> str:
     """The artifact's digest: sha256 of its manifest (which holds every engine file's sha256)."""
     path = Path(path).expanduser()

@@ -427,6 +427,50 @@ def test_inspect_json_has_profile_plan_and_report(cli, built):
     assert all(check["ok"] for check in data["report"]["verification"])
 
 
+def with_engine_that_would_not_load(source: Path, target: Path) -> Path:
+    """A copy of a zip artifact whose engine is garbage, its manifest checksum updated to match:
+    every check passes and only loading the engine would fail."""
+    with zipfile.ZipFile(source) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(files["manifest.json"])
+    item = manifest["engines"][0]["files"][0]
+    files[item["path"]] = b"not an onnx model"
+    item.update(sha256=hashlib.sha256(b"not an onnx model").hexdigest(), size=len(b"not an onnx model"))
+    files["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return target
+
+
+def test_inspect_reads_only_the_manifest_so_an_engine_that_would_not_load_still_shows_its_report(cli, built, tmp_path):
+    path = with_engine_that_would_not_load(built.path, tmp_path / "broken.kiln")
+    assert cli("run", path).rc == 1  # loading it fails...
+    result = cli("inspect", path)
+    assert result.rc == 0, result.err  # ...inspecting it does not load it
+    assert "kiln report: Tiny for profile cpu-x86" in result.out
+    assert json.loads(cli("inspect", path, "--json").out)["engines_loaded"] is False
+
+
+def test_inspect_with_a_wrong_expected_digest_exits_1_naming_the_mismatch(cli, built):
+    digest = json.loads(cli("inspect", built.path, "--json").out)["digest"]
+    assert cli("inspect", built.path, "--expected-digest", digest).rc == 0
+    result = cli("inspect", built.path, "--expected-digest", "0" * 64)
+    assert result.rc == 1 and result.out == ""
+    line = one_error_line(result.err)
+    assert "differs from the pinned 0000000000000000" in line and digest[:16] in line
+
+
+def test_inspect_load_engines_loads_them(cli, built, tmp_path):
+    result = cli("inspect", built.path, "--load-engines")
+    assert result.rc == 0, result.err
+    assert "Engines loaded: p0 (onnxruntime)" in result.out
+    assert json.loads(cli("inspect", built.path, "--load-engines", "--json").out)["engines_loaded"] is True
+    broken = cli("inspect", with_engine_that_would_not_load(built.path, tmp_path / "broken.kiln"), "--load-engines")
+    assert broken.rc == 1
+    assert "p0" in one_error_line(broken.err)
+
+
 def test_bench_reports_median_and_p99_over_the_iterations(cli, built):
     result = cli("bench", built.path, "--iters", "3", "--warmup", "1")
     assert result.rc == 0
