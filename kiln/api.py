@@ -81,6 +81,8 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
     timed = opts.auto and opts.times_against_fp32(prof.select)
     compiled = precision_search.build_plan(builder.build, _precision_choice(decided), auto=opts.auto,
                                            fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None)
+    precision_report.check_requested_kept(compiled.report, opts)
+    precision_report.warn_if_unproven(compiled.report)
     _finish_report(compiled.report, opts, timings)
     if cache is not None and opts.verify:  # only verified builds are reused
         with stage("cache store", timings):
@@ -142,7 +144,7 @@ def _verified_cache_hit(model, compiled: CompiledModel, captured: Captured, ctx:
     report.notes = [n for n in report.notes if not n.startswith("stored in the compile cache")]
     report.notes.append(f"loaded from the compile cache ({key[:16]}); passes and backend decisions are those of the "
                         "original build")
-    precision_report.warn_again(report)
+    precision_report.warn_if_unproven(report)
     if opts.verify:
         with stage("verify", timings):
             checked, synthetic, note = inputs_to_check(compiled.plan, verification_draws(captured, opts, ctx.calibration),

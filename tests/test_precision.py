@@ -374,7 +374,7 @@ def test_openvino_runs_a_static_int8_plan_on_int8_kernels_within_the_int8_tolera
 
 def test_openvino_refuses_a_dynamic_int8_plan_and_names_the_backends_that_run_it(net):
     pytest.importorskip("openvino")
-    with pytest.warns(UnprovenAccuracyWarning), pytest.raises(kiln.BackendError) as info:
+    with pytest.raises(kiln.BackendError) as info:  # nothing built: no warning about what was built
         kiln.optimize(net[0], "cpu-x86", net[1], backend="openvino", precision="int8")  # no calibration: dynamic
     assert "lowers static int8 plans, not int8-dynamic" in str(info.value) and "onnxruntime" in str(info.value)
 
@@ -413,21 +413,33 @@ def test_int4_weight_on_inductor_runs_packed_int4_matmuls_at_int4_tolerance(net)
     assert float((got - want).abs().max()) > 1e-6  # it really runs lowered, not fp32
 
 
-def test_a_lowered_layer_left_to_eager_pytorch_is_reported_at_fp32(net, monkeypatch):
+def test_an_explicit_precision_whose_layers_all_fall_to_eager_pytorch_is_an_error_giving_the_reason(net, monkeypatch):
     import dataclasses
 
     from kiln.backends.inductor import InductorBackend
 
-    # an Inductor whose capability table has no int4 for linear layers: placement leaves them to eager PyTorch
+    # an Inductor whose capability table has no int4 for linear layers: placement leaves them to
+    # eager PyTorch, which runs them at fp32; the model asked for int4 cannot be had
     table = InductorBackend.capabilities
     monkeypatch.setattr(InductorBackend, "capabilities", dataclasses.replace(table, ops={}))
     model, x = net
-    compiled = kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="int4-weight", int4_group_size=32,
-                             accuracy_budget=kiln.Budget(min_cosine=0.999))  # nothing runs lowered: no unproven warning
-    assert "eager" in compiled.backends.values()
-    rows = _rows(compiled)
-    assert {row["scheme"] for row in rows.values()} == {"fp32"}
-    assert rows["linear"]["reason"] == "runs eagerly in PyTorch at fp32: no tried backend runs this layer at int4-weight"
-    torch.testing.assert_close(compiled(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
+    with pytest.raises(kiln.VerificationError) as info:
+        kiln.optimize(model, "cpu-x86", x, backend="inductor", precision="int4-weight", int4_group_size=32,
+                      accuracy_budget=kiln.Budget(min_cosine=0.999))
+    assert "precision='int4' was requested and no layer of the model runs at it" in info.value.what
+    assert "runs eagerly in PyTorch at fp32: no tried backend runs this layer at int4-weight" in info.value.what
+
+
+def test_an_explicit_precision_the_budget_affords_no_layer_of_is_an_error_and_warns_of_nothing_unproven(net):
+    import warnings
+
+    model, x = net
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnprovenAccuracyWarning)  # nothing lowered was returned
+        with pytest.raises(kiln.VerificationError) as info:
+            kiln.optimize(model, "cpu-x86", x, backend="onnxruntime", precision="int8",
+                          accuracy_budget=kiln.Budget(min_cosine=0.99999, max_rel_error=1e-4))
+    assert "no layer of the model runs at it" in info.value.what and "would exceed the budget" in info.value.what
+    assert "loosen accuracy_budget" in info.value.fix
 
 

@@ -37,7 +37,6 @@ def record_plan(plan: PartitionPlan, opts: CompileOptions, report: Report, calib
                             "(see the precision table for each reason)")
     if lowered and not calibrated:
         report.notes.append(UNPROVEN)
-        _warn_user(UNPROVEN)
 
 
 def _warn_user(text: str) -> None:
@@ -62,10 +61,28 @@ def _eager_runs_fp32(plan: PartitionPlan) -> None:
             for layer in graph.precision.layers]
 
 
-def warn_again(report: Report) -> None:
-    """A cached build lowered without calibration data is as unproven as when it was built."""
+def warn_if_unproven(report: Report) -> None:
+    """Warn when the model kiln returns (a fresh build, or a compile-cache hit, as unproven as
+    when it was built) has layers lowered without calibration data."""
     if UNPROVEN in report.notes:
         _warn_user(UNPROVEN)
+
+
+def check_requested_kept(report: Report, opts: CompileOptions) -> None:
+    """An explicit precision must run on at least one layer of what was built: a plan that kept
+    every layer at fp32 (the budget affords none, or no backend runs the layers at it) is an
+    error naming why, not an fp32 model returned as if it were the precision asked for."""
+    if opts.auto or opts.precision is Precision.FP32 or not report.precision:
+        return
+    if any(LayerPlan.from_dict(row).precision is opts.precision for row in report.precision):
+        return
+    reasons = list(dict.fromkeys(row["reason"] for row in report.precision if row["reason"]))
+    raise VerificationError(f"precision={opts.precision.value!r} was requested and no layer of the model runs at it: "
+                            f"{'; '.join(reasons[:4]) or 'every layer stayed fp32'}"
+                            + (f" (and {len(reasons) - 4} more reasons)" if len(reasons) > 4 else ""),
+                            where=f"model {report.model}, {len(report.precision)} weighted layers",
+                            fix="loosen accuracy_budget (e.g. kiln.Budget(min_cosine=0.99)), pass calibration data like real "
+                                "inputs, use another backend=..., or precision='auto' to let kiln choose per layer")
 
 
 def record_cost(checks, compiled, captured: Captured, opts: CompileOptions, report: Report, metric_score) -> None:
