@@ -10,6 +10,7 @@ from kiln.errors import UnprovenAccuracyWarning, VerificationError
 from kiln.frontend.capture import Captured
 from kiln.ir import EAGER, LayerPlan, PartitionPlan, PrecisionPlan, Scheme
 from kiln.options import CompileOptions
+from kiln.passes.assign_precision import KEPT_BY_USER
 from kiln.report import Report
 from kiln.types import Precision
 
@@ -69,14 +70,15 @@ def warn_if_unproven(report: Report) -> None:
 
 
 def check_requested_kept(report: Report, opts: CompileOptions) -> None:
-    """An explicit precision must run on at least one layer of what was built: a plan that kept
-    every layer at fp32 (the budget affords none, or no backend runs the layers at it) is an
+    """An explicit precision must run on at least one layer of what was built (the layers the user
+    keeps at fp32 aside): a plan that kept every layer at fp32 (the budget affords none, or no backend runs the layers at it) is an
     error naming why, not an fp32 model returned as if it were the precision asked for."""
-    if opts.auto or opts.precision is Precision.FP32 or not report.precision:
+    rows = [row for row in report.precision if not row["reason"].startswith(KEPT_BY_USER)]  # the user's own choice
+    if opts.auto or opts.precision is Precision.FP32 or not rows:
         return
-    if any(LayerPlan.from_dict(row).precision is opts.precision for row in report.precision):
+    if any(LayerPlan.from_dict(row).precision is opts.precision for row in rows):
         return
-    reasons = list(dict.fromkeys(row["reason"] for row in report.precision if row["reason"]))
+    reasons = list(dict.fromkeys(row["reason"] for row in rows if row["reason"]))
     raise VerificationError(f"precision={opts.precision.value!r} was requested and no layer of the model runs at it: "
                             f"{'; '.join(reasons[:4]) or 'every layer stayed fp32'}"
                             + (f" (and {len(reasons) - 4} more reasons)" if len(reasons) > 4 else ""),

@@ -64,6 +64,7 @@ SPEND_FRACTION = 0.8
 # first convolutions) does much work and stays a candidate.
 AUTO_MIN_WEIGHTS = 1024
 AUTO_MIN_MACS = 1_000_000
+KEPT_BY_USER = "kept fp32 by keep_fp32"  # how a layer's reason begins when the user held it at fp32
 SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precision.FP8: Scheme.FP8,
               Precision.INT4: Scheme.INT4_WEIGHT}
 
@@ -163,7 +164,7 @@ def _kept_fp32(gm: GraphModule, layers: dict[str, Node], keys: tuple[str, ...]) 
             raise OptionsError(f"keep_fp32 {key!r} matches no node", where="options.keep_fp32", fix=module_hint(nodes, key))
         for name, node in layers.items():
             if in_module(node, key):
-                kept.setdefault(name, f"kept fp32 by keep_fp32={key!r}")
+                kept.setdefault(name, f"{KEPT_BY_USER}={key!r}")
     return kept
 
 
