@@ -141,6 +141,9 @@ class InputSpec:
     constants: tuple = ()
     constant_positions: tuple[int, ...] = ()
     constant_names: tuple[str, ...] = ()
+    # forward()'s parameters in order (none when it takes *args or **kwargs): a call that splits
+    # its inputs into positional and keyword differently from the compile call is bound by them
+    parameters: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -159,6 +162,7 @@ class InputSpec:
             "constants": list(self.constants),
             "constant_positions": list(self.constant_positions),
             "constant_names": list(self.constant_names),
+            "parameters": list(self.parameters),
         }
 
     @classmethod
@@ -169,6 +173,7 @@ class InputSpec:
             tuple(data.get("constants", ())),
             tuple(data.get("constant_positions", ())),
             tuple(data.get("constant_names", ())),
+            tuple(data.get("parameters", ())),
         )
 
 

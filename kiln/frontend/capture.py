@@ -10,6 +10,7 @@ that serialise without pickle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import traceback
@@ -22,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from kiln.errors import CaptureError
 from kiln.frontend.input_roles import with_input_roles
-from kiln.frontend.input_spec import build_spec, export_dynamic_shapes, leaf_names, normalize_call
+from kiln.frontend.input_spec import build_spec, export_dynamic_shapes, forward_parameters, leaf_names, normalize_call
 from kiln.types import Dim, InputSpec
 
 
@@ -93,7 +94,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
     args, kwargs = normalize_call(example_inputs, example_kwargs)
     flat, structure = pytree.tree_flatten((args, kwargs))
     names = leaf_names(model, args, kwargs)
-    spec = build_spec(flat, names, structure, dynamic)
+    spec = dataclasses.replace(build_spec(flat, names, structure, dynamic), parameters=forward_parameters(model))
     tensors = tuple(x for x in flat if isinstance(x, torch.Tensor))
     if model.training:
         model.eval()  # inference compiler: dropout and BatchNorm statistics in eval mode

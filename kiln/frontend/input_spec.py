@@ -34,6 +34,18 @@ def normalize_call(example_inputs: Any, example_kwargs: Mapping[str, Any] | None
     return args, kwargs
 
 
+def forward_parameters(model: torch.nn.Module) -> tuple[str, ...]:
+    """forward()'s named parameters in order; none when it takes *args or **kwargs (a call then
+    cannot be bound by name)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return ()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def leaf_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """A readable name per pytree leaf of (args, kwargs): the forward() parameter names."""
     try:
@@ -161,7 +173,7 @@ def check_call(spec: InputSpec, args: tuple, kwargs: dict) -> list[torch.Tensor]
         _check_shared_dims(spec, tensors)
         return tensors
     expected = _treespec(spec.call_structure)
-    kwargs = _in_compiled_order(expected, kwargs)
+    args, kwargs = _as_compiled(spec, expected, args, kwargs)
     flat, structure = pytree.tree_flatten((args, kwargs))
     if structure != expected:
         raise InputMismatch(_structure_difference(spec, expected, args, kwargs), where="call",
@@ -206,12 +218,22 @@ def _plain_positional(text: str) -> int:
     return args.num_children
 
 
-def _in_compiled_order(expected: pytree.TreeSpec, kwargs: dict) -> dict:
-    """Keyword order does not matter to Python; put them in the compiled order."""
-    compiled_keys = list(_kwarg_names(expected))
-    if set(kwargs) == set(compiled_keys):
-        return {key: kwargs[key] for key in compiled_keys}
-    return kwargs
+def _as_compiled(spec: InputSpec, expected: pytree.TreeSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call split into positional and keyword inputs the way the compile call was, bound by
+    forward()'s parameter names as Python binds them (`m(ids, attention_mask=mask)` and
+    `m(input_ids=ids, attention_mask=mask)` are one call), keywords in the compiled order. A call
+    that does not bind (a missing or unknown name) is left as given for the mismatch report."""
+    positional, keys = expected.child(0).num_children, list(_kwarg_names(expected))
+    if len(args) == positional and set(kwargs) == set(keys):
+        return args, {key: kwargs[key] for key in keys}
+    params = spec.parameters
+    if not params or len(args) > len(params) or any(p in kwargs for p in params[:len(args)]):
+        return args, kwargs
+    bound = {**dict(zip(params, args)), **kwargs}
+    wanted = [*params[:positional], *keys]
+    if set(bound) != set(wanted) or len(wanted) != len(set(wanted)):
+        return args, kwargs
+    return tuple(bound[p] for p in params[:positional]), {key: bound[key] for key in keys}
 
 
 def _kwarg_names(expected: pytree.TreeSpec) -> list:

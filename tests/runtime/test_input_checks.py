@@ -159,10 +159,6 @@ def nonfinite_call(squash: bool) -> Call:
     return make
 
 
-CALLING_CONVENTION = ("known limitation: a call must split inputs into positional and keyword the way the compile "
-                      "call did (keyword order may differ); otherwise it gets an InputMismatch naming the difference "
-                      "instead of being bound to forward()'s signature")
-
 WORKING = [
     pytest.param(call(x_, bias=bias_, squash=True), id="as-compiled"),
     pytest.param(call(lambda: x_(1), bias=lambda: bias_(1), squash=True), id="batch-at-range-min"),
@@ -179,10 +175,10 @@ WORKING = [
     pytest.param(nonfinite_call(squash=True), id="nan-and-inf-through-tanh"),
     pytest.param(call(x_, bias=bias_, squash=1), id="equal-constant-of-another-type"),
     pytest.param(call(x_, squash=True, bias=bias_), id="keywords-in-another-order"),
-    pytest.param(call(x_, bias_, squash=True), id="keyword-input-passed-positionally",
-                 marks=pytest.mark.xfail(raises=InputMismatch, strict=True, reason=CALLING_CONVENTION)),
-    pytest.param(call(x=x_, bias=bias_, squash=True), id="positional-input-passed-by-keyword",
-                 marks=pytest.mark.xfail(raises=InputMismatch, strict=True, reason=CALLING_CONVENTION)),
+    # bound to forward()'s signature as Python binds the eager call
+    pytest.param(call(x_, bias_, squash=True), id="keyword-input-passed-positionally"),
+    pytest.param(call(x=x_, bias=bias_, squash=True), id="positional-input-passed-by-keyword"),
+    pytest.param(call(x_, bias_, True), id="every-input-passed-positionally"),
 ]
 
 
