@@ -105,6 +105,7 @@ def _pass_context(profile: Profile, opts: CompileOptions, captured: Captured, pl
 def _new_report(model: torch.nn.Module, profile: Profile, captured: Captured) -> Report:
     report = Report(type(model).__name__, profile.name, captured.input_spec.describe(), list(captured.output_names))
     report.captured_ops = sum(n.op == "call_function" for n in captured.gm.graph.nodes)
+    report.notes += captured.notes
     return report
 
 

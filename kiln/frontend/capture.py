@@ -36,6 +36,7 @@ class Captured:
     example_inputs: tuple[torch.Tensor, ...]  # flat, in spec order
     example_outputs: tuple[torch.Tensor, ...]  # eager results on example_inputs, flat
     output_none_positions: tuple[int, ...] = ()  # leaves of the output structure that are None
+    notes: tuple[str, ...] = ()  # for the report: what capture changed to capture the model
 
 
 class _FlatCall(torch.nn.Module):
@@ -86,8 +87,33 @@ def export_program(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> to
             raise first[1].with_traceback(first[2]) from None  # the plain export's reason is the clearer one
 
 
+CACHE_NOTE = ("the model returns a key/value cache object (transformers' use_cache=True), which no engine returns; "
+              "kiln captured it with config.use_cache=False for this compile, so the compiled model returns no "
+              "past_key_values (pass use_cache=False yourself to say so)")
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None,
             dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None) -> Captured:
+    """The model as an fx graph over flat tensors, with its input spec and eager outputs. A
+    transformers model whose config asks for a key/value cache is captured without it (a note
+    says so); call it inside `keeping_modes(model)` to have its config and modes restored."""
+    try:
+        return _capture(model, example_inputs, example_kwargs, dynamic)
+    except CaptureError as exc:
+        config = getattr(model, "config", None)
+        if not (_returns_cache(exc) and getattr(config, "use_cache", False)):
+            raise
+        config.use_cache = False  # keeping_modes puts it back once the compile is done
+        captured = _capture(model, example_inputs, example_kwargs, dynamic)
+        return dataclasses.replace(captured, notes=(*captured.notes, CACHE_NOTE))
+
+
+def _returns_cache(exc: CaptureError) -> bool:
+    return "cache_utils" in exc.what or "Cache'>" in exc.what
+
+
+def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
+             dynamic: Mapping[str, Mapping[int, Dim | str]] | None) -> Captured:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model has type {type(model).__name__}", where="model",
                            fix="pass a torch.nn.Module (wrap a plain function in a Module's forward)")
@@ -129,13 +155,17 @@ def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping
 def keeping_modes(model: torch.nn.Module):
     """Run a compile with `model` in eval mode, and leave each of its modules in the train or
     eval mode it had (capture switches a training model to eval: dropout off, BatchNorm on its
-    running statistics)."""
+    running statistics), and a transformers config's use_cache as it was."""
     modes = [(module, module.training) for module in model.modules()] if isinstance(model, torch.nn.Module) else []
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     try:
         yield
     finally:
         for module, training in modes:
             module.training = training
+        if use_cache is not None:
+            config.use_cache = use_cache
 
 
 def _refuse_state_writes(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
@@ -197,6 +227,8 @@ def _capture_error(exc: Exception, model: torch.nn.Module, input_names: tuple[st
     elif "Constraints violated" in text or "specialized" in text or "ConstraintViolation" in type(exc).__name__:
         fix = ("a dimension you marked dynamic is fixed by the model (or limited to a smaller range); "
                "drop it from `dynamic` or narrow its min/max as the message says")
+    elif "cache_utils" in text or "Cache'>" in text:
+        fix = "call the model without its key/value cache: pass use_cache=False (e.g. example_kwargs={'use_cache': False})"
     elif "Unsupported" in type(exc).__name__ or "not supported" in text.lower():
         fix = "rewrite the unsupported construct named above, or capture a submodule that avoids it"
     else:

@@ -652,3 +652,30 @@ def test_optimize_leaves_each_module_in_the_train_or_eval_mode_it_came_in():
     model.eval()
     with torch.no_grad():  # the compiled model is the inference graph: dropout off
         torch.testing.assert_close(compiled(torch.ones(2, 4)), model(torch.ones(2, 4)))
+
+
+def test_a_transformers_model_asking_for_a_kv_cache_is_captured_without_it_and_the_report_says_so():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaModel(config).eval(), torch.randint(0, 100, (1, 8))
+    assert model.config.use_cache
+    compiled = kiln.optimize(model, "cpu-x86", (ids,), backend="onnxruntime", precision="fp32", cache=False)
+    assert any("captured it with config.use_cache=False" in note for note in compiled.report.notes)
+    assert model.config.use_cache  # the user's config as it was
+    with torch.no_grad():
+        want = model(ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(compiled(ids).last_hidden_state, want, rtol=TOL.rtol, atol=TOL.atol)
+
+
+def test_a_cache_object_in_the_outputs_of_a_model_without_the_flag_is_refused_with_use_cache_false_as_the_fix():
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+
+    class ReturnsCache(nn.Module):
+        def forward(self, x):
+            return x * 2, cache_utils.DynamicCache()
+
+    with pytest.raises(kiln.CaptureError) as info:
+        kiln.optimize(ReturnsCache().eval(), "cpu-x86", torch.randn(2, 4), backend="onnxruntime", cache=False)
+    assert "use_cache=False" in info.value.fix
