@@ -33,7 +33,7 @@ from kiln.options import CompileOptions
 from kiln.passes import pipeline
 from kiln.passes.context import PassContext
 from kiln.placement.partition import partition_graph
-from kiln.progress import stage
+from kiln.progress import shown_on_terminal, stage
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
 from kiln.types import Dim, NodeDecision, Precision
@@ -49,7 +49,7 @@ def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", 
     that vary between calls. Options are CompileOptions fields, as `options=` or keywords.
     """
     opts = CompileOptions.build(options, **option_overrides)
-    with keeping_modes(model):  # the user's model leaves in the train/eval mode it came in
+    with keeping_modes(model), shown_on_terminal(opts.progress):  # the model leaves as it came; progress on a terminal
         return _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts)
 
 

@@ -156,14 +156,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_progress(args: argparse.Namespace) -> None:
+    from kiln.progress import terminal_handler
+
     log = logging.getLogger("kiln")
     if args.quiet or args.json or not sys.stderr.isatty() or log.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
-    start = time.perf_counter()
-    handler.setFormatter(logging.Formatter("[kiln %(elapsed)6.1fs] %(message)s"))
-    handler.addFilter(lambda record: setattr(record, "elapsed", time.perf_counter() - start) or True)
-    log.addHandler(handler)
+    log.addHandler(terminal_handler())
     log.setLevel(logging.INFO)
 
 

@@ -63,6 +63,9 @@ class CompileOptions:
     # precision="auto": build fp32 too, time both here and keep the lowered plan only if it is
     # faster; None: when the profile measures backends (its `select: measure`)
     time_against_fp32: bool | None = None
+    # progress lines on stderr for a compile from Python; None: when stderr is a terminal and the
+    # program configured no logging (then the "kiln" logger is the place to read them)
+    progress: bool | None = None
     allow_fallback: bool | None = None  # the old name of backend_fallback, read for one more release
 
     def __post_init__(self) -> None:
@@ -161,7 +164,7 @@ class CompileOptions:
 
     # Fields that change how kiln builds, not what it builds; left out of the cache key.
     NOT_IN_CACHE_KEY = ("verify", "verify_draws", "seed", "cache", "cache_dir", "cache_max_gb", "isolate",
-                        "build_timeout_s", "build_memory_mb", "allow_fallback")
+                        "build_timeout_s", "build_memory_mb", "allow_fallback", "progress")
 
     def cache_fields(self) -> dict:
         """The options that shape the build; calibration and the metric's dataset by content."""

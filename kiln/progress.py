@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 
 log = logging.getLogger("kiln")
@@ -52,3 +53,50 @@ def stage(name: str, timings: dict[str, float]):
     yield
     timings[name] = time.perf_counter() - start
     log.info("%s done in %.1f s", name, timings[name])
+
+
+FORMAT = "[kiln %(elapsed)6.1fs] %(message)s"
+
+
+def terminal_handler() -> logging.Handler:
+    """A stderr handler printing each line with the seconds since it was made."""
+    handler = logging.StreamHandler(sys.stderr)
+    start = time.perf_counter()
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(lambda record: setattr(record, "elapsed", time.perf_counter() - start) or True)
+    return handler
+
+
+@contextlib.contextmanager
+def shown_on_terminal(wanted: bool | None):
+    """Progress on stderr for one compile from the Python API: when asked (True), or by default
+    (None) when stderr is a terminal and the program configured no logging of its own. The
+    kiln logger is left as it was afterwards."""
+    configured = log.handlers or logging.getLogger().handlers
+    show = wanted if wanted is not None else (sys.stderr.isatty() and not configured)
+    if not show:
+        yield
+        return
+    handler, level = terminal_handler(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """Other libraries' warnings that kiln causes and the user cannot act on (torchao's missing
+    CUDA extensions on a CPU machine, torch's deprecation notes while torchao loads): held back
+    for the duration of the import that triggers them."""
+    loggers = [(logging.getLogger(name), logging.getLogger(name).level) for name in names]
+    for logger, _ in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in loggers:
+            logger.setLevel(level)

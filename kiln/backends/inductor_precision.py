@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 
 from kiln.backends.base import export_partition
 from kiln.ir import PartitionGraph
+from kiln.progress import quiet_loggers
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.frontend.capture import export_program
 from kiln.fx_helpers import add_constant, attr_value
@@ -106,9 +107,10 @@ def _int4_layers(partition: PartitionGraph, group_sizes: dict[str, int]) -> Grap
 
 def _pt2e_int8(partition: PartitionGraph, dynamic: bool) -> torch.export.ExportedProgram:
     try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        with quiet_loggers("torchao", "torch.utils._pytree"):
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     except ImportError as exc:  # PT2E quantisation moved from torch to torchao
         raise BackendUnavailable(f"int8 on Inductor needs torchao's PT2E quantizer: {exc}",
                                  where=f"partition {partition.name}",
