@@ -3,12 +3,14 @@ on each backend, compared with eager PyTorch; prints a table of outcomes and the
 
     python bench/fuzz_long.py --start 0 --count 500 --backends onnxruntime,inductor --out fuzz.json
     python bench/fuzz_long.py --start 1000 --count 100000 --backends onnxruntime --budget-s 480
+    python bench/fuzz_long.py --families general,masked --count 1000 --backends onnxruntime,openvino
 
 Each case runs in a worker process that is restarted after a crash (a segfault in a native
 runtime) or a hang past --timeout-s, so one bad model costs one seed, not the run. --budget-s
 caps the wall time per backend: no new seed starts past it. Outcomes are those of
-tests/fuzz/harness.py: ok, kiln_error, mismatch, crash. Replay one seed in-process with
-`--start SEED --count 1 --in-process`.
+tests/fuzz/harness.py: ok, kiln_error, mismatch, crash; every case also runs the harness's
+probes (integer inputs at and past their edges, NaN/Inf, a batch of one, padded masks). Replay
+one seed in-process with `--start SEED --count 1 --in-process [--families masked]`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ OUTCOMES = ("ok", "kiln_error", "mismatch", "crash")
 
 # ---------------------------------------------------------------------------- worker side
 def worker() -> None:
-    """Reads {"seed", "backend"} lines on stdin; writes one marked JSON result line each."""
+    """Reads {"seed", "backend", "family"} lines on stdin; writes one marked JSON result line each."""
     import logging
     import warnings
 
@@ -45,9 +47,10 @@ def worker() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         try:
-            result = run_case(job["seed"], job["backend"]).to_dict()
+            result = run_case(job["seed"], job["backend"], job.get("family", "general"), campaign=True).to_dict()
         except Exception as exc:  # the generator itself failed: recorded, not fatal
-            result = {"seed": job["seed"], "backend": job["backend"], "outcome": "generator_error", "ops": "",
+            result = {"seed": job["seed"], "backend": job["backend"], "family": job.get("family", "general"),
+                      "outcome": "generator_error", "ops": "",
                       "error_type": type(exc).__name__, "error": str(exc)[:600], "seconds": 0.0, "details": {}}
         out.write(MARK + json.dumps(result) + "\n")
         out.flush()
@@ -76,12 +79,12 @@ class Worker:
             self.stderr.close()
             self.proc = None
 
-    def run(self, seed: int, backend: str, timeout: float) -> dict:
+    def run(self, seed: int, backend: str, timeout: float, family: str = "general") -> dict:
         if self.proc is None or self.proc.poll() is not None:
             self.stop()
             self.start()
         start = time.monotonic()
-        self.proc.stdin.write((json.dumps({"seed": seed, "backend": backend}) + "\n").encode())
+        self.proc.stdin.write((json.dumps({"seed": seed, "backend": backend, "family": family}) + "\n").encode())
         self.proc.stdin.flush()
         while True:
             while b"\n" in self.buffer:
@@ -92,7 +95,7 @@ class Worker:
             left = timeout - (time.monotonic() - start)
             if left <= 0:
                 self.stop()
-                return _failure(seed, backend, "Timeout", f"no result within {timeout:.0f} s (worker killed)", start)
+                return _failure(seed, backend, family, "Timeout", f"no result within {timeout:.0f} s (worker killed)", start)
             if not self.sel.select(timeout=min(left, 5.0)):
                 continue
             chunk = os.read(self.proc.stdout.fileno(), 65536)
@@ -101,20 +104,20 @@ class Worker:
                 tail = _tail(self.stderr_path)
                 self.stop()
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                return _failure(seed, backend, "WorkerDied", f"worker process died ({how}); stderr tail: {tail}", start)
+                return _failure(seed, backend, family, "WorkerDied", f"worker process died ({how}); stderr tail: {tail}", start)
             self.buffer += chunk
 
 
-def _failure(seed: int, backend: str, kind: str, text: str, start: float) -> dict:
-    return {"seed": seed, "backend": backend, "outcome": "crash", "ops": _ops_of(seed), "error_type": kind,
-            "error": text[:600], "seconds": time.monotonic() - start, "details": {}}
+def _failure(seed: int, backend: str, family: str, kind: str, text: str, start: float) -> dict:
+    return {"seed": seed, "backend": backend, "family": family, "outcome": "crash", "ops": _ops_of(seed, family),
+            "error_type": kind, "error": text[:600], "seconds": time.monotonic() - start, "details": {}}
 
 
-def _ops_of(seed: int) -> str:
+def _ops_of(seed: int, family: str) -> str:
     try:
-        from fuzz.generator import describe, random_model
+        from fuzz.harness import describe_model, make_model
 
-        return describe(random_model(seed)[0])
+        return describe_model(make_model(seed, family)[0])
     except Exception as exc:  # noqa: BLE001
         return f"(generator failed: {exc})"
 
@@ -133,7 +136,7 @@ def signature(result: dict) -> str:
     group one bug's many seeds."""
     text = re.sub(r"/tmp/\S+", "<tmp>", result.get("error", ""))
     text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
-    return f"{result['outcome']} | {result.get('error_type', '')} | {text[:140]}"
+    return f"{result['outcome']} | {result.get('family', 'general')} | {result.get('error_type', '')} | {text[:140]}"
 
 
 def summarize(results: list[dict]) -> dict:
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--count", type=int, default=100, help="seeds per backend (fewer if --budget-s runs out)")
     parser.add_argument("--backends", default="onnxruntime", help="comma-separated kiln backends")
+    parser.add_argument("--families", default="general", help="comma-separated model families: general, masked")
     parser.add_argument("--out", type=Path, help="write every result and the summary as JSON here")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall seconds per backend; no new seed starts past it (comma list for one per backend)")
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         worker()
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
     budgets = [None] * len(backends)
     if args.budget_s is not None:
         budgets = [args.budget_s] * len(backends)
@@ -213,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.start, args.start + args.count):
                 if budget is not None and time.monotonic() - t0 > budget:
                     break
+                family = families[seed % len(families)]  # the families take turns over the seeds
                 if args.in_process:
                     from fuzz.harness import run_case
 
-                    result = run_case(seed, backend).to_dict()
+                    result = run_case(seed, backend, family, campaign=True).to_dict()
                 else:
-                    result = runner.run(seed, backend, args.timeout_s)
+                    result = runner.run(seed, backend, args.timeout_s, family)
                 results.append(result)
                 mark = "." if result["outcome"] == "ok" else f"\n  seed {seed}: {result['outcome']} {result['error_type']}: {result['error'][:150]}\n"
                 print(mark, end="", flush=True)

@@ -1,12 +1,19 @@
 """One differential-fuzzing case: generate the model for a seed, compile it with kiln on one
-backend, and compare the compiled model with eager PyTorch on a fresh input. Shared by
-tests/fuzz/test_differential_fuzz.py (CI-sized) and bench/fuzz_long.py (long runs).
+backend, and compare the compiled model with eager PyTorch on a fresh input, then on inputs
+drawn the way users send them (`probes`): integer inputs at the edges of their ranges and past
+them, NaN and Inf in float inputs, a batch of one, and for the masked family attention masks
+with padding, fully padded rows included. Shared by tests/fuzz/test_differential_fuzz.py
+(CI-sized) and bench/fuzz_long.py (long runs).
+
+Families: "general" (fuzz/generator.py, random op graphs) and "masked" (fuzz/masked.py, small
+text encoders with input_ids and attention_mask).
 
 Outcomes:
-  ok          kiln built the model and it matches eager on kiln's own and on fresh inputs
+  ok          kiln built the model and it matches eager on kiln's own, fresh and probe inputs
   kiln_error  kiln refused with a KilnError other than VerificationError (message recorded)
-  mismatch    VerificationError, or the fresh-input comparison failed (a bug)
-  crash       a non-Kiln exception from optimize() or from calling the compiled model (a bug)
+  mismatch    VerificationError, or a fresh-input or probe comparison failed (a bug)
+  crash       a non-Kiln exception from optimize() or from calling the compiled model, or the
+              compiled model refusing an input eager accepts, or accepting one eager refuses
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import kiln
 from kiln.verify import TOLERANCE
 
 from fuzz.generator import call, describe, draw_inputs, random_model
+from fuzz.masked import masked_model, padded_masks
+
+FAMILIES = ("general", "masked")
 
 OUTCOMES = ("ok", "kiln_error", "mismatch", "crash")
 
@@ -33,6 +43,7 @@ class CaseResult:
     seed: int
     backend: str
     outcome: str
+    family: str = "general"
     ops: str = ""
     error_type: str = ""
     error: str = ""
@@ -128,10 +139,34 @@ def _fresh_batch(model) -> int | None:
     return choices[info["seed"] % len(choices)]
 
 
-def run_case(seed: int, backend: str) -> CaseResult:
+def make_model(seed: int, family: str = "general"):
+    if family == "masked":
+        return masked_model(seed)
+    return random_model(seed)
+
+
+def describe_model(model) -> str:
+    return getattr(model, "fuzz_label", None) or describe(model)
+
+
+def fresh_inputs(model, batch: int | None, seed: int):
+    """A fresh draw; for the masked family, with padded masks (a fully padded row when the batch
+    has two rows or more)."""
+    inputs = draw_inputs(model, batch=batch, seed=seed)
+    if model.fuzz_info.get("family") != "masked":
+        return inputs
+    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs[0]
+    mask = padded_masks(ids.shape[0], ids.shape[1], seed)
+    return {"input_ids": ids, "attention_mask": mask} if isinstance(inputs, dict) else (ids, mask)
+
+
+def run_case(seed: int, backend: str, family: str = "general", probes: bool = True, campaign: bool = False) -> CaseResult:
+    """campaign=True adds the probes a CI run leaves out: NaN/Inf inputs (runtimes differ from
+    PyTorch on NaN in ways kiln lists rather than fixes) and ids past a range kiln did not find
+    (an engine may abort the process: bench/fuzz_long.py runs cases in worker processes)."""
     start = time.perf_counter()
-    model, example, dynamic = random_model(seed)
-    result = CaseResult(seed, backend, "ok", describe(model))
+    model, example, dynamic = make_model(seed, family)
+    result = CaseResult(seed, backend, "ok", family, describe_model(model))
     result.details["attempt"] = model.fuzz_info["attempt"]
     try:
         with warnings.catch_warnings():
@@ -152,7 +187,7 @@ def run_case(seed: int, backend: str) -> CaseResult:
         result.details["traceback"] = traceback.format_exc()[-4000:]
     else:
         fresh_batch = _fresh_batch(model)
-        fresh = draw_inputs(model, batch=fresh_batch, seed=seed + 1_000_003)
+        fresh = fresh_inputs(model, fresh_batch, seed + 1_000_003)
         result.details["fresh_batch"] = fresh_batch
         try:
             with torch.no_grad():
@@ -168,5 +203,80 @@ def run_case(seed: int, backend: str) -> CaseResult:
             if problems:
                 result.outcome, result.error_type = "mismatch", "fresh-input comparison"
                 result.error = f"batch {fresh_batch}: " + "; ".join(problems)[:600] if fresh_batch else "; ".join(problems)[:600]
+        if result.outcome == "ok" and probes:
+            _run_probes(model, compiled, seed, result, campaign)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def probe_inputs(model, compiled, seed: int, campaign: bool = False) -> list[tuple[str, object, bool]]:
+    """(name, inputs, eager_may_refuse) for each probe: integer inputs at their edges and past
+    them, NaN/Inf in the float inputs, a batch of one, padded masks (masked family)."""
+    info = model.fuzz_info
+    base = fresh_inputs(model, None, seed + 2_000_003)
+    names = [i.name for i in info["inputs"]]
+    ranges = {t.name: t.index_range for t in compiled.input_spec.tensors}
+    probes: list[tuple[str, object, bool]] = []
+
+    def replaced(name: str, value: torch.Tensor):
+        if isinstance(base, dict):
+            return {**base, name: value}
+        return tuple(value if n == name else v for n, v in zip(names, base))
+
+    def value_of(name: str) -> torch.Tensor:
+        return base[name] if isinstance(base, dict) else base[names.index(name)]
+
+    for spec_info in info["inputs"]:
+        current = value_of(spec_info.name)
+        if spec_info.is_ids and spec_info.name != "attention_mask":
+            high = spec_info.high - 1
+            edges = current.clone()
+            edges.view(-1)[0], edges.view(-1)[-1] = 0, high
+            probes.append((f"{spec_info.name} at 0 and {high}", replaced(spec_info.name, edges), False))
+            index_range = ranges.get(spec_info.name)
+            if index_range is not None or campaign:
+                past = current.clone()
+                past.view(-1)[-1] = (index_range[1] if index_range else spec_info.high - 1) + 1
+                probes.append((f"{spec_info.name} past its range", replaced(spec_info.name, past), True))
+        elif campaign and current.is_floating_point() and current.numel() >= 3:
+            odd = current.clone()
+            flat = odd.view(-1)
+            flat[0], flat[1], flat[2] = float("nan"), float("inf"), float("-inf")
+            probes.append((f"{spec_info.name} with NaN and Inf", replaced(spec_info.name, odd), False))
+    if info["dynamic"] and info["batch"] != 1:
+        probes.append(("batch of one", fresh_inputs(model, 1, seed + 3_000_003), False))
+    return probes
+
+
+def _run_probes(model, compiled, seed: int, result: CaseResult, campaign: bool) -> None:
+    for name, inputs, eager_may_refuse in probe_inputs(model, compiled, seed, campaign):
+        eager_refused = kiln_refused = None
+        try:
+            with torch.no_grad():
+                want = call(model, inputs)
+        except Exception as exc:  # noqa: BLE001 - eager's own refusal (IndexError past a table)
+            eager_refused = exc
+        try:
+            got = call(compiled, inputs)
+        except kiln.InputMismatch as exc:
+            kiln_refused = exc
+        except Exception as exc:  # noqa: BLE001
+            result.outcome, result.error_type = "crash", type(exc).__name__
+            result.error = f"probe {name}: {_first_line(exc)}"
+            result.details["traceback"] = traceback.format_exc()[-4000:]
+            return
+        if eager_refused is not None or kiln_refused is not None:
+            if eager_refused is not None and kiln_refused is not None:
+                continue  # both refuse: the compiled model says why, by name
+            if kiln_refused is not None:
+                result.outcome, result.error_type = "crash", "refused an input eager accepts"
+                result.error = f"probe {name}: {_first_line(kiln_refused)}"
+            else:
+                result.outcome, result.error_type = "crash", "accepted an input eager refuses"
+                result.error = f"probe {name}: eager raised {type(eager_refused).__name__}: {_first_line(eager_refused)}"
+            return
+        problems = compare_outputs(got, want)
+        if problems:
+            result.outcome, result.error_type = "mismatch", f"probe {name.split(' ', 1)[-1]}"
+            result.error = f"probe {name}: " + "; ".join(problems)[:600]
+            return

@@ -6,8 +6,10 @@ a seed that reproduces it:
     python bench/fuzz_long.py --start SEED --count 1 --backends onnxruntime --in-process
 
 Seeds whose model a backend refuses on purpose (its capability table says why) are listed with
-the text the refusal must contain. Bugs the fuzzer found keep a minimal regression test in
-test_fuzz_found_bugs.py. bench/fuzz_long.py runs the same cases over many more seeds.
+the text the refusal must contain. Every case also runs the harness's probes (ids at the edges of
+their range and past it, a batch of one; padded masks for the masked family). Bugs the fuzzer
+found keep a minimal regression test in test_fuzz_found_bugs.py. bench/fuzz_long.py runs the
+same cases over many more seeds, NaN/Inf probes included.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def test_onnxruntime_matches_eager(seed):
 @pytest.mark.parametrize("seed", list(INDUCTOR_SEEDS))
 def test_inductor_matches_eager(seed):
     _check(seed, "inductor")
+
+
+MASKED_SEEDS = range(0, 12)  # text encoders fed padded masks (fuzz/masked.py); about 1 s each
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("seed", list(MASKED_SEEDS))
+def test_masked_encoders_match_eager_on_padded_batches(seed, backend):
+    pytest.importorskip(backend)
+    result = run_case(seed, backend, family="masked")
+    assert result.outcome == "ok", result.summary() + f"\n  {result.details}"
 
 
 def test_generator_is_deterministic():
