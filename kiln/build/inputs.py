@@ -58,14 +58,23 @@ def metric_score(captured: Captured, opts: CompileOptions):
 
 def verification_draws(captured: Captured, opts: CompileOptions, calibration: tuple = ()) -> list[tuple[torch.Tensor, ...]]:
     """The example inputs, `verify_draws` fresh random draws of the same spec, then the
-    calibration samples (the inputs a lowered model's accuracy is proven on)."""
+    calibration samples (the inputs a lowered model's accuracy is proven on). The first draw
+    has the example's sizes; the second gives every dynamic dim another size in its range (an
+    engine right only at the example's batch is caught there); later ones draw sizes at random."""
     draws = [captured.example_inputs]
     example_sizes = {d.name: captured.example_inputs[i].shape[axis]
                      for i, t in enumerate(captured.input_spec.tensors) for axis, d in enumerate(t.shape) if isinstance(d, Dim)}
+    dims = captured.input_spec.dims()
+    other_sizes = {name: _another_size(size, dims[name]) for name, size in example_sizes.items()}
     for k in range(opts.verify_draws if opts.verify else 0):
-        sizes = example_sizes if k == 0 else None  # first draw at the example's sizes, later ones vary dynamic dims
+        sizes = example_sizes if k == 0 else other_sizes if k == 1 else None
         draws.append(tuple(random_inputs(captured.input_spec, opts.seed + k, sizes)))
     return draws + [tuple(c) for c in calibration]
+
+
+def _another_size(size: int, dim: Dim) -> int:
+    """A size of `dim` other than the example's, next to it (the range allowing)."""
+    return size + 1 if size + 1 <= dim.max else size - 1 if size - 1 >= dim.min else size
 
 
 def inputs_to_check(plan: PartitionPlan, draws: list, calibration: tuple) -> tuple[list, frozenset[int], str | None]:

@@ -70,9 +70,11 @@ def plain_containers(value: Any) -> Any:
 
 def export_program(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
     """torch.export as kiln uses it everywhere (capture and backends' re-export): non-strict and
-    without autograd. With dynamic dims, a failed export is retried size-oblivious: that lets an
-    example of size 1 stand for a dynamic dim (export otherwise fixes sizes 0 and 1 and blames
-    the model), while models that export plainly keep export's usual reasoning."""
+    without autograd. With dynamic dims, a failed export is retried with examples of size 2
+    where they had size 1 on a dynamic axis (export fixes sizes 0 and 1 and then blames the
+    model), and only then size-oblivious: a size-oblivious program built from a batch of 1 ran
+    wrong on every later row once AOTInductor compiled it (torch 2.13; a widened example gives a
+    program right at every size), while models that export plainly keep export's usual reasoning."""
     with torch.no_grad():
         try:
             return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
@@ -80,11 +82,36 @@ def export_program(module: torch.nn.Module, inputs: tuple, dynamic_shapes) -> to
             if dynamic_shapes is None:
                 raise
             first = sys.exc_info()
+        widened = _widened(tuple(inputs), dynamic_shapes)
+        if widened is not None:
+            try:
+                return torch.export.export(module, widened, dynamic_shapes=dynamic_shapes, strict=False)
+            except Exception:
+                pass
         try:
             with torch.fx.experimental._config.patch(backed_size_oblivious=True):
                 return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
         except Exception:
             raise first[1].with_traceback(first[2]) from None  # the plain export's reason is the clearer one
+
+
+def _widened(inputs: tuple, dynamic_shapes) -> tuple | None:
+    """`inputs` with each size-1 example axis that a dynamic Dim (max >= 2) covers repeated to
+    size 2; None when there is none. The values repeat, so what the model computes per row is
+    what it computes on the example."""
+    per_input = dynamic_shapes
+    if len(dynamic_shapes) == 1 and len(inputs) != 1 and isinstance(dynamic_shapes[0], (tuple, list)):
+        per_input = dynamic_shapes[0]  # a module taking *tensors: one entry holds them all
+    if len(per_input) != len(inputs):
+        return None
+    changed, out = False, []
+    for value, axes in zip(inputs, per_input):
+        if isinstance(value, torch.Tensor) and isinstance(axes, Mapping):
+            for axis, dim in axes.items():
+                if value.shape[axis] == 1 and getattr(dim, "max", 0) >= 2:
+                    value, changed = torch.cat([value, value], dim=axis), True
+        out.append(value)
+    return tuple(out) if changed else None
 
 
 CACHE_NOTE = ("the model returns a key/value cache object (transformers' use_cache=True), which no engine returns; "
