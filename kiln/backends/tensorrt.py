@@ -1,23 +1,34 @@
 """TensorRT backend: kiln's own ONNX export (the ONNX Runtime backend's `export_onnx`, unfused)
-parsed by TensorRT's ONNX parser into a network, built into a serialized engine (.plan) with
-the settings `tensorrt_config.derive_build_config` chose from the profile device and the
-partition's precision plan, and run on torch CUDA tensors on torch's current stream.
+with the partition's precision plan written into the graph (`tensorrt_precision`: casts around
+bf16/fp16 layers, Q/DQ nodes with kiln's scales for int8/fp8 layers), parsed by TensorRT's
+ONNX parser into a strongly typed network, built into a serialized engine (.plan) with the
+settings `tensorrt_config.derive_build_config` chose from the profile device, the plan and the
+installed TensorRT major, and run on torch CUDA tensors on torch's current stream.
+
+TensorRT 10 and 11 are supported (`tensorrt_api.SUPPORTED_MAJORS`); 11 removed weak typing
+(precision builder flags, layer precision setters, implicit int8 calibrators), which 10 had
+deprecated since 10.12, so kiln uses none of it except for a DLA on TensorRT 10, whose compiler
+takes precision flags only.
 
 What runs where:
-- Decided without TensorRT, tested on CPU (tests/backends/test_tensorrt.py): the build config
-  (workspace, precision flags, per-layer constraints, sparse weights, optimization profiles,
-  timing cache, compatibility), the capability table, parser refusals as Support values,
-  engine compatibility on load, availability and device readiness.
-- Calls TensorRT, NOT tested by kiln's CI (no GPU, no TensorRT there): `_build` (builder,
-  network, parser, builder config, layer precisions, timing cache, calibration cache),
-  `TensorRTEngine` (runtime, deserialize, execution context, execute_async_v3) and the
-  version/GPU queries in `compile` and `load`. They follow TensorRT 10's Python API
-  (strongly typed networks are the only kind from TensorRT 11, which derive_build_config
-  accounts for); run tests/backends/test_tensorrt.py's GPU tests on an NVIDIA machine with
-  `pip install tensorrt` before relying on them.
+- Decided without TensorRT, tested on CPU (tests/backends/test_tensorrt*.py): the build config
+  (workspace, strong typing, flags, sparse weights, optimization profiles, timing cache,
+  compatibility), the ONNX graph's casts and Q/DQ nodes, the dtype tables, the capability
+  table, parser refusals as Support values, engine compatibility on load, availability and
+  device readiness.
+- Checked against NVIDIA's real compiled bindings (10.x and 11.x) on CPU, without running them:
+  every TensorRT name, call, property write and override in this file
+  (tests/backends/test_tensorrt_conformance.py, through `tensorrt_api`), and the logger
+  receiving the library's own messages (the lean runtime, which loads without a GPU).
+- Runs only on an NVIDIA GPU with TensorRT (scripts/gpu_check.sh): `_build` (builder,
+  network, parser, config, timing cache) and `TensorRTEngine` (deserialize, execute_async_v3).
+
+Parameters holding TensorRT objects are annotated with their class (`builder: trt.Builder`):
+the conformance check reads the annotations to know what each name is.
 
 An engine is tied to the TensorRT version and GPU that built it; the manifest records both
-and `load` refuses a mismatch with ArtifactError before TensorRT sees the file.
+and `load` refuses a mismatch (always across majors) with ArtifactError before TensorRT sees
+the file.
 """
 
 from __future__ import annotations
@@ -30,20 +41,18 @@ import torch
 from torch.fx import Node
 
 from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support)
-from kiln.ir import PartitionGraph
+from kiln.backends.tensorrt_api import INSTALL, major_of, unsupported_major
 from kiln.backends.tensorrt_config import (TRT_DATATYPE, TRT_RESTRICTIONS, EngineFacts, ParserError, PrecisionPlan,
                                            TrtBuildConfig, derive_build_config, has_qdq, incompatibility, is_dla,
-                                           layer_owner, layer_precisions, onnx_node_owners, optimization_profiles,
-                                           parser_failures, sparse_weight_nodes, trt_supports)
+                                           layer_precisions, onnx_node_owners, optimization_profiles, parser_failures,
+                                           sparse_weight_nodes, torch_dtype, trt_supports)
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.ir import PartitionGraph
 from kiln.types import DTYPE_NAMES, DTYPES, DeviceKind, Precision
 
-INSTALL_HINT = "pip install tensorrt; it needs an NVIDIA GPU with its CUDA driver and a CUDA build of torch"
-# trt.DataType member name -> torch dtype, for the engine's I/O tensors
-TORCH_DTYPE = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-               "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
-               "FP8": torch.float8_e4m3fn}
+INSTALL_HINT = ("pip install tensorrt (kiln builds with TensorRT 10 and 11); it needs an NVIDIA GPU with its CUDA driver "
+                "and a CUDA build of torch")
 
 
 def _no_cuda() -> str | None:
@@ -88,16 +97,20 @@ def _import_trt():
 
 
 def _make_logger(trt):
-    """A TensorRT logger that keeps errors, so a failed build says why."""
+    """A TensorRT logger that keeps errors, so a failed build says why, and warnings, which the
+    build summary counts."""
 
     class Log(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.warnings: list[str] = []
 
         def log(self, severity, msg):
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                 self.errors.append(str(msg))
+            elif severity == trt.ILogger.Severity.WARNING:
+                self.warnings.append(str(msg))
 
     return Log()
 
@@ -121,7 +134,7 @@ class TensorRTEngine:
         # the partition's order; an input the exporter found unused is not an engine input
         self._inputs = [(i, n) for i, n in enumerate(io["inputs"]) if n in engine_inputs]
         self._outputs = list(io["outputs"])
-        self._dtype = {n: TORCH_DTYPE[self._engine.get_tensor_dtype(n).name] for n in names}
+        self._dtype = {n: torch_dtype(self._engine.get_tensor_dtype(n).name, n, str(plan_path)) for n in names}
         self._want = [DTYPES[d] for d in io["output_dtypes"]]
         self._device = torch.device("cuda", torch.cuda.current_device())
 
@@ -180,6 +193,8 @@ class TensorRTBackend(BackendBase):
         cuda = _no_cuda()
         if trt is None:
             return Availability(False, "tensorrt is not installed" + (f" and {cuda}" if cuda else ""), INSTALL_HINT)
+        if (old := unsupported_major(trt.__version__)) is not None:
+            return Availability(False, old, INSTALL, trt.__version__)
         if cuda is not None:
             return Availability(False, f"tensorrt {trt.__version__} is installed but {cuda}", INSTALL_HINT, trt.__version__)
         try:
@@ -192,26 +207,26 @@ class TensorRTBackend(BackendBase):
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> TensorRTEngine:
         self._require()
-        from kiln.backends.onnxruntime import export_onnx
+        from kiln.backends.tensorrt_precision import export_lowered
 
         trt = _import_trt()
         onnx_path = settings.workdir / f"{partition.name}.tensorrt.onnx"
-        program = export_onnx(partition, onnx_path)
-        owners = onnx_node_owners(program, partition.gm)
-        plan = PrecisionPlan(settings.precision, layer_precisions(partition.gm, owners, settings.precision),
-                             explicit_quantization=has_qdq(n.op_type for n in program.model.graph),
+        lowered = export_lowered(partition, onnx_path)
+        owners = onnx_node_owners(lowered.program, lowered.gm)
+        graph_precisions = {**layer_precisions(lowered.gm, owners, Precision.FP32), **lowered.layer_precisions}
+        plan = PrecisionPlan(settings.precision, graph_precisions, explicit_quantization=_has_qdq(onnx_path),
                              sparse_layers=sparse_weight_nodes(partition.gm))
         engine_path = settings.workdir / f"{partition.name}.plan"
         config = derive_build_config(settings.device, plan,
                                      optimization_profiles(partition.input_names, partition.example_inputs, partition.dynamic_shapes),
-                                     engine_path, trt_major=int(trt.__version__.split(".")[0]))
+                                     engine_path, trt_major=major_of(trt.__version__))
         engine_path.write_bytes(_build(trt, onnx_path, config, owners, partition.name))
         facts = EngineFacts(trt.__version__, tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name(),
                             config.hardware_compatibility, config.version_compatible)
         io = {"inputs": list(partition.input_names), "outputs": list(partition.output_names),
               "output_dtypes": _output_dtypes(partition)}
         engine = TensorRTEngine(engine_path, facts, io, config.to_meta())
-        engine.summary = _summary(engine_path, facts, config, settings.device)
+        engine.summary = _summary(engine_path, facts, config, settings.device, lowered.summary)
         return engine
 
     def load(self, directory: Path, entry: EngineEntry, settings: BackendSettings) -> TensorRTEngine:
@@ -230,16 +245,24 @@ class TensorRTBackend(BackendBase):
             raise BackendUnavailable(f"TensorRT backend unavailable: {status.reason}", fix=status.install_hint)
 
 
+def _has_qdq(onnx_path: Path) -> bool:
+    import onnx
+
+    return has_qdq(n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+
+
 def _output_dtypes(partition: PartitionGraph) -> list[str]:
     output = next(n for n in partition.gm.graph.nodes if n.op == "output")
     values = output.args[0] if isinstance(output.args[0], (list, tuple)) else (output.args[0],)
     return [DTYPE_NAMES[v.meta["val"].dtype] for v in values]
 
 
-def _summary(engine_path: Path, facts: EngineFacts, config: TrtBuildConfig, device: DeviceSpec) -> str:
+def _summary(engine_path: Path, facts: EngineFacts, config: TrtBuildConfig, device: DeviceSpec, lowering: str = "") -> str:
     parts = [f"TensorRT {facts.tensorrt} engine {engine_path.stat().st_size / 1e6:.1f} MB for {facts.gpu} "
              f"(compute capability {facts.compute_capability[0]}.{facts.compute_capability[1]})",
              f"flags {', '.join(sorted(config.flags)) or 'none'}", "strongly typed" if config.strongly_typed else "weakly typed"]
+    if lowering:
+        parts.append(lowering)
     if config.profiles:
         parts.append(f"dynamic inputs {', '.join(p.input for p in config.profiles)}")
     if not _same_gpu_family(device.model, facts.gpu):
@@ -257,19 +280,21 @@ def _build(trt, onnx_path: Path, config: TrtBuildConfig, owners: dict[str, str],
     """Parse the ONNX file and build a serialized engine with `config`."""
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if config.strongly_typed else 0
+    flags = 0  # STRONGLY_TYPED on TensorRT 10; 11 types every network strongly (derive_build_config)
+    for flag in sorted(config.network_flags):
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        failures = parser_failures([_parser_error(e) for e in errors], owners)
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        failures = parser_failures(errors, owners)
         listed = "; ".join(f"node {node}: {support.reason}" for node, support in list(failures.items())[:3])
         error = BackendError(f"TensorRT's ONNX parser refused {len(failures)} node(s): {listed}", where=f"partition {partition}",
                              fix="use another backend for this partition (the profile's next preference)")
         error.unsupported = failures
         raise error
     builder_config = builder.create_builder_config()
-    _apply_config(trt, builder, builder_config, network, config)
+    _apply_config(trt, builder, builder_config, config)
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise BackendError(f"TensorRT's builder failed: {'; '.join(logger.errors[-3:]) or 'no error logged'}",
@@ -278,14 +303,14 @@ def _build(trt, onnx_path: Path, config: TrtBuildConfig, owners: dict[str, str],
     return bytes(serialized)
 
 
-def _parser_error(error) -> ParserError:
-    # node_name/node_operator arrived in TensorRT 8.6; older parsers give the node index only
-    name = error.node_name() if hasattr(error, "node_name") else f"#{error.node()}"
-    op = error.node_operator() if hasattr(error, "node_operator") else ""
-    return ParserError(name, op, error.desc())
+def _parser_error(error: trt.ParserError) -> ParserError:
+    return ParserError(error.node_name(), error.node_operator(), error.desc())
 
 
-def _apply_config(trt, builder, builder_config, network, config: TrtBuildConfig) -> None:
+def _apply_config(trt, builder: trt.Builder, builder_config: trt.IBuilderConfig, config: TrtBuildConfig) -> None:
+    """Replay `config` on TensorRT's builder config. Only flags `tensorrt_api.BUILDER_FLAGS`
+    lists for the installed major reach here (derive_build_config checks), and no layer is
+    touched: per-layer precision is in the graph."""
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
     for flag in sorted(config.flags):
         builder_config.set_flag(getattr(trt.BuilderFlag, flag))
@@ -303,48 +328,3 @@ def _apply_config(trt, builder, builder_config, network, config: TrtBuildConfig)
     # a cache left by an earlier build of this partition saves re-timing the same kernels
     previous = config.timing_cache.read_bytes() if config.timing_cache.is_file() else b""
     builder_config.set_timing_cache(builder_config.create_timing_cache(previous), ignore_mismatch=False)
-    if config.calibration_cache is not None:
-        builder_config.int8_calibrator = _cache_calibrator(trt, config.calibration_cache.read_bytes())
-    _constrain_layers(trt, network, config)
-
-
-def _constrain_layers(trt, network, config: TrtBuildConfig) -> int:
-    """Pin the layers of each ONNX node in config.layer_precisions to that precision."""
-    if not config.layer_precisions:
-        return 0
-    floats = {trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16}
-    pinned = 0
-    for index in range(network.num_layers):
-        layer = network.get_layer(index)
-        owner = layer_owner(layer.name, getattr(layer, "metadata", ""), config.layer_precisions)
-        if owner is None:
-            continue
-        dtype = getattr(trt.DataType, TRT_DATATYPE[config.layer_precisions[owner]])
-        layer.precision = dtype
-        for output in range(layer.num_outputs):
-            if layer.get_output(output).dtype in floats:
-                layer.set_output_type(output, dtype)
-        pinned += 1
-    return pinned
-
-
-def _cache_calibrator(trt, cache: bytes):
-    """An int8 calibrator that only replays a calibration cache (no calibration data needed)."""
-
-    class CacheCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            trt.IInt8EntropyCalibrator2.__init__(self)
-
-        def get_batch_size(self):
-            return 1
-
-        def get_batch(self, names):
-            return None
-
-        def read_calibration_cache(self):
-            return cache
-
-        def write_calibration_cache(self, data):
-            return None
-
-    return CacheCalibrator()

@@ -3,18 +3,21 @@
 Everything here runs (and is tested) on a CPU-only machine; `kiln/backends/tensorrt.py`
 replays these decisions against TensorRT's builder and runtime.
 
-- `derive_build_config`: profile device + precision plan -> `TrtBuildConfig` (workspace,
-  precision flags, per-layer constraints keyed by ONNX node names, sparse weights,
-  optimization profiles, timing cache, hardware/version compatibility), refusing with a
-  reason what TensorRT would not honour (fp8 off Hopper, int8 with no scales, ...).
+- `derive_build_config`: profile device + precision plan + TensorRT major -> `TrtBuildConfig`
+  (workspace, strong typing, the builder flags both majors have, sparse weights, optimization
+  profiles, timing cache, hardware/version compatibility), refusing with a reason what
+  TensorRT would not honour (fp8 off Hopper, int8 with no scales, a major kiln does not know).
+  Per-layer precision is not a builder setting: it is in the ONNX graph (`tensorrt_precision`).
+- `TORCH_DTYPE` / `DATATYPE_PRECISION` / `TRT_DATATYPE`: every trt.DataType to torch and kiln
+  and back, refusing the types torch cannot hold (`torch_dtype`, `trt_datatype`).
 - `optimization_profiles`: min/opt/max per input from the partition's dynamic dims.
-- `onnx_node_owners` / `layer_precisions`: which fx node each ONNX node came from, so a
-  NodeDecision's precision becomes a constraint on the TensorRT layers of that node.
+- `onnx_node_owners` / `layer_precisions`: which fx node each ONNX node came from, so parser
+  refusals name kiln's nodes and the report names the ONNX nodes at each precision.
 - `TRT_RESTRICTIONS` + `trt_supports`: ATen ops the ONNX parser rejects or TensorRT runs
   differently (documented in onnx-tensorrt's operator matrix for TensorRT 10 and in the
   TensorRT limits), and `parser_failures`: the parser's own refusals at build time.
 - `EngineFacts` + `incompatibility`: what an engine was built with and whether this install
-  can run it (TensorRT version, GPU compute capability, compatibility levels).
+  can run it (TensorRT version and major, GPU compute capability, compatibility levels).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.backends.base import Support
-from kiln.errors import BackendError
+from kiln.backends.tensorrt_api import (BUILDER_FLAGS, HARDWARE_COMPATIBILITY, INSTALL, NETWORK_FLAGS, SUPPORTED_MAJORS,
+                                        major_of)
+from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.ir import DECISION_META
 from kiln.types import DeviceKind, NodeDecision, Precision
@@ -37,19 +42,56 @@ from kiln.types import DeviceKind, NodeDecision, Precision
 TRT_DATATYPE: dict[Precision, str] = {Precision.FP32: "FLOAT", Precision.TF32: "FLOAT", Precision.FP16: "HALF",
                                       Precision.BF16: "BF16", Precision.INT8: "INT8", Precision.FP8: "FP8",
                                       Precision.INT4: "INT4"}
-# trt.BuilderFlag member enabling each reduced precision (weakly typed networks only).
-PRECISION_FLAG: dict[Precision, str] = {Precision.FP16: "FP16", Precision.BF16: "BF16", Precision.INT8: "INT8",
-                                        Precision.FP8: "FP8", Precision.INT4: "INT4", Precision.TF32: "TF32"}
+# ... and back: the kiln precision of each trt.DataType, None for types that are not a layer's
+# compute precision in kiln (integer I/O, FP4 and E8M0, which kiln never plans).
+DATATYPE_PRECISION: dict[str, Precision | None] = {
+    "FLOAT": Precision.FP32, "HALF": Precision.FP16, "BF16": Precision.BF16, "INT8": Precision.INT8,
+    "FP8": Precision.FP8, "INT4": Precision.INT4, "INT32": None, "INT64": None, "BOOL": None, "UINT8": None,
+    "FP4": None, "E8M0": None}
+# trt.DataType -> the torch dtype kiln's runner allocates an engine's input/output in. torch holds
+# INT4 and FP4 only packed two to a byte (or not at all), so an engine with such an I/O tensor
+# is refused (`torch_dtype`); inside an engine they are TensorRT's business.
+TORCH_DTYPE: dict[str, torch.dtype | None] = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8, "INT32": torch.int32,
+    "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8, "FP8": torch.float8_e4m3fn,
+    "E8M0": getattr(torch, "float8_e8m0fnu", None),  # torch 2.7+
+    "INT4": None, "FP4": None}
+TRT_OF_TORCH: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPE.items() if dtype is not None}
+# Weak typing survives in one place: TensorRT 10 compiles DLA engines from precision flags
+# (strongly typed DLA networks arrived with TensorRT 11.4.1); these are the flags it takes.
+DLA_PRECISION_FLAG: dict[Precision, str] = {Precision.FP16: "FP16", Precision.INT8: "INT8"}
 FLOAT_LAYER_PRECISIONS = frozenset({Precision.FP32, Precision.FP16, Precision.BF16})
-# Quantized types: TensorRT takes their scales from Q/DQ nodes (or, for int8, a calibration cache).
+# Quantized types: TensorRT takes their scales from Q/DQ nodes in the graph.
 QUANTIZED = frozenset({Precision.INT8, Precision.FP8, Precision.INT4})
-HARDWARE_COMPATIBILITY = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
 # Share of device memory TensorRT may use as build/run scratch: weights, activations and other
 # processes need the rest; a unified-memory SoC (Jetson) also shares it with the CPU.
 WORKSPACE_SHARE = 0.25
 WORKSPACE_SHARE_UNIFIED = 0.125
 MAX_RANK = 8  # nvinfer1::Dims::MAX_DIMS
 MAX_TOPK = 3840  # onnx-tensorrt operator matrix (TensorRT 10): TopK `K` must be less than 3840
+
+
+def torch_dtype(datatype: str, tensor: str, where: str) -> torch.dtype:
+    """The torch dtype for an engine I/O tensor of trt.DataType `datatype`; BackendError for a
+    type torch cannot hold unpacked."""
+    if datatype not in TORCH_DTYPE:
+        raise BackendError(f"engine tensor {tensor} has TensorRT type {datatype}, which kiln does not know", where=where,
+                           fix="upgrade kiln, or rebuild the engine with float or integer inputs and outputs")
+    dtype = TORCH_DTYPE[datatype]
+    if dtype is None:
+        raise BackendError(f"engine tensor {tensor} is {datatype}, which torch cannot hold as a tensor of its own "
+                           f"(kiln runs TensorRT engines on torch tensors)", where=where,
+                           fix="keep int4/fp4 inside the engine: quantize weights, not the model's inputs and outputs")
+    return dtype
+
+
+def trt_datatype(dtype: torch.dtype, where: str) -> str:
+    """The trt.DataType member name for a torch dtype; BackendError for one TensorRT has no type for."""
+    if dtype not in TRT_OF_TORCH:
+        raise BackendError(f"TensorRT has no type for {dtype}", where=where,
+                           fix="cast the tensor to float32 (float64), int32 (int16) or another TensorRT type, or use "
+                               "another backend")
+    return TRT_OF_TORCH[dtype]
 
 
 @dataclass(frozen=True)
@@ -64,13 +106,14 @@ class ShapeProfile:
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    """What the partition asks for: its precision, per-ONNX-node exceptions, and the facts that
-    decide whether quantized types are possible."""
+    """What the partition's ONNX graph carries: its precision (the lowest any layer runs at), the
+    ONNX nodes the graph's own types put at another precision (casts, Q/DQ), and the facts that
+    decide whether quantized types are possible. A strongly typed build takes every layer's
+    precision from the graph; nothing here becomes a per-layer builder setting."""
 
     precision: Precision = Precision.FP32
     layer_precisions: Mapping[str, Precision] = field(default_factory=dict)  # ONNX node name -> precision
     explicit_quantization: bool = False  # the ONNX graph holds QuantizeLinear/DequantizeLinear
-    calibration_cache: Path | None = None  # an int8 calibration cache from an earlier TensorRT calibration
     sparse_layers: tuple[str, ...] = ()  # fx nodes whose weights are 2:4 structured sparse
 
     @property
@@ -87,13 +130,16 @@ class TrtBuildConfig:
     flags: frozenset[str]  # trt.BuilderFlag members to set
     cleared_flags: frozenset[str]  # trt.BuilderFlag members TensorRT sets by default that kiln clears
     strongly_typed: bool
-    layer_precisions: Mapping[str, Precision]  # ONNX node name -> layer precision constraint (float types)
+    # ONNX node name -> the precision the graph's types give it (recorded for the report; with
+    # strong typing TensorRT reads it from the graph, no layer is pinned by the builder)
+    layer_precisions: Mapping[str, Precision]
     profiles: tuple[ShapeProfile, ...]
     timing_cache: Path
     hardware_compatibility: str = "NONE"
     version_compatible: bool = False
     dla_core: int | None = None
-    calibration_cache: Path | None = None
+    trt_major: int = 11
+    network_flags: frozenset[str] = frozenset()  # trt.NetworkDefinitionCreationFlag members to pass
     notes: tuple[str, ...] = ()
 
     def to_meta(self) -> dict:
@@ -102,7 +148,8 @@ class TrtBuildConfig:
                 "layer_precisions": {k: v.value for k, v in sorted(self.layer_precisions.items())},
                 "profiles": [{"input": p.input, "min": list(p.min), "opt": list(p.opt), "max": list(p.max)} for p in self.profiles],
                 "hardware_compatibility": self.hardware_compatibility, "version_compatible": self.version_compatible,
-                "dla_core": self.dla_core, "notes": list(self.notes)}
+                "dla_core": self.dla_core, "tensorrt_major": self.trt_major, "network_flags": sorted(self.network_flags),
+                "notes": list(self.notes)}
 
 
 def workspace_bytes(device: DeviceSpec) -> int:
@@ -115,31 +162,49 @@ def is_dla(device: DeviceSpec) -> bool:
 
 
 def derive_build_config(device: DeviceSpec, plan: PrecisionPlan, profiles: Sequence[ShapeProfile], engine_path: Path,
-                        trt_major: int = 10, hardware_compatibility: str = "NONE",
+                        trt_major: int = 11, hardware_compatibility: str = "NONE",
                         version_compatible: bool = False) -> TrtBuildConfig:
-    """The builder settings for `plan` on `device`; raises BackendError for a plan TensorRT
-    cannot honour there (kiln never lets TensorRT silently run another precision)."""
+    """The builder settings for `plan` on `device` with TensorRT `trt_major`; raises BackendError
+    for a plan TensorRT cannot honour there (kiln never lets TensorRT silently run another
+    precision), BackendUnavailable for a TensorRT major kiln does not build with.
+
+    Every network is strongly typed (the only kind TensorRT 11 builds; opt-in on 10, whose
+    weak-typing flags are deprecated since 10.12): the ONNX graph carries each layer's precision
+    as casts and Q/DQ nodes (`tensorrt_precision`), so the flags are the ones both majors have.
+    The exception is a DLA on TensorRT 10, whose compiler takes precision flags only."""
     where = f"device {device.name} ({device.model})"
-    _check_precisions(device, plan, trt_major, where)
+    if trt_major not in SUPPORTED_MAJORS:
+        raise BackendUnavailable(f"TensorRT {trt_major}.x is installed; kiln builds with TensorRT "
+                                 f"{' and '.join(map(str, SUPPORTED_MAJORS))} only", where=where, fix=INSTALL)
+    _check_precisions(device, plan, where)
     if hardware_compatibility not in HARDWARE_COMPATIBILITY:
         raise BackendError(f"unknown hardware compatibility level {hardware_compatibility!r}", where=where,
                            fix=f"use one of {', '.join(HARDWARE_COMPATIBILITY)}")
     notes: list[str] = []
     requested = plan.requested
-    reduced = requested - {Precision.FP32, Precision.TF32}
-    flags = {PRECISION_FLAG[p] for p in requested if p in PRECISION_FLAG}
-    cleared = set() if Precision.TF32 in requested else {"TF32"}
+    strongly_typed = not (is_dla(device) and trt_major < 11)
+    flags: set[str] = set()
+    if not strongly_typed:
+        flags |= {DLA_PRECISION_FLAG[p] for p in requested if p in DLA_PRECISION_FLAG}
+        notes.append("weakly typed (TensorRT 10 compiles DLA engines from precision flags): TensorRT may run any layer "
+                     f"at {', '.join(sorted(flags))}")
+    tf32 = Precision.TF32 in requested
+    held = sorted(name for name, p in plan.layer_precisions.items() if p is Precision.FP32)
+    if tf32 and held:
+        # TF32 is a builder-wide math mode; a strongly typed network has no per-layer way to keep
+        # a layer out of it, so the layers held at fp32 win: the whole network runs fp32
+        tf32 = False
+        notes.append(f"TF32 off: {len(held)} ONNX nodes must stay fp32 (e.g. {held[0]}) and TensorRT's TF32 applies to "
+                     "every fp32 layer, so the network runs fp32")
+    if tf32:
+        flags.add("TF32")
+    cleared = set() if tf32 else {"TF32"}
     if "TF32" in cleared and Precision.TF32 in device.precisions:
         notes.append("TF32 cleared: TensorRT enables it by default, and fp32 results must stay within fp32 tolerance")
-    # Strong typing (the only mode from TensorRT 11) takes types from the graph itself; kiln's
-    # exported graph is fp32 except for Q/DQ, so reduced float precision needs weak typing.
-    strongly_typed = trt_major >= 11 or not (reduced - QUANTIZED) and plan.calibration_cache is None
-    if strongly_typed:
-        flags -= {PRECISION_FLAG[p] for p in QUANTIZED}  # Q/DQ types rule; the builder refuses these flags
-    constraints = {name: p for name, p in plan.layer_precisions.items() if p in FLOAT_LAYER_PRECISIONS and p != plan.precision}
-    if constraints:
-        flags.add("OBEY_PRECISION_CONSTRAINTS")
-        notes.append(f"{len(constraints)} ONNX nodes pinned to their own precision (OBEY_PRECISION_CONSTRAINTS)")
+    lowered = sorted({p.value for p in plan.layer_precisions.values() if p not in (Precision.FP32, Precision.TF32)})
+    if lowered and strongly_typed:
+        notes.append(f"strongly typed: {len(plan.layer_precisions)} ONNX nodes at {', '.join(lowered)} by the graph's "
+                     "own casts and Q/DQ nodes")
     if plan.sparse_layers:
         if "sparsity_2_4" in device.features:
             flags.add("SPARSE_WEIGHTS")
@@ -153,33 +218,32 @@ def derive_build_config(device: DeviceSpec, plan: PrecisionPlan, profiles: Seque
         dla_core = 0
         flags.add("GPU_FALLBACK")
         notes.append("layers the DLA cannot run fall back to the GPU (GPU_FALLBACK)")
+    # TensorRT 11 types every network strongly and deprecates the flag that asks for it
+    network_flags = {"STRONGLY_TYPED"} if strongly_typed and trt_major < 11 else set()
+    unknown = sorted({f for f in flags | cleared if trt_major not in BUILDER_FLAGS.get(f, ())} |
+                     {f for f in network_flags if trt_major not in NETWORK_FLAGS.get(f, ())})
+    if unknown:  # a guard on kiln itself: every flag is listed in tensorrt_api, which CI checks against TensorRT
+        raise BackendError(f"kiln chose builder flags {', '.join(unknown)} that it does not use with TensorRT {trt_major}",
+                           where=where, fix="report this as a kiln bug")
     notes.extend(_profile_notes(profiles))
     return TrtBuildConfig(device.name, workspace_bytes(device), frozenset(flags), frozenset(cleared), strongly_typed,
-                          constraints, tuple(profiles), engine_path.with_suffix(".timing.cache"), hardware_compatibility,
-                          version_compatible, dla_core, plan.calibration_cache, tuple(notes))
+                          dict(plan.layer_precisions), tuple(profiles), engine_path.with_suffix(".timing.cache"),
+                          hardware_compatibility, version_compatible, dla_core, trt_major, frozenset(network_flags),
+                          tuple(notes))
 
 
-def _check_precisions(device: DeviceSpec, plan: PrecisionPlan, trt_major: int, where: str) -> None:
+def _check_precisions(device: DeviceSpec, plan: PrecisionPlan, where: str) -> None:
     for precision in sorted(plan.requested, key=lambda p: p.value):
         if precision not in device.precisions:
             raise BackendError(f"the precision plan asks for {precision.value}, which {device.model} does not run",
                                where=where, fix=f"use one of {', '.join(sorted(p.value for p in device.precisions))}")
         if precision in QUANTIZED and not plan.explicit_quantization:
-            if precision is Precision.INT8 and plan.calibration_cache is not None and trt_major < 11:
-                continue
-            source = "Q/DQ nodes" if precision is not Precision.INT8 else "Q/DQ nodes or an int8 calibration cache"
-            raise BackendError(f"{precision.value} needs quantization scales from {source}; the graph has none", where=where,
-                               fix="quantize the model first (PT2E/torchao export Q/DQ), or use a float precision")
+            raise BackendError(f"{precision.value} needs quantization scales from Q/DQ nodes in the graph; it has none",
+                               where=where, fix="give kiln calibration data (its int8 plans then carry Q/DQ nodes), "
+                                                "quantize the model first (PT2E/torchao export Q/DQ), or use a float precision")
         if is_dla(device) and precision not in {Precision.FP16, Precision.INT8}:
             raise BackendError(f"the DLA runs fp16 and int8 only, not {precision.value}", where=where,
                                fix="use precision fp16 or int8 for DLA partitions")
-    if trt_major >= 11:
-        wanted = plan.requested - {Precision.FP32, Precision.TF32} - (QUANTIZED if plan.explicit_quantization else frozenset())
-        if wanted:
-            raise BackendError(f"TensorRT {trt_major} builds strongly typed networks only, so "
-                               f"{', '.join(sorted(p.value for p in wanted))} must come from the graph's own types; "
-                               "kiln's exported graph is fp32", where=where,
-                               fix="use fp32 (or Q/DQ quantization) with TensorRT 11, or install TensorRT 10 for fp16/bf16 plans")
 
 
 def _profile_notes(profiles: Sequence[ShapeProfile]) -> list[str]:
@@ -454,6 +518,11 @@ def _version(text: str) -> tuple[int, ...]:
 def incompatibility(built: EngineFacts, tensorrt: str, compute_capability: tuple[int, int], gpu: str) -> str | None:
     """Why an engine with `built` facts cannot run under this TensorRT on this GPU, or None."""
     here, then = _version(tensorrt), _version(built.tensorrt)
+    if major_of(tensorrt) != major_of(built.tensorrt):
+        # version compatibility holds within a major only; 11 also dropped 10's weakly typed engines
+        return (f"the engine was built with TensorRT {built.tensorrt} (major {major_of(built.tensorrt)}); this is TensorRT "
+                f"{tensorrt} (major {major_of(tensorrt)}), and no TensorRT engine runs under another major version, "
+                "version-compatible or not")
     if built.version_compatible:
         if here < then:
             return (f"the engine was built with TensorRT {built.tensorrt} (version-compatible), which runs on that "
@@ -469,20 +538,6 @@ def incompatibility(built: EngineFacts, tensorrt: str, compute_capability: tuple
         return (f"the engine was built for compute capability {cc_then} ({built.gpu}); this GPU, {gpu}, "
                 f"is compute capability {cc_here}")
     return None
-
-
-def layer_owner(layer_name: str, metadata: str, onnx_names: Iterable[str]) -> str | None:
-    """The ONNX node a TensorRT layer came from. The parser writes "[ONNX Layer: <node>]" into
-    the layer's metadata (TensorRT 10+) and names the first layer of a node after it; extra
-    layers of one node get suffixed names, which only the metadata resolves."""
-    names = set(onnx_names)
-    marker = "[ONNX Layer: "
-    if marker in (metadata or ""):
-        start = metadata.index(marker) + len(marker)
-        candidate = metadata[start:metadata.find("]", start)]
-        if candidate in names:
-            return candidate
-    return layer_name if layer_name in names else None
 
 
 def has_qdq(op_types: Iterable[str]) -> bool:

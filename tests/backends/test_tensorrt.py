@@ -13,7 +13,7 @@ from kiln.backends.base import Availability, BackendSettings, Support
 from kiln.backends.onnxruntime import export_onnx, exporter_supports
 from kiln.backends.tensorrt import CAPABILITIES, TensorRTBackend, check_loadable
 from kiln.backends.tensorrt_config import (EngineFacts, ParserError, PrecisionPlan, ShapeProfile, derive_build_config,
-                                           has_qdq, is_2_4_sparse, layer_owner, layer_precisions, onnx_node_owners,
+                                           has_qdq, is_2_4_sparse, layer_precisions, onnx_node_owners,
                                            optimization_profiles, parser_failures, sparse_weight_nodes, trt_supports)
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles import load
@@ -25,8 +25,8 @@ GiB = 1 << 30
 ENGINE = Path("/tmp/kiln-test/p0.plan")
 
 
-def derive(profile: str, precision=Precision.FP32, device: str = "gpu", **plan):
-    return derive_build_config(load(profile).devices[device], PrecisionPlan(precision, **plan), (), ENGINE)
+def derive(profile: str, precision=Precision.FP32, device: str = "gpu", trt_major: int = 11, **plan):
+    return derive_build_config(load(profile).devices[device], PrecisionPlan(precision, **plan), (), ENGINE, trt_major=trt_major)
 
 
 # --- profile -> builder config ---------------------------------------------------------------
@@ -40,47 +40,52 @@ def test_a100_fp32_builds_strongly_typed_with_tf32_cleared_and_a_quarter_of_memo
     assert config.hardware_compatibility == "NONE" and not config.version_compatible
 
 
-def test_fp16_and_bf16_plans_set_their_builder_flags_on_a_weakly_typed_network():
-    fp16, bf16 = derive("a100", Precision.FP16), derive("a100", Precision.BF16)
-    assert fp16.flags == {"FP16"} and not fp16.strongly_typed
-    assert bf16.flags == {"BF16"} and not bf16.strongly_typed
+@pytest.mark.parametrize("major", [10, 11])
+def test_fp16_and_bf16_plans_build_strongly_typed_with_no_precision_flags_on_both_majors(major):
+    fp16, bf16 = derive("a100", Precision.FP16, trt_major=major), derive("a100", Precision.BF16, trt_major=major)
+    for config in (fp16, bf16):
+        assert config.strongly_typed and config.flags == frozenset() and config.cleared_flags == {"TF32"}
+    # 10 is asked for strong typing; 11 has no other kind and deprecates the flag
+    assert fp16.network_flags == ({"STRONGLY_TYPED"} if major == 10 else frozenset())
 
 
 def test_bf16_is_refused_on_t4_which_lists_no_bf16():
     with pytest.raises(BackendError, match="bf16, which NVIDIA T4 does not run"):
         derive("t4", Precision.BF16)
-    assert derive("t4", Precision.FP16).flags == {"FP16"}
+    assert derive("t4", Precision.FP16).flags == frozenset()
     assert derive("t4").workspace_bytes == 4 * GiB
 
 
 def test_fp8_runs_only_on_h100_and_only_with_qdq_scales():
     config = derive("h100", Precision.FP8, explicit_quantization=True)
-    assert config.strongly_typed and "FP8" not in config.flags  # Q/DQ types decide; the builder refuses the flag then
+    assert config.strongly_typed and "FP8" not in config.flags  # Q/DQ types decide
     with pytest.raises(BackendError, match="fp8, which NVIDIA A100-SXM4-80GB does not run"):
         derive("a100", Precision.FP8, explicit_quantization=True)
     with pytest.raises(BackendError, match="fp8 needs quantization scales from Q/DQ nodes"):
         derive("h100", Precision.FP8)
 
 
-def test_int8_needs_qdq_nodes_or_a_calibration_cache():
-    with pytest.raises(BackendError, match="int8 needs quantization scales from Q/DQ nodes or an int8 calibration cache"):
-        derive("t4", Precision.INT8)
-    qdq = derive("t4", Precision.INT8, explicit_quantization=True)
-    assert qdq.strongly_typed and "INT8" not in qdq.flags
-    calibrated = derive("t4", Precision.INT8, calibration_cache=Path("/tmp/calib.cache"))
-    assert calibrated.flags == {"INT8"} and not calibrated.strongly_typed
-    assert calibrated.calibration_cache == Path("/tmp/calib.cache")
+def test_int8_needs_qdq_nodes_in_the_graph_on_both_majors():
+    for major in (10, 11):
+        with pytest.raises(BackendError, match="int8 needs quantization scales from Q/DQ nodes") as info:
+            derive("t4", Precision.INT8, trt_major=major)
+        assert "calibration data" in info.value.fix
+        qdq = derive("t4", Precision.INT8, explicit_quantization=True, trt_major=major)
+        assert qdq.strongly_typed and qdq.flags == frozenset()
 
 
 def test_jetson_orin_gpu_shares_memory_so_its_workspace_is_an_eighth_and_it_takes_bf16():
     config = derive("jetson-orin", Precision.BF16)
     assert config.workspace_bytes == 8 * GiB  # 64 GB unified / 8
-    assert config.flags == {"BF16"} and config.dla_core is None
+    assert config.flags == frozenset() and config.strongly_typed and config.dla_core is None
 
 
-def test_jetson_orin_dla_builds_fp16_with_gpu_fallback_and_refuses_fp32():
-    config = derive("jetson-orin", Precision.FP16, device="dla")
-    assert config.dla_core == 0 and {"FP16", "GPU_FALLBACK"} <= config.flags
+def test_jetson_orin_dla_is_weakly_typed_with_precision_flags_on_tensorrt_10_only():
+    old = derive("jetson-orin", Precision.FP16, device="dla", trt_major=10)
+    assert old.dla_core == 0 and old.flags == {"FP16", "GPU_FALLBACK"} and not old.strongly_typed
+    assert not old.network_flags and any("weakly typed" in n for n in old.notes)
+    new = derive("jetson-orin", Precision.FP16, device="dla", trt_major=11)
+    assert new.dla_core == 0 and new.flags == {"GPU_FALLBACK"} and new.strongly_typed
     with pytest.raises(BackendError, match="DLA runs fp16 and int8 only"):
         derive_build_config(_dla_with_fp32(), PrecisionPlan(Precision.FP32), (), ENGINE)
 
@@ -92,11 +97,11 @@ def _dla_with_fp32():
     return dataclasses.replace(dla, peak_tflops={**dla.peak_tflops, Precision.FP32: 1.0})
 
 
-def test_tensorrt_11_refuses_reduced_float_precision_that_the_graph_does_not_carry():
-    device = load("h100").primary
-    with pytest.raises(BackendError, match="TensorRT 11 builds strongly typed networks only"):
-        derive_build_config(device, PrecisionPlan(Precision.FP16), (), ENGINE, trt_major=11)
-    assert derive_build_config(device, PrecisionPlan(), (), ENGINE, trt_major=11).strongly_typed
+@pytest.mark.parametrize("major", [9, 12])
+def test_a_tensorrt_major_kiln_does_not_build_with_is_refused_naming_it(major):
+    with pytest.raises(BackendUnavailable, match=f"TensorRT {major}.x is installed; kiln builds with TensorRT 10 and 11") as info:
+        derive("h100", trt_major=major)
+    assert "tensorrt>=10,<12" in info.value.fix
 
 
 def test_version_and_hardware_compatibility_are_recorded():
@@ -130,7 +135,7 @@ def test_static_partitions_need_no_optimization_profile_and_huge_ranges_are_note
 
 # --- per-layer precision from the precision plan ------------------------------------------------
 
-def test_node_decisions_become_layer_constraints_keyed_by_onnx_node_names(tmp_path):
+def test_node_decisions_are_recorded_per_onnx_node_and_set_no_builder_flag(tmp_path):
     torch.manual_seed(0)
     graph, _ = make_partition(ConvNet().eval(), (torch.randn(2, 3, 8, 8),))
     linear = next(n for n in graph.gm.graph.nodes if n.target is torch.ops.aten.linear.default)
@@ -141,9 +146,10 @@ def test_node_decisions_become_layer_constraints_keyed_by_onnx_node_names(tmp_pa
     wanted = layer_precisions(graph.gm, owners, Precision.FP32)
     assert wanted and set(wanted.values()) == {Precision.FP16}
     assert {owners[name] for name in wanted} == {linear.name}
-    config = derive_build_config(load("a100").primary, PrecisionPlan(Precision.FP32, wanted), (), ENGINE)
-    assert {"OBEY_PRECISION_CONSTRAINTS", "FP16"} <= config.flags and not config.strongly_typed
-    assert dict(config.layer_precisions) == wanted
+    config = derive_build_config(load("a100").primary, PrecisionPlan(Precision.FP16, wanted), (), ENGINE)
+    # recorded, not pinned: the graph's casts carry the precision into a strongly typed network
+    assert config.flags == frozenset() and config.strongly_typed
+    assert dict(config.layer_precisions) == wanted and config.to_meta()["layer_precisions"] == {k: "fp16" for k in wanted}
     assert not has_qdq(n.op_type for n in program.model.graph)
 
 
@@ -158,13 +164,6 @@ def test_layer_constraints_reach_the_right_layer_when_re_export_renumbers_fx_nod
     assert wanted and {owners[name] for name in wanted} == {second.name}
     (onnx_node,) = [n for n in program.model.graph if n.name in wanted]
     assert "b.weight" in " ".join(v.name for v in onnx_node.inputs if v is not None)
-
-
-def test_layers_find_their_onnx_node_by_metadata_before_name():
-    names = {"node_linear", "node_gelu"}
-    assert layer_owner("node_linear_3", "[ONNX Layer: node_linear]", names) == "node_linear"
-    assert layer_owner("node_gelu", "", names) == "node_gelu"
-    assert layer_owner("node_other", "", names) is None
 
 
 def test_two_four_sparse_weights_set_sparse_weights_only_where_the_device_has_sparse_tensor_cores():
@@ -240,6 +239,19 @@ def test_load_refuses_an_engine_from_another_tensorrt_version():
         check_loadable({"built_with": BUILT.to_meta()}, "10.4.0", (8, 0), "NVIDIA A100-SXM4-80GB", "model.kiln")
     message = str(info.value)
     assert "TensorRT 10.3.0" in message and "10.4.0" in message and "model.kiln" in message and "kiln compile" in message
+
+
+def test_load_refuses_an_engine_from_another_tensorrt_major_even_when_version_compatible():
+    portable = EngineFacts("10.16.1.11", (9, 0), "NVIDIA H100 80GB HBM3", "AMPERE_PLUS", version_compatible=True)
+    with pytest.raises(ArtifactError) as info:
+        check_loadable({"built_with": portable.to_meta()}, "11.4.0.106", (9, 0), "NVIDIA H100 80GB HBM3", "model.kiln")
+    message = str(info.value)
+    assert "TensorRT 10.16.1.11 (major 10)" in message and "TensorRT 11.4.0.106 (major 11)" in message
+    assert "model.kiln" in message and "kiln compile" in message
+    # and the other way: an engine from a newer major never runs on an older one
+    newer = EngineFacts("11.4.0.106", (9, 0), "NVIDIA H100 80GB HBM3", version_compatible=True)
+    with pytest.raises(ArtifactError, match="major 11.*major 10"):
+        check_loadable({"built_with": newer.to_meta()}, "10.16.1.11", (9, 0), "NVIDIA H100 80GB HBM3", "m")
 
 
 def test_load_refuses_an_engine_built_for_another_compute_capability():
