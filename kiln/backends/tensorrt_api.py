@@ -587,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--module", default="tensorrt", help="the module to check against (tensorrt, tensorrt_lean)")
     parser.add_argument("--source", action="append", default=[], help="check this file's uses instead of kiln's")
+    parser.add_argument("--member", action="append", default=[],
+                        help="also check that Enum.MEMBER exists and is not deprecated (e.g. BuilderFlag.TF32)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import importlib
@@ -594,8 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     trt = importlib.import_module(args.module)
     uses = scan([Path(s) for s in args.source]) if args.source else scan()
     problems = check(trt, uses)
+    for text in args.member:
+        owner, _, name = text.partition(".")
+        enum = getattr(trt, owner, None)
+        if enum is None or not hasattr(enum, name):
+            problems.append(Problem(text, "--member", f"TensorRT {trt.__version__} has no {text}"))
+        elif (note := _deprecated_use(enum, name)) is not None:
+            problems.append(Problem(text, "--member", note))
     if args.json:
-        print(json.dumps({"version": trt.__version__, "uses": len(uses), "problems": [asdict(p) for p in problems]}))
+        datatypes = sorted(getattr(getattr(trt, "DataType", None), "__members__", {}))
+        print(json.dumps({"version": trt.__version__, "uses": len(uses), "datatypes": datatypes,
+                          "problems": [asdict(p) for p in problems]}))
     else:
         print(f"TensorRT {trt.__version__}: {len(uses)} uses checked, {len(problems)} problems")
         for p in problems:
