@@ -354,7 +354,9 @@ def test_tensorrt_engine_matches_eager_and_reloads(tmp_path):
     x = torch.randn(5, 3, 8, 8)
     tol = TOLERANCE[Precision.FP32]
     for got, want in zip(engine(x), graph.gm(x)):
-        torch.testing.assert_close(got, want, rtol=tol.rtol, atol=tol.atol)
+        if not torch.allclose(got, want, rtol=tol.rtol, atol=tol.atol):
+            pytest.fail(f"the engine's output is off by {float((got - want).abs().max()):.3g}; "
+                        f"{layerwise(tmp_path / 'p0.tensorrt.onnx', graph, (x,), Precision.FP32)}")
     out = tmp_path / "saved"
     out.mkdir()
     entry = engine.save(out, "p0")
@@ -362,3 +364,17 @@ def test_tensorrt_engine_matches_eager_and_reloads(tmp_path):
     reloaded = backend.load(out, entry, settings)
     for a, b in zip(engine(x), reloaded(x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def layerwise(onnx_path: Path, graph, inputs: tuple, precision: Precision) -> str:
+    """Polygraphy's layer-by-layer comparison of TensorRT with ONNX Runtime on kiln's ONNX graph,
+    for a test whose engine failed kiln's check: where the two first part."""
+    try:
+        from kiln.backends.tensorrt_compare import first_divergence
+
+        tol = TOLERANCE[precision]
+        feeds = [{name: x.detach().cpu().numpy() for name, x in zip(graph.input_names, inputs)}]
+        found = first_divergence(onnx_path, feeds, tol.rtol, tol.atol)
+    except ImportError as exc:
+        return f"pip install polygraphy for a layer-by-layer comparison ({exc})"
+    return found.describe() if found is not None else "Polygraphy found every layer of the graph within tolerance"

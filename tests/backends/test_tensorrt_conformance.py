@@ -44,6 +44,7 @@ CACHE = Path(os.environ.get("KILN_TEST_CACHE") or Path.home() / ".cache" / "kiln
 # major -> (shim package, version): the newest of each major on PyPI when last bumped
 BINDINGS = {10: ("tensorrt-cu12", "10.16.1.11"), 11: ("tensorrt-cu13", "11.4.0.106")}
 LEAN = ("tensorrt-lean-cu13", "11.4.0.106")
+POLYGRAPHY = "polygraphy==0.53.6"
 NATIVE = ("nvinfer", "nvonnxparser", "nvinfer_plugin")  # the libraries the bindings link, as lib<name>.so.<major>
 
 
@@ -54,16 +55,16 @@ def _run(command: list[str], what: str, timeout: int = 600, env: dict | None = N
         pytest.fail(f"{what} took over {timeout} s")
 
 
-def _install(shim: str, version: str, packages: tuple[str, ...], stubs: int | None) -> Path:
-    """A folder with site/ (the wheels installed, the shim's package beside them) and, when
-    `stubs` is a major, stubs/ with the stand-in native libraries. Built once, then reused."""
-    folder = CACHE / f"{shim}-{version}"
+def _install(name: str, wanted: list[str], stubs: int | None = None) -> Path:
+    """CACHE/name with site/ (the `wanted` requirements' wheels installed, an sdist shim's
+    package beside them) and, when `stubs` is a major, stubs/ with the stand-in native
+    libraries. Built once, then reused."""
+    folder = CACHE / name
     if (folder / "ready").is_file():
         return folder
     work = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     (work / "downloads").mkdir(parents=True)
-    wanted = [f"{shim}=={version}", *(f"{shim}-{p}=={version}" for p in packages)]
     got = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                 "-d", str(work / "downloads"), *wanted], "pip download")
     if got.returncode != 0:
@@ -73,15 +74,9 @@ def _install(shim: str, version: str, packages: tuple[str, ...], stubs: int | No
     got = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--disable-pip-version-check",
                 "--target", str(work / "site"), *wheels], "pip install --target")
     assert got.returncode == 0, got.stderr
-    # the shim is an sdist whose one package re-exports the bindings' module (`import tensorrt`)
-    (sdist,) = (work / "downloads").glob("*.tar.gz")
-    with tarfile.open(sdist) as archive:
-        members = [m for m in archive.getmembers() if len(Path(m.name).parts) > 2 and m.name.endswith(".py")
-                   and not Path(m.name).parts[1].endswith((".egg-info", "tests"))]
-        for member in members:
-            member.name = str(Path(*Path(member.name).parts[1:]))
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python 3.11.4+
-        archive.extractall(work / "site", members=members, **safe)
+    # TensorRT's shim is an sdist whose one package re-exports the bindings' module (`import tensorrt`)
+    for sdist in (work / "downloads").glob("*.tar.gz"):
+        _extract_package(sdist, work / "site")
     if stubs is not None:
         compiler = shutil.which("cc") or shutil.which("gcc")
         assert compiler, "the conformance test compiles stand-in libraries and needs a C compiler (cc or gcc)"
@@ -100,6 +95,20 @@ def _install(shim: str, version: str, packages: tuple[str, ...], stubs: int | No
     return folder
 
 
+def _extract_package(sdist: Path, site: Path) -> None:
+    with tarfile.open(sdist) as archive:
+        members = [m for m in archive.getmembers() if len(Path(m.name).parts) > 2 and m.name.endswith(".py")
+                   and not Path(m.name).parts[1].endswith((".egg-info", "tests"))]
+        for member in members:
+            member.name = str(Path(*Path(member.name).parts[1:]))
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python 3.11.4+
+        archive.extractall(site, members=members, **safe)
+
+
+def _tensorrt(shim: str, version: str, packages: tuple[str, ...], stubs: int | None) -> Path:
+    return _install(f"{shim}-{version}", [f"{shim}=={version}", *(f"{shim}-{p}=={version}" for p in packages)], stubs)
+
+
 def _env(folder: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "site"), str(ROOT)])
@@ -110,7 +119,7 @@ def _env(folder: Path) -> dict:
 
 def _check(major: int, *arguments: str) -> dict:
     shim, version = BINDINGS[major]
-    folder = _install(shim, version, ("bindings",), stubs=major)
+    folder = _tensorrt(shim, version, ("bindings",), stubs=major)
     got = _run([sys.executable, str(API_SCRIPT), "--json", *arguments], f"the API check against TensorRT {version}",
                timeout=120, env=_env(folder))
     assert got.stdout.strip(), f"the API check printed nothing (exit {got.returncode}): {got.stderr[-2000:]}"
@@ -214,7 +223,7 @@ os._exit(0)  # never destroy a Runtime made without a GPU: that crashes the proc
 
 def test_kilns_logger_receives_the_lean_runtimes_own_messages():
     shim, version = LEAN
-    folder = _install(shim, version, ("bindings", "libs"), stubs=None)
+    folder = _tensorrt(shim, version, ("bindings", "libs"), stubs=None)
     got = _run([sys.executable, "-c", LOGGER_RUN], f"the lean runtime {version}", timeout=180, env=_env(folder))
     assert got.returncode == 0, f"exit {got.returncode}: {got.stderr[-2000:]}"
     result = json.loads(got.stdout.strip().splitlines()[-1])
@@ -222,3 +231,66 @@ def test_kilns_logger_receives_the_lean_runtimes_own_messages():
     if not result["gpu"]:
         assert any("CUDA" in e for e in result["errors"]), result["errors"]  # TensorRT's text, not kiln's
         assert not result["available"] and "no CUDA GPU is present" in result["reason"]
+
+
+COMPARE_RUN = r'''
+import importlib.util, json, sys
+import numpy, onnx
+from onnx import TensorProto, helper, numpy_helper
+from polygraphy import constants
+from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+# kiln's module by path: it needs numpy, onnx and polygraphy, not kiln's package (torch)
+spec = importlib.util.spec_from_file_location("tensorrt_compare", sys.argv[1])
+compare = sys.modules["tensorrt_compare"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+def model(path, w2):
+    rng = numpy.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 8)).astype(numpy.float32), "w1")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"), helper.make_node("Relu", ["h1"], ["r1"], name="relu"),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="mm2"), helper.make_node("Tanh", ["h2"], ["y"], name="tanh")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [w1, numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+def runner(path, name):
+    return OnnxrtRunner(SessionFromOnnx(BytesFromOnnx(ModifyOutputs(OnnxFromPath(path), outputs=constants.MARK_ALL))), name=name)
+
+w2 = numpy.random.default_rng(1).standard_normal((8, 3)).astype(numpy.float32)
+model("good.onnx", w2)
+bad = w2.copy()
+bad[0, 0] += 0.5
+model("bad.onnx", bad)
+feeds = [{"x": numpy.random.default_rng(2).standard_normal((2, 4)).astype(numpy.float32)} for _ in range(2)]
+found = compare.compare_runners([runner("bad.onnx", "under_test"), runner("good.onnx", "reference")], feeds, "good.onnx",
+                                1e-5, 1e-5, owners={"mm2": "linear_1"})
+same = compare.compare_runners([runner("good.onnx", "a"), runner("good.onnx", "b")], feeds, "good.onnx", 1e-5, 1e-5)
+# the TensorRT half needs a GPU; here, that the Polygraphy calls it makes take kiln's arguments
+import inspect
+from polygraphy.backend import trt as poly_trt
+calls = {"NetworkFromOnnxPath": ["strongly_typed"], "ModifyNetworkOutputs": ["outputs"], "CreateConfig": ["tf32"],
+         "EngineFromNetwork": ["config"], "TrtRunner": ["name"]}
+missing = [f"{cls}({arg}=)" for cls, args in calls.items() for arg in args
+           if arg not in inspect.signature(getattr(poly_trt, cls).__init__).parameters]
+print("RESULT " + json.dumps({"found": found.__dict__ if found else None, "text": found.describe() if found else "",
+                              "same": same.__dict__ if same else None, "missing": missing}), flush=True)
+'''
+
+
+def test_polygraphy_comparison_names_the_first_diverging_layer_and_its_kiln_node(tmp_path):
+    folder = _install(POLYGRAPHY.replace("==", "-"), [POLYGRAPHY])
+    module = ROOT / "kiln" / "backends" / "tensorrt_compare.py"
+    got = subprocess.run([sys.executable, "-c", COMPARE_RUN, str(module)], capture_output=True, text=True, timeout=300,
+                         env=_env(folder), cwd=tmp_path)
+    lines = [line for line in got.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"exit {got.returncode}: {got.stderr[-2000:]}{got.stdout[-2000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    # mm1 and relu agree; mm2 reads the changed weight; tanh and y follow it
+    assert result["found"] == {"tensor": "h2", "node": "mm2", "op": "MatMul", "owner": "linear_1", "agreeing": 2,
+                               "compared": 4}
+    assert "MatMul node mm2 (kiln node linear_1)" in result["text"]
+    assert result["same"] is None
+    assert result["missing"] == []

@@ -335,3 +335,37 @@ def logger(trt):
             "trt.IBuilderConfig<instance>.DLA_core = _", "trt.IBuilderConfig<instance>.set_flag(_)",
             "trt.BuilderFlag.<getattr>", "trt.Runtime(_).deserialize_cuda_engine(_)",
             "trt.ILogger overrides log(2 args)"} <= texts, texts
+
+
+# --- on an NVIDIA machine with TensorRT only ------------------------------------------------------------
+
+@pytest.mark.parametrize("schemes, precision, bound", [
+    ({"linear": Scheme.FP16}, Precision.FP16, 1e-2),
+    ({"conv2d": Scheme.BF16, "linear": Scheme.BF16}, Precision.BF16, 3e-2),
+    ({"conv2d": Scheme.INT8_STATIC, "linear": Scheme.INT8_STATIC}, Precision.INT8, 5e-2),
+    ({"conv2d": Scheme.FP8, "linear": Scheme.FP8}, Precision.FP8, 1e-1),
+])
+def test_a_strongly_typed_engine_runs_its_plan_within_the_plans_error(tmp_path, schemes, precision, bound):
+    from kiln.backends.tensorrt import TensorRTBackend
+    from tests.backends.test_tensorrt import layerwise
+
+    status = TensorRTBackend().available()
+    if not status.ok:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {status.reason}")
+    profile = "h100" if torch.cuda.get_device_capability() >= (9, 0) else "a100"
+    if precision not in load(profile).primary.precisions:
+        pytest.skip(f"this GPU ({torch.cuda.get_device_name()}) does not run {precision.value}")
+    samples = [(torch.randn(2, 3, 8, 8),) for _ in range(4)]
+    ranges = {"conv2d": (-4.5, 4.5), "linear": (0.0, 3.0)}
+    partition = _planned(schemes, ranges if precision is Precision.INT8 else None, calibration=samples)
+    settings = BackendSettings(load(profile).primary, threads=2, workdir=tmp_path, precision=partition.precision.lowest())
+    engine = TensorRTBackend().compile(partition, settings)
+    assert "strongly typed" in engine.summary and engine.config["strongly_typed"]
+    x = torch.randn(2, 3, 8, 8)
+    (got,) = engine(x)
+    want = partition.gm(x)
+    want = want[0] if isinstance(want, (tuple, list)) else want
+    error = float((got - want).norm() / want.norm())
+    if not error < bound:
+        pytest.fail(f"relative error {error:.3g} over {bound} ({engine.summary}); "
+                    f"{layerwise(tmp_path / 'p0.tensorrt.onnx', partition, (x,), precision)}")
