@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch.fx import Node
@@ -50,6 +50,9 @@ from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.ir import PartitionGraph
 from kiln.types import DTYPE_NAMES, DTYPES, DeviceKind, Precision
+
+if TYPE_CHECKING:  # the classes parameter annotations name (tensorrt_api reads them); not imported at run time
+    import tensorrt as trt
 
 INSTALL_HINT = ("pip install tensorrt (kiln builds with TensorRT 10 and 11); it needs an NVIDIA GPU with its CUDA driver "
                 "and a CUDA build of torch")
