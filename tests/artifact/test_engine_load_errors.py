@@ -11,16 +11,8 @@ import pytest
 import torch
 
 import kiln
+from artifact.small_model import Net
 from kiln.backends.onnxruntime import OnnxRuntimeBackend
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,11 @@ import pytest
 import torch
 
 import kiln
+from artifact.small_model import Net
 from kiln.backends.inductor import InductorBackend
 from kiln.backends.onnxruntime import OnnxRuntimeBackend
 
 ENGINE = "engines/p0.onnx"
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
 
 
 def build(seed: int):

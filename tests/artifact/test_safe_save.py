@@ -18,19 +18,11 @@ import pytest
 import torch
 
 import kiln
+from artifact.small_model import Net
 
 save_module = sys.modules["kiln.artifact.save"]  # the module (kiln.artifact.save is also the function's name)
 
 X = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,10 @@ import pytest
 import torch
 
 import kiln
+from artifact.small_model import Net
 
 ENGINE = "engines/p0.onnx"
 MiB = 1 << 20
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x))
 
 
 @pytest.fixture(scope="module")
