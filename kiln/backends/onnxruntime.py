@@ -33,6 +33,7 @@ from kiln.ir import PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DeviceKind, Precision
+from kiln.verify import compare
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # How long ONNX Runtime's intra-op threads spin for more work before they sleep. Left to ORT,
@@ -291,6 +292,17 @@ def _fuse_for_ort(program, path: Path, cpu: bool) -> str:
     return summary
 
 
+def _fusion_changed_answers(engine: OnnxRuntimeEngine, partition: PartitionGraph) -> str | None:
+    """Where the fused engine's outputs on the example inputs differ from the partition's graph
+    run eagerly (a shape, or values past the fp32 tolerance); None when they agree. A wrong
+    rewrite costs a rebuild from the unfused graph here instead of the candidate."""
+    with torch.no_grad():
+        want = [x for x in partition.gm(*partition.example_inputs)]
+    checks = compare(partition.output_names, list(engine(*partition.example_inputs)), want, Precision.FP32)
+    failed = [c for c in checks if not c.ok]
+    return "; ".join(f"output {c.name!r}: {c.detail or f'max abs error {c.max_abs_error:.3g}'}" for c in failed) or None
+
+
 def _spell_out_skip_layer_norm(model) -> int:
     """SkipLayerNormalization(x, skip, γ, β, bias) -> LayerNormalization(x + bias + skip, γ, β) in
     the top-level graph, keeping its sum output; nodes whose mean/inverse-std outputs are read
@@ -467,16 +479,24 @@ class OnnxRuntimeBackend(BackendBase):
         else:
             program.save(str(path))
             rules = "kiln's ORT fusion rules not applied (fusion=False)"
+        # A fused contrib op may have no kernel on this execution provider (GroupNorm on CPU), or a
+        # rewrite may be wrong (onnxscript 0.7.2's mha2 rule dropped the reshape after an attention
+        # whose result is also a model output): the unfused graph is still correct, and the report
+        # says why it was used.
+        refused = None
         try:
             engine = OnnxRuntimeEngine(path, settings, partition.output_names, optimized, disabled)
+        except BackendError as exc:
+            refused = f"fused graph refused by ONNX Runtime ({exc.what.split(': ', 1)[-1][:160]})"
+        else:
             if disabled:
                 rules += f"; ORT optimizers off on the CPU provider: {', '.join(disabled)}"
-        except BackendError as exc:
-            # A fused contrib op may have no kernel on this execution provider (GroupNorm on CPU):
-            # the unfused graph is still correct, and the report says why it was used.
+            if settings.fuse and (changed := _fusion_changed_answers(engine, partition)) is not None:
+                refused = f"kiln's ORT fusion rules changed the graph's answer ({changed[:200]})"
+        if refused is not None:
             os.replace(unfused, path)
             engine = OnnxRuntimeEngine(path, settings, partition.output_names, optimized)
-            rules = f"fused graph refused by ONNX Runtime ({exc.what.split(': ', 1)[-1][:160]}); unfused graph used"
+            rules = f"{refused}; unfused graph used"
         engine.summary = f"{_runtime_graph_summary(optimized)}; {rules}"
         return engine
 

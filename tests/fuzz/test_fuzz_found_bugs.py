@@ -126,3 +126,21 @@ def test_the_second_verification_draw_takes_another_size_of_each_dynamic_dim():
     captured = capture(nn.Linear(4, 4).eval(), (torch.randn(1, 4),), dynamic={"input": {0: "batch"}})
     draws = verification_draws(captured, kiln.CompileOptions(verify_draws=2))
     assert [d[0].shape[0] for d in draws] == [1, 1, 2]
+
+
+def test_an_ort_fusion_rewrite_that_changes_an_output_falls_back_to_the_unfused_graph():
+    """Was (general-family seed 812): onnxscript 0.7.2's ORT fusion rule mha2 dropped the
+    flatten after an attention whose result is a model output, so ONNX Runtime returned
+    (2, 16, 8) where eager returns (2, 128) (reproduced without kiln: torch.onnx export, then
+    ort_fusions.optimize_for_ort). kiln checks the fused engine on the example inputs and builds
+    from the unfused graph when the rewrite changed an answer, saying so in the report."""
+    from fuzz.generator import call, random_model
+
+    model, example, dynamic = random_model(812)
+    compiled = _optimize(model, example, dynamic=dynamic, backend="onnxruntime", cache=False, precision="fp32")
+    with torch.no_grad():
+        want = call(model, example)
+    for got, expected in zip(call(compiled, example), want):
+        _assert_close(got, expected)
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    assert "changed the graph's answer" in detail or "ORT fusion rules applied" in detail, detail
