@@ -173,8 +173,29 @@ def _last_axis_reduction_into_constant(node: Node) -> str | None:
 _ELEMENTWISE = frozenset({torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor,
                           torch.ops.aten.div.Tensor})
 
+def _padded_strided_pointwise_conv(node: Node) -> str | None:
+    """OpenVINO 2026.4's CPU plugin moves a 1x1 convolution's stride into a slice ahead of the
+    convolution, before the padding, when an element-wise op feeds it and the input shape is
+    static: Conv1d(k=1, stride=3, padding=1) after a division gave length 3 for eager's 2
+    (reproduced with openvino.convert_model and a static reshape, no kiln; found by fuzzing)."""
+    weight = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], Node) else None
+    if weight is None or weight.dim() < 3 or any(size != 1 for size in weight.shape[2:]):
+        return None
+    transposed = node.target is torch.ops.aten.convolution.default and len(node.args) > 6 and node.args[6]
+    stride = node.args[3] if len(node.args) > 3 else 1
+    padding = node.args[4] if len(node.args) > 4 else 0
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731
+    if transposed or not any(s != 1 for s in as_list(stride)) or isinstance(padding, str) \
+            or not any(p != 0 for p in as_list(padding)):
+        return None
+    return ("OpenVINO's CPU plugin gives a padded, strided 1x1 convolution the wrong output size "
+            "(it strides before padding; measured on OpenVINO 2026.4)")
+
+
 # Conversions OpenVINO lists but fails on for some arguments or neighbours (crashes, wrong results).
 _NODE_CHECKS = {"aten.scaled_dot_product_attention.default": _rank4_sdpa,
+                **{name: _padded_strided_pointwise_conv for name in (
+                    "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default")},
                 "aten.group_norm.default": _residual_around_group_norm,
                 "aten.native_group_norm.default": _residual_around_group_norm,
                 **{name: _last_axis_reduction_into_constant for name in (

@@ -273,3 +273,16 @@ def test_openvino_takes_a_last_axis_reduction_of_a_4d_tensor(settings):
     assert all(backend.supports(n, CPU).ok for n in graph.gm.graph.nodes)
     x = torch.randn(3, 4, 5, 8)
     _assert_close(backend.compile(graph, settings)(x), graph.gm(x))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, refused", [(1, 3, 1, True), (1, 2, (1, 0), True), (1, 1, 1, False),
+                                                               (1, 3, 0, False), (3, 3, 1, False)])
+def test_a_padded_strided_pointwise_convolution_is_refused_with_openvinos_wrong_output_size(kernel, stride, padding, refused):
+    # OpenVINO 2026.4's CPU plugin strides a 1x1 convolution before padding it (fuzzing seed 364)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding)
+    graph, _ = make_partition(nn.Sequential(nn.ReLU(), conv).eval(), (torch.randn(2, 4, 9, 9),))
+    node = next(n for n in graph.gm.graph.nodes if n.target is torch.ops.aten.conv2d.default)
+    support = backend.supports(node, CPU)
+    assert support.ok is not refused
+    if refused:
+        assert "padded, strided 1x1 convolution the wrong output size" in support.reason

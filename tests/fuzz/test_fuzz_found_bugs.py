@@ -144,3 +144,18 @@ def test_an_ort_fusion_rewrite_that_changes_an_output_falls_back_to_the_unfused_
         _assert_close(got, expected)
     detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
     assert "changed the graph's answer" in detail or "ORT fusion rules applied" in detail, detail
+
+
+def test_a_padded_strided_pointwise_conv_after_an_elementwise_op_matches_eager_on_openvino():
+    """Was (general-family seed 364): OpenVINO 2026.4's CPU plugin gave Conv1d(k=1, stride=3,
+    padding=1) after a division an output of length 3 where eager gives 2 (it strides before
+    padding once the input shape is static; reproduced with openvino.convert_model alone). The
+    OpenVINO capability table now refuses such a convolution, so it runs in eager PyTorch."""
+    pytest.importorskip("openvino")
+    from fuzz.generator import call, random_model
+
+    model, example, dynamic = random_model(364)
+    compiled = _optimize(model, example, dynamic=dynamic, backend="openvino", cache=False, precision="fp32")
+    assert "eager" in compiled.backends.values()
+    with torch.no_grad():
+        _assert_close(call(compiled, example), call(model, example))
