@@ -286,3 +286,12 @@ def test_a_padded_strided_pointwise_convolution_is_refused_with_openvinos_wrong_
     assert support.ok is not refused
     if refused:
         assert "padded, strided 1x1 convolution the wrong output size" in support.reason
+
+
+def test_group_norm_of_a_2d_input_is_refused_for_openvinos_missing_kernel():
+    # OpenVINO 2026.4's CPU plugin cannot compile GroupNormalization of [batch, channels] (fuzzing seeds 994, 1090)
+    flat, _ = make_partition(nn.GroupNorm(4, 16).eval(), (torch.randn(2, 16),))
+    image, _ = make_partition(nn.GroupNorm(4, 16).eval(), (torch.randn(2, 16, 5),))
+    norm = lambda graph: next(n for n in graph.gm.graph.nodes if "group_norm" in str(n.target))  # noqa: E731
+    assert "no GroupNormalization kernel for a 2-d input" in backend.supports(norm(flat), CPU).reason
+    assert backend.supports(norm(image), CPU).ok
