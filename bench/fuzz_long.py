@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--count", type=int, default=100, help="seeds per backend (fewer if --budget-s runs out)")
+    parser.add_argument("--seeds", help="comma-separated seeds to run instead of --start/--count (re-running failures)")
     parser.add_argument("--backends", default="onnxruntime", help="comma-separated kiln backends")
     parser.add_argument("--families", default="general", help="comma-separated model families: general, masked")
     parser.add_argument("--out", type=Path, help="write every result and the summary as JSON here")
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     families = [f.strip() for f in args.families.split(",") if f.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(args.start, args.start + args.count))
+    # each result is also appended to OUT.jsonl as it comes, so a run stopped midway keeps what ran
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    progress = args.out.with_suffix(".jsonl").open("a") if args.out else None
     budgets = [None] * len(backends)
     if args.budget_s is not None:
         budgets = [args.budget_s] * len(backends)
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for backend, budget in zip(backends, budgets):
             t0 = time.monotonic()
-            for seed in range(args.start, args.start + args.count):
+            for seed in seeds:
                 if budget is not None and time.monotonic() - t0 > budget:
                     break
                 family = families[seed % len(families)]  # the families take turns over the seeds
@@ -226,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = runner.run(seed, backend, args.timeout_s, family)
                 results.append(result)
+                if progress is not None:
+                    progress.write(json.dumps(result) + "\n")
+                    progress.flush()
                 mark = "." if result["outcome"] == "ok" else f"\n  seed {seed}: {result['outcome']} {result['error_type']}: {result['error'][:150]}\n"
                 print(mark, end="", flush=True)
             print(f"\n{backend}: {sum(r['backend'] == backend for r in results)} models in {time.monotonic() - t0:.0f} s", flush=True)
@@ -233,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; reporting what ran", flush=True)
     finally:
         runner.stop()
+        if progress is not None:
+            progress.close()
     summary = summarize(results)
     summary["wall_seconds"] = time.time() - started
     print_report(results, summary)
