@@ -29,6 +29,7 @@ SEMANTICS = ROOT / "bench" / "results" / "nonfinite_semantics.md"
 # The fuzz generator's step names that run each measured op (attention runs a softmax inside).
 STEPS_OF = {"layer_norm": {"layernorm"}, "group_norm": {"groupnorm"}, "batch_norm": {"batchnorm1d", "batchnorm2d"},
             "softmax": {"softmax", "attention"}, "log_softmax": {"log_softmax"}, "clamp_min": {"clamp"},
+            "sdpa_causal": {"attention"}, "sdpa_bool_mask": {"attention"},
             "maximum": {"maximum"}}
 
 
@@ -51,7 +52,7 @@ def is_upstream_nonfinite(result: dict, table: dict[str, set[str]]) -> str | Non
         return None
     steps = {step.split("(")[0].strip().lower() for step in result.get("ops", "").split("-> [", 1)[-1].split("] ->")[0].split(";")}
     hits = sorted(steps & table.get(result["backend"], set()))
-    return f"{result['backend']} treats NaN/Inf unlike PyTorch in {', '.join(hits)}" if hits else None
+    return ", ".join(hits) if hits else None
 
 
 FAILURE_LINE = re.compile(r"seed (\d+): (\w+) ([^:]*): (.*)")
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a stopped run's progress output, read back (repeatable)")
     parser.add_argument("--families", default="general,masked", help="the run's --families, for --log")
     parser.add_argument("--rerun", type=Path, help="a fuzz_long.py JSON re-running the failing seeds after fixes")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="write the table (markdown) here")
+    parser.add_argument("--json", type=Path, help="write the counts and every failure with its cause here")
     args = parser.parse_args(argv)
     results = [r for path in args.runs for r in json.loads(path.read_text())["results"]]
     for item in args.log:
@@ -114,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         again = rerun.get((r["backend"], r["seed"]))
         if again is not None and again["outcome"] == "ok":
             causes[("fixed in kiln, passes on re-run", signature(r))].append(r)
-        elif (why := is_upstream_nonfinite(r, table)) is not None:
-            causes[("upstream: " + why, "")].append(r)
+        elif (ops := is_upstream_nonfinite(r, table)) is not None:
+            r = {**r, "error": f"model uses {ops}; {r['error']}"}
+            causes[(f"upstream: {r['backend']} treats NaN/Inf unlike PyTorch in an op the model uses", "")].append(r)
         else:
             causes[("open", signature(again or r))].append(again or r)
     total = sum(sum(c.values()) for c in counts.values())
     lines = [f"# Differential fuzzing campaign: {total} models", "",
-             f"Command: `python bench/fuzz_long.py --families general,masked ...` (see bench/results/fuzz_campaign.json); "
-             f"kiln {_commit()}.", "",
+             f"Command: `python bench/fuzz_long.py --families general,masked ...`, sorted by `python bench/fuzz_triage.py` "
+             f"(at kiln {_commit()}); every failure with its cause is in fuzz_campaign.json.", "",
              "| backend | models | general | masked | ok | kiln_error | mismatch | crash |", "|---|---|---|---|---|---|---|---|"]
     for backend, c in counts.items():
         lines.append(f"| {backend} | {sum(c.values())} | {families[backend]['general']} | {families[backend]['masked']} | "
@@ -135,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "counts": {b: dict(c) for b, c in counts.items()}, "families": {b: dict(c) for b, c in families.items()},
+            "failures": [{"cause": cause, "signature": sig, **{k: r.get(k) for k in ("backend", "seed", "family", "outcome",
+                                                                                      "error_type", "error", "ops")}}
+                         for (cause, sig), rs in causes.items() for r in rs]}, indent=1))
     return 0
 
 

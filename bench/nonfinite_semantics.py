@@ -65,6 +65,10 @@ def _ops() -> dict[str, tuple[Op, tuple[int, ...]]]:
         "sum": (Op(lambda m, x: x.sum(-1)), (2, 6, 5)),
         "mean": (Op(lambda m, x: x.mean(-1)), (2, 6, 5)),
         "conv1d": (Op(lambda m, x: m.layers["c"](x), {"c": nn.Conv1d(6, 4, 3)}), (2, 6, 5)),
+        # a NaN in a key a causal mask hides: PyTorch's kernel never reads it, an additive mask does
+        "sdpa_causal": (Op(lambda m, x: F.scaled_dot_product_attention(x, x, x, is_causal=True)), (2, 2, 6, 4)),
+        "sdpa_bool_mask": (Op(lambda m, x: F.scaled_dot_product_attention(
+            x, x, x, attn_mask=torch.ones(6, 6, dtype=torch.bool).tril())), (2, 2, 6, 4)),
     }
 
 
