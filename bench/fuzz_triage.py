@@ -29,7 +29,8 @@ SEMANTICS = ROOT / "bench" / "results" / "nonfinite_semantics.md"
 # The fuzz generator's step names that run each measured op (attention runs a softmax inside).
 STEPS_OF = {"layer_norm": {"layernorm"}, "group_norm": {"groupnorm"}, "batch_norm": {"batchnorm1d", "batchnorm2d"},
             "softmax": {"softmax", "attention"}, "log_softmax": {"log_softmax"}, "clamp_min": {"clamp"},
-            "sdpa_causal": {"attention"}, "sdpa_bool_mask": {"attention"},
+            "sdpa_causal": {"attention"}, "sdpa_bool_mask": {"attention"}, "gelu_after_permute": {"gelu"},
+            "batch_norm_batch_stats": {"batchnorm1d", "batchnorm2d"}, "conv2d_pointwise_strided": {"conv2d"},
             "maximum": {"maximum"}}
 
 

@@ -43,6 +43,7 @@ def _ops() -> dict[str, tuple[Op, tuple[int, ...]]]:
         "relu": (Op(lambda m, x: torch.relu(x)), (2, 6, 5)),
         "gelu": (Op(lambda m, x: F.gelu(x)), (2, 6, 5)),
         "gelu_tanh": (Op(lambda m, x: F.gelu(x, approximate="tanh")), (2, 6, 5)),
+        "gelu_after_permute": (Op(lambda m, x: F.gelu(x.permute(0, 2, 1))), (2, 6, 5)),
         "silu": (Op(lambda m, x: F.silu(x)), (2, 6, 5)),
         "hardswish": (Op(lambda m, x: F.hardswish(x)), (2, 6, 5)),
         "sigmoid": (Op(lambda m, x: torch.sigmoid(x)), (2, 6, 5)),
@@ -56,6 +57,8 @@ def _ops() -> dict[str, tuple[Op, tuple[int, ...]]]:
         "layer_norm": (Op(lambda m, x: m.layers["n"](x), {"n": nn.LayerNorm(5)}), (2, 6, 5)),
         "group_norm": (Op(lambda m, x: m.layers["n"](x), {"n": nn.GroupNorm(2, 6)}), (2, 6, 5)),
         "batch_norm": (Op(lambda m, x: m.layers["n"](x), {"n": bn}), (2, 6, 5)),
+        "batch_norm_batch_stats": (Op(lambda m, x: m.layers["n"](x), {"n": nn.BatchNorm1d(6, track_running_stats=False)}),
+                                   (2, 6, 5)),
         "linear": (Op(lambda m, x: m.layers["l"](x), {"l": nn.Linear(5, 4)}), (2, 6, 5)),
         "max_pool1d": (Op(lambda m, x: F.max_pool1d(x, 2)), (2, 6, 6)),
         "max_pool2d": (Op(lambda m, x: F.max_pool2d(x, 2)), (2, 3, 4, 4)),
@@ -65,6 +68,7 @@ def _ops() -> dict[str, tuple[Op, tuple[int, ...]]]:
         "sum": (Op(lambda m, x: x.sum(-1)), (2, 6, 5)),
         "mean": (Op(lambda m, x: x.mean(-1)), (2, 6, 5)),
         "conv1d": (Op(lambda m, x: m.layers["c"](x), {"c": nn.Conv1d(6, 4, 3)}), (2, 6, 5)),
+        "conv2d_pointwise_strided": (Op(lambda m, x: m.layers["c"](x), {"c": nn.Conv2d(2, 8, 1, stride=3)}), (2, 2, 7, 1)),
         # a NaN in a key a causal mask hides: PyTorch's kernel never reads it, an additive mask does
         "sdpa_causal": (Op(lambda m, x: F.scaled_dot_product_attention(x, x, x, is_causal=True)), (2, 2, 6, 4)),
         "sdpa_bool_mask": (Op(lambda m, x: F.scaled_dot_product_attention(

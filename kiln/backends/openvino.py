@@ -415,7 +415,8 @@ def _distinct_outputs(partition: PartitionGraph) -> tuple[PartitionGraph, tuple[
     return narrowed, tuple(distinct.index(v) for v in values)
 
 
-def _set_shapes_and_names(model, partition: PartitionGraph, placeholders: list[str]) -> tuple[int, ...]:
+def _set_shapes_and_names(model, partition: PartitionGraph, placeholders: list[str],
+                          used: list[str] | None = None) -> tuple[int, ...]:
     """Name inputs and outputs as kiln does, and give each input its partial shape: the example's
     sizes, with the partition's dynamic dims as bounded ranges (OpenVINO would otherwise leave
     every dim unbounded, and its CPU plugin plans memory better for bounded or static dims).
@@ -425,6 +426,8 @@ def _set_shapes_and_names(model, partition: PartitionGraph, placeholders: list[s
 
     positions = [placeholders.index(port.get_any_name()) if port.get_any_name() in placeholders else -1
                  for port in model.inputs]
+    if -1 in positions:
+        positions = _match_unnamed(model, positions, partition, placeholders, used or [])
     if -1 in positions or len(model.outputs) != len(partition.output_names):
         raise BackendError(f"OpenVINO's model has inputs {[p.get_any_name() for p in model.inputs]} and "
                            f"{len(model.outputs)} outputs; the partition has inputs {placeholders} and "
@@ -442,6 +445,24 @@ def _set_shapes_and_names(model, partition: PartitionGraph, placeholders: list[s
     for port, name in zip(model.outputs, partition.output_names):
         port.get_tensor().set_names({name})
     return tuple(positions)
+
+
+def _match_unnamed(model, positions: list[int], partition: PartitionGraph, placeholders: list[str],
+                   used: list[str]) -> list[int]:
+    """The frontend names an input by a number now and then, keeping an unread input beside it
+    (fuzzing seed 1460: ['tensors_1', '14'] for inputs 0 and 1 unread, 2 read). Each unnamed input
+    goes to the one read, unmatched partition input of its rank; left -1 where that is not one."""
+    taken = {p for p in positions if p >= 0}
+    for index, port in enumerate(model.inputs):
+        if positions[index] >= 0:
+            continue
+        rank = port.get_partial_shape().rank
+        fits = [placeholders.index(name) for name in used if placeholders.index(name) not in taken
+                and rank.is_static and partition.example_inputs[placeholders.index(name)].dim() == rank.get_length()]
+        if len(fits) == 1:
+            positions[index] = fits[0]
+            taken.add(fits[0])
+    return positions
 
 
 class OpenVinoBackend(BackendBase):
@@ -466,6 +487,7 @@ class OpenVinoBackend(BackendBase):
         by_hint = not partition.precision.lowered or _float_hint_covers(partition)
         if not by_hint and not _float_layers_only(partition):
             model, placeholders, lowering = _quantised_onnx(partition, settings)
+            used = None
         else:
             if by_hint:
                 exported = export_partition(partition)
@@ -482,9 +504,10 @@ class OpenVinoBackend(BackendBase):
                 raise BackendError(f"OpenVINO's PyTorch frontend failed: {_first_line(exc)}",
                                    where=f"partition {partition.name}", fix="try backend='onnxruntime'") from exc
             placeholders = list(exported.graph_signature.user_inputs)
+            used = [n.name for n in exported.graph.nodes if n.op == "placeholder" and n.name in placeholders and n.users]
             lowering = (f"{len(partition.precision.lowered)} layers cast to {partition.precision.lowest().value}, "
                         f"{len(partition.precision.layers) - len(partition.precision.lowered)} at fp32") if hint else ""
-        wiring = Wiring(_set_shapes_and_names(model, partition, placeholders), output_map)
+        wiring = Wiring(_set_shapes_and_names(model, partition, placeholders, used), output_map)
         convert_s = time.perf_counter() - start
         xml = settings.workdir / f"{partition.name}.openvino.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32 in the IR

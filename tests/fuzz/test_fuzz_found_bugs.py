@@ -159,3 +159,18 @@ def test_a_padded_strided_pointwise_conv_after_an_elementwise_op_matches_eager_o
     assert "eager" in compiled.backends.values()
     with torch.no_grad():
         _assert_close(call(compiled, example), call(model, example))
+
+
+def test_an_input_openvinos_frontend_names_by_a_number_is_still_wired_to_its_tensor():
+    """Was (general-family seed 1460): OpenVINO's frontend named one input '14' and kept an unread
+    input beside it, and kiln, wiring inputs by name, refused the build. Unnamed inputs now go to
+    the read partition input of their rank."""
+    pytest.importorskip("openvino")
+    from fuzz.generator import call, random_model
+
+    model, example, dynamic = random_model(1460)
+    compiled = _optimize(model, example, dynamic=dynamic, backend="openvino", cache=False, precision="fp32")
+    assert set(compiled.backends.values()) == {"openvino"}
+    with torch.no_grad():
+        for got, want in zip(call(compiled, example), call(model, example)):
+            _assert_close(got, want)
