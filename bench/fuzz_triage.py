@@ -34,6 +34,30 @@ STEPS_OF = {"layer_norm": {"layernorm"}, "group_norm": {"groupnorm"}, "batch_nor
             "maximum": {"maximum"}}
 
 
+# Failures reproduced by hand without kiln (the runtime fed the same torch.export program through
+# its own entry point), with what was found.
+REPRODUCED_UPSTREAM = {
+    ("openvino", 524): "OpenVINO 2026.4.1 drops eager's NaN after mean -> batchnorm -> strided 1x1 conv "
+                       "(openvino.convert_model of the same program, static shape, reproduces it)",
+}
+
+
+# What fixed each failure that passes on re-run: the kiln commit, and the cause it found.
+_WIDENED = ("1bc3602: a dynamic batch captured from an example of one is exported from the example repeated to size 2 "
+            "(torch 2.13's AOTInductor ran the size-oblivious program wrong past row 0; OpenVINO failed to infer it)")
+FIXED_BY = {
+    **{("inductor", s): _WIDENED for s in (7, 79, 91, 107, 137, 143, 157, 161, 169, 197, 235, 287, 371, 377, 391, 431, 437,
+                                           479, 481)},
+    **{("openvino", s): _WIDENED for s in (91, 107, 1493, 1507, 1739, 1825)},
+    ("onnxruntime", 812): "3e4b2b4: a fused ONNX Runtime engine is checked on the example inputs (onnxscript 0.7.2's mha2 "
+                          "rule dropped a flatten); the unfused graph is used",
+    **{("openvino", s): "126fa04: OpenVINO's table refuses a padded, strided 1x1 convolution (its CPU plugin strides "
+                        "before padding)" for s in (242, 364, 1892)},
+    **{("openvino", s): "73cdabb: OpenVINO's table refuses group_norm of a 2-d input (no CPU kernel)" for s in (994, 1090, 1854)},
+    ("openvino", 1460): "1d7e701: an input OpenVINO's frontend names by a number is wired by rank",
+}
+
+
 def upstream_nonfinite() -> dict[str, set[str]]:
     """runtime -> generator step names whose NaN/Inf output the runtime itself gives unlike
     PyTorch, read from bench/nonfinite_semantics.py's table (measured without kiln)."""
@@ -97,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", type=Path, help="a fuzz_long.py JSON re-running the failing seeds after fixes")
     parser.add_argument("--out", type=Path, help="write the table (markdown) here")
     parser.add_argument("--json", type=Path, help="write the counts and every failure with its cause here")
+    parser.add_argument("--about", default="", help="a paragraph on the runs (commits, machine), put under the title")
     args = parser.parse_args(argv)
     results = [r for path in args.runs for r in json.loads(path.read_text())["results"]]
     for item in args.log:
@@ -116,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         again = rerun.get((r["backend"], r["seed"]))
         if again is not None and again["outcome"] == "ok":
-            causes[("fixed in kiln, passes on re-run", signature(r))].append(r)
+            fix = FIXED_BY.get((r["backend"], r["seed"]), "a kiln change")
+            causes[(f"fixed, passes on re-run: {fix}", "")].append(r)
+        elif (why := REPRODUCED_UPSTREAM.get((r["backend"], r["seed"]))) is not None:
+            causes[(f"upstream, reproduced by hand: {why}", "")].append(r)
         elif (ops := is_upstream_nonfinite(r, table)) is not None:
             r = {**r, "error": f"model uses {ops}; {r['error']}"}
             causes[(f"upstream: {r['backend']} treats NaN/Inf unlike PyTorch in an op the model uses", "")].append(r)
@@ -126,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Differential fuzzing campaign: {total} models", "",
              f"Command: `python bench/fuzz_long.py --families general,masked ...`, sorted by `python bench/fuzz_triage.py` "
              f"(at kiln {_commit()}); every failure with its cause is in fuzz_campaign.json.", "",
+             *([args.about, ""] if args.about else []),
              "| backend | models | general | masked | ok | kiln_error | mismatch | crash |", "|---|---|---|---|---|---|---|---|"]
     for backend, c in counts.items():
         lines.append(f"| {backend} | {sum(c.values())} | {families[backend]['general']} | {families[backend]['masked']} | "
