@@ -119,3 +119,9 @@ def test_each_timed_block_starts_after_a_quiet_pause_and_an_untimed_call(monkeyp
     assert timed[4:8] == [("sleep", select.SETTLE_SECONDS), ("call", "b"), ("call", "b"), ("call", "b")]
     assert events.count(("sleep", select.SETTLE_SECONDS)) == 2 * 3  # every block of the 3 rounds
     assert select.SETTLE_SECONDS >= 0.05
+
+
+def test_the_registry_and_the_plan_datas_backend_names_name_the_same_backends():
+    from kiln.ir import BACKEND_NAMES
+
+    assert set(registry.BACKENDS) == set(BACKEND_NAMES)
