@@ -96,6 +96,8 @@ class BackendBase:
 
     name: ClassVar[str]
     capabilities: ClassVar[CapabilityTable]
+    # the libraries a build imports, which a build worker imports ahead (kiln/build/isolate.py)
+    build_modules: ClassVar[tuple[str, ...]] = ()
 
     def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
                  check_ready: bool = True) -> Support:
@@ -137,6 +139,8 @@ class Engine(Protocol):
 class Backend(Protocol):
     name: ClassVar[str]
     capabilities: ClassVar[CapabilityTable]
+    # the libraries a build imports, which a build worker imports ahead (kiln/build/isolate.py)
+    build_modules: ClassVar[tuple[str, ...]] = ()
 
     def available(self) -> Availability: ...
 

@@ -276,6 +276,7 @@ def _check_package(path: Path) -> None:
 
 class InductorBackend(BackendBase):
     name: ClassVar[str] = "inductor"
+    build_modules: ClassVar[tuple[str, ...]] = ("torch._inductor", "torch._inductor.compile_fx")
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
     def available(self) -> Availability:

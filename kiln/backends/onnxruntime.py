@@ -439,6 +439,8 @@ CAPABILITIES = CapabilityTable(
 
 class OnnxRuntimeBackend(BackendBase):
     name: ClassVar[str] = "onnxruntime"
+    build_modules: ClassVar[tuple[str, ...]] = ("onnx", "onnx_ir", "onnxscript", "onnxscript.rewriter.ort_fusions",
+                                                "torch.onnx", "onnxruntime")
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
     def available(self) -> Availability:

@@ -467,6 +467,7 @@ def _match_unnamed(model, positions: list[int], partition: PartitionGraph, place
 
 class OpenVinoBackend(BackendBase):
     name: ClassVar[str] = "openvino"
+    build_modules: ClassVar[tuple[str, ...]] = ("openvino", "openvino.frontend.pytorch.fx_decoder")
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
 
     def available(self) -> Availability:

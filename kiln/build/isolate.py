@@ -1,7 +1,8 @@
 """Build a candidate engine in a child process, with a time and a memory budget.
 
 Native toolchains can crash, hang or exhaust memory (a segfault in an exporter, a C++
-compiler eating RAM). The child gets the partition as a torch.export program file, builds the
+compiler eating RAM). The child (started ahead by a WorkerPool, one fresh process per
+candidate) gets the partition as a torch.export program file, builds the
 engine with the named backend, verifies it on the verification inputs, and saves the engine
 files; the parent then loads those files. A crash, a hang past the budget or an out-of-memory
 kill ends only the child, and the parent records signal, exit code and the last lines it
@@ -14,11 +15,15 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -77,16 +82,111 @@ def _defining_module(op: torch._ops.OpOverload) -> str | None:
                  if getattr(module, "__file__", None) and os.path.realpath(module.__file__) == path), None)
 
 
-def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings, draws: list, references: list,
-                   synthetic: frozenset[int], timeout_s: float, memory_mb: int | None,
+@dataclass(frozen=True)
+class PartitionFiles:
+    """One partition's program and verification data, written once and read by every
+    candidate's child (each used to write its own copy)."""
+
+    program: Path
+    verify: Path
+
+    @classmethod
+    def write(cls, partition: PartitionGraph, draws: list, references: list, directory: Path) -> "PartitionFiles":
+        directory.mkdir(parents=True, exist_ok=True)
+        files = cls(directory / "program.pt2", directory / "verify.pt")
+        torch.export.save(export_partition(partition), files.program)
+        torch.save({"draws": [list(d) for d in draws], "references": [list(r) for r in references],
+                    "calibration": [list(c) for c in partition.calibration]}, files.verify)
+        return files
+
+
+class WorkerPool:
+    """Child processes that import torch, kiln and the candidates' backend libraries before a
+    build needs them. Each takes one job and exits, so every candidate still builds in a fresh
+    process; the seconds of imports run while the parent captures, runs passes or builds the
+    previous candidate instead of before each build."""
+
+    def __init__(self, backends: tuple[str, ...], memory_mb: int | None = None):
+        self.backends, self.memory_mb = tuple(backends), memory_mb
+        self._dir = Path(tempfile.mkdtemp(prefix="kiln-workers-"))
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._spawned = 0
+        self._expected, self._ahead = 0, 0
+        self._closed = False
+
+    def expect(self, jobs: int, ahead: int = 2) -> None:
+        """`jobs` builds are about to come: keep up to `ahead` of them a worker that is already
+        importing (not more: an idle worker's imports take a core from the builds running)."""
+        with self._lock:
+            self._expected, self._ahead = jobs, ahead
+            self._top_up()
+
+    def take(self) -> "_Worker":
+        with self._lock:
+            worker = self._idle.pop(0) if self._idle else self._spawn()
+            self._expected = max(0, self._expected - 1)
+            self._top_up()
+            return worker
+
+    def _top_up(self) -> None:
+        while not self._closed and len(self._idle) < min(self._expected, self._ahead):
+            self._idle.append(self._spawn())
+
+    def _spawn(self) -> "_Worker":
+        self._spawned += 1
+        log_path = self._dir / f"worker-{self._spawned}.log"
+        with open(log_path, "w") as log_file:  # the child keeps its own descriptor
+            process = subprocess.Popen([sys.executable, "-m", "kiln.build.worker", "--wait", *self.backends],
+                                       stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                       env=_child_env(), preexec_fn=_limit_memory(self.memory_mb) if self.memory_mb else None)
+        return _Worker(process, log_path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.process.kill()
+            worker.process.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen
+    log: Path
+
+    def run(self, job: Path, timeout_s: float) -> tuple[int | None, str]:
+        """Hand the worker `job` and wait: (exit code, or None past `timeout_s`; its output)."""
+        try:
+            self.process.stdin.write(f"{job}\n")
+            self.process.stdin.close()
+        except OSError:  # it died while importing; its exit status and output say why
+            pass
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            code = None
+        return code, self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+
+def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings, files: PartitionFiles,
+                   synthetic: frozenset[int], timeout_s: float, workers: WorkerPool,
                    libraries: OpLibraries = OpLibraries()) -> tuple[Engine, list[OutputCheck], str]:
     job = settings.workdir / f"{partition.name}-{backend.name}-build"
     job.mkdir(parents=True, exist_ok=True)
-    torch.export.save(export_partition(partition), job / "program.pt2")
-    torch.save({"draws": [list(d) for d in draws], "references": [list(r) for r in references],
-                "calibration": [list(c) for c in partition.calibration]}, job / "verify.pt")
     request = {
         "backend": backend.name, "partition": partition.name,
+        "program": str(files.program), "verify": str(files.verify),
         # the class itself, so the child builds with exactly the backend the parent chose
         "backend_class": f"{type(backend).__module__}:{type(backend).__qualname__}",
         "input_names": list(partition.input_names), "output_names": list(partition.output_names),
@@ -101,17 +201,14 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "import": list(libraries.modules),  # the user's torch.library ops, registered before the program loads
     }
     (job / "request.json").write_text(json.dumps(request))
-    command = [sys.executable, "-m", "kiln.build.worker", str(job)]
     start = time.perf_counter()
-    try:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s, env=_child_env(),
-                              preexec_fn=_limit_memory(memory_mb) if memory_mb else None)
-    except subprocess.TimeoutExpired:
+    code, output = workers.take().run(job, timeout_s)
+    if code is None:
         raise IsolatedBuildFailed(f"build of {backend.name} ran past its {timeout_s:g} s budget and was stopped",
-                                  where=f"partition {partition.name}", fix="raise build_timeout_s, or drop this backend") from None
+                                  where=f"partition {partition.name}", fix="raise build_timeout_s, or drop this backend")
     result_file = job / "result.json"
-    if done.returncode != 0 or not result_file.is_file():
-        raise IsolatedBuildFailed(_describe_exit(done, backend.name, time.perf_counter() - start),
+    if code != 0 or not result_file.is_file():
+        raise IsolatedBuildFailed(_describe_exit(code, output, backend.name, time.perf_counter() - start),
                                   where=f"partition {partition.name}", fix="see the lines quoted; the other candidates were still tried")
     result = json.loads(result_file.read_text())
     if not result["ok"]:
@@ -148,17 +245,17 @@ def _limit_memory(memory_mb: int):
     return apply
 
 
-def _describe_exit(done: subprocess.CompletedProcess, backend: str, seconds: float) -> str:
-    output = done.stdout or ""  # the child's stdout and stderr, interleaved
+def _describe_exit(returncode: int, output: str, backend: str, seconds: float) -> str:
+    """`output` is the child's stdout and stderr, interleaved."""
     tail = " | ".join(line for line in output.strip().splitlines()[-3:])
-    if done.returncode < 0:
+    if returncode < 0:
         try:
-            name = signal.Signals(-done.returncode).name
+            name = signal.Signals(-returncode).name
         except ValueError:
-            name = f"signal {-done.returncode}"
+            name = f"signal {-returncode}"
         what = f"build of {backend} crashed ({name}) after {seconds:.1f} s"
     elif "MemoryError" in output or "std::bad_alloc" in output:
-        what = f"build of {backend} ran out of memory (exit code {done.returncode})"
+        what = f"build of {backend} ran out of memory (exit code {returncode})"
     else:
-        what = f"build of {backend} failed with exit code {done.returncode}"
+        what = f"build of {backend} failed with exit code {returncode}"
     return f"{what}; last output: {tail[-600:]}" if tail else what

@@ -1,8 +1,10 @@
-"""The child side of an isolated build (see kiln/build/isolate.py): `python -m kiln.build.worker JOB`.
+"""The child side of an isolated build (see kiln/build/isolate.py):
+`python -m kiln.build.worker --wait [BACKEND ...]` imports what the builds need, then reads one
+job directory from stdin, builds it and exits (`python -m kiln.build.worker JOB` builds at once).
 
-Reads JOB/request.json, JOB/program.pt2 and JOB/verify.pt; writes the engine to JOB/engine/
-and the outcome to JOB/result.json. Any exception is reported in result.json; a crash leaves
-no result.json and the parent reads the exit status instead.
+Reads JOB/request.json and the partition's program and verification files it names; writes the
+engine to JOB/engine/ and the outcome to JOB/result.json. Any exception is reported in
+result.json; a crash leaves no result.json and the parent reads the exit status instead.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ def main(job: Path) -> int:
 
         for module in request.get("import", ()):  # the user's torch.library ops, before the program names them
             importlib.import_module(module)
-        exported = torch.export.load(job / "program.pt2")
+        exported = torch.export.load(request["program"])
         gm = exported.module()
         drop_guard_calls(gm)  # kiln checks inputs itself, as at capture
-        verify = torch.load(job / "verify.pt")
+        verify = torch.load(request["verify"])
         dims = {}
         dynamic = None
         if request["dynamic"] is not None:
@@ -78,5 +80,28 @@ def main(job: Path) -> int:
     return 0
 
 
+def warm_up(backends: list[str]) -> None:
+    """Import torch, kiln's build modules and each backend's libraries, as a build would."""
+    import importlib
+
+    import torch  # noqa: F401
+
+    import kiln.frontend.capture  # noqa: F401
+    import kiln.verify  # noqa: F401
+    from kiln.backends import registry
+
+    for name in backends:
+        try:
+            backend = registry.get(name)
+            for module in backend.build_modules:
+                importlib.import_module(module)
+        except Exception:  # the build itself reports a backend that cannot load
+            pass
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--wait":
+        warm_up(sys.argv[2:])
+        line = sys.stdin.readline().strip()
+        sys.exit(main(Path(line)) if line else 0)  # no job: the parent no longer needs this worker
     sys.exit(main(Path(sys.argv[1])))
