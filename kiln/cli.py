@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=8")
     p.add_argument("--backend", help="use this backend only")
     p.add_argument("--select", choices=["prefer", "measure"], help="override the profile's backend selection")
+    p.add_argument("--effort", choices=["fast", "default", "max"],
+                   help="how many candidate engines are built: fast builds the one predicted to win; default (the "
+                        "default) only those that could still win, judged by what this host measured before; max builds "
+                        "and times every candidate, with autotuning")
     p.add_argument("--backend-fallback", action="store_true",
                    help="with --select prefer: a backend whose build fails moves on to the next one (recorded)")
     p.add_argument("--time-against-fp32", action=argparse.BooleanOptionalAction, default=None,
@@ -189,6 +193,8 @@ def _compile(args: argparse.Namespace) -> int:
         overrides["backend"] = args.backend
     if args.select:
         overrides["select"] = args.select
+    if args.effort:
+        overrides["effort"] = args.effort
     if args.backend_fallback:
         overrides["backend_fallback"] = True
     if args.time_against_fp32 is not None:

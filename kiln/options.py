@@ -16,6 +16,11 @@ from kiln.errors import OptionsError
 from kiln.types import Auto, Precision
 
 OBSERVERS = ("minmax", "percentile", "mse")
+# How much building a compile may spend to find the fastest engine (like a builder optimization
+# level): "fast" builds the one candidate predicted to win; "default" builds only the candidates
+# that could still win (what this host measured before rules the others out); "max" builds and
+# times every candidate, with autotuning.
+EFFORTS = ("fast", "default", "max")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -23,6 +28,7 @@ INT4_GROUP_SIZES = (32, 64, 128)
 class CompileOptions:
     backend: str | None = None  # force one backend instead of the profile's preference
     select: str | None = None  # "prefer" | "measure"; None takes the profile's
+    effort: str = "default"  # "fast" | "default" | "max": how many candidates are built (EFFORTS)
     # "auto": per layer, the cheapest precision the device runs that keeps accuracy_budget;
     # or one of fp32, bf16, fp16, int8, int4-weight, fp8 for every layer that can take it.
     precision: Precision | Auto = Auto.AUTO
@@ -53,7 +59,9 @@ class CompileOptions:
     build_timeout_s: float = 900.0  # per isolated candidate build (and its first verification)
     build_memory_mb: int | None = None  # address-space cap per isolated build; None: no cap
     time_budget_s: float | None = None  # for the whole optimize(); candidates past it are skipped, recorded
-    autotune: bool = False  # let backends benchmark kernel variants while building (Inductor max-autotune): slower builds, faster engines
+    # let backends benchmark kernel variants while building (Inductor max-autotune): slower builds,
+    # faster engines; None: only at effort="max"
+    autotune: bool | None = None
     # {module path prefix or node name: device}: placement puts those nodes there, whatever it costs
     pin: Mapping[str, str] = field(default_factory=dict)
     eager_fallback: bool = True  # ops no backend supports run eagerly in PyTorch on the host (reported)
@@ -73,6 +81,10 @@ class CompileOptions:
         self._check_precision()
         if self.select not in (None, "prefer", "measure"):
             raise OptionsError(f"unknown selection mode {self.select!r}", where="options.select", fix="use 'prefer' or 'measure'")
+        if self.effort not in EFFORTS:
+            close = difflib.get_close_matches(str(self.effort), EFFORTS, n=1)
+            raise OptionsError(f"unknown effort {self.effort!r}", where="options.effort",
+                               fix=f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(EFFORTS)}")
         if not isinstance(self.verify_draws, int) or self.verify_draws < 0:
             raise OptionsError(f"verify_draws must be a non-negative int, got {self.verify_draws!r}", where="options.verify_draws", fix="use 0 or more")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -113,6 +125,11 @@ class CompileOptions:
     def backends_for(self, device) -> tuple[str, ...]:
         """The backends tried on `device`: the forced one, else the device's own list, in order."""
         return (self.backend,) if self.backend else tuple(device.backends)
+
+    @property
+    def autotunes(self) -> bool:
+        """Whether backends search kernel variants at build time: asked for, or effort="max"."""
+        return self.autotune if self.autotune is not None else self.effort == "max"
 
     def times_against_fp32(self, profile_select: str) -> bool:
         """Whether precision="auto" times its lowered plan against fp32 on a profile selecting so."""

@@ -18,6 +18,8 @@ import torch
 
 from kiln.build import precision_report
 from kiln.build.engines import build_engines
+from kiln.build.host_record import HostRecord
+from kiln.build.isolate import WorkerPool
 from kiln.build.inputs import inputs_to_check
 from kiln.build.verification import verify_against_eager
 from kiln.frontend.capture import Captured
@@ -44,6 +46,8 @@ class Builder:
     report: Report  # the fields every build's report starts from (model, inputs, passes, notes)
     timings: dict[str, float] = field(default_factory=dict)
     deadline: float | None = None  # time.monotonic() past which no further candidate starts
+    workers: WorkerPool | None = None  # child processes for isolated builds, started ahead
+    host_record: HostRecord | None = None  # what this host measured before (CompileOptions.effort)
 
     def build(self, layer_plans: Mapping[str, LayerPlan] | None = None) -> CompiledModel:
         """Build and verify the graph as decided, or with `layer_plans` decided afresh."""
@@ -63,7 +67,8 @@ class Builder:
         workdir = Path(tempfile.mkdtemp(prefix="kiln-build-"))
         try:
             with stage("compile", self.timings):
-                built = build_engines(plan, self.profile, opts, checked, synthetic, workdir, self.deadline)
+                built = build_engines(plan, self.profile, opts, checked, synthetic, workdir, self.deadline, self.workers,
+                                      self.host_record)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from kiln.backends.base import BackendSettings, Engine
-from kiln.build.isolate import build_isolated, op_libraries
+from kiln.build.effort import plan_candidates
+from kiln.build.host_record import HostRecord, graph_kind
+from kiln.build.isolate import PartitionFiles, WorkerPool, build_isolated, op_libraries
 from kiln.build.select import select_engine
 from kiln.hardware_profiles.schema import Profile
 from kiln.host import usable_cores
@@ -38,18 +40,28 @@ def selection_mode(profile: Profile, opts: CompileOptions) -> str:
     return "prefer" if opts.backend else (opts.select or profile.select)
 
 
+def isolates(opts: CompileOptions, mode: str, candidates: int) -> bool:
+    """Whether candidates build in child processes: when asked, or when several are built and
+    measured, so that one crashing or hanging toolchain costs only its own candidate."""
+    return opts.isolate if opts.isolate is not None else mode == "measure" and candidates > 1
+
+
 def threads(profile: Profile, opts: CompileOptions) -> int:
     here = usable_cores()
     return opts.threads or max(1, min(profile.primary.cores or here, here))
 
 
 def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, draws: list, synthetic: frozenset[int],
-                  workdir: Path, deadline: float | None) -> BuiltEngines:
+                  workdir: Path, deadline: float | None, workers: WorkerPool | None = None,
+                  host_record: HostRecord | None = None) -> BuiltEngines:
     """Engines for every partition of `plan`, checked on `draws` (the indexes in `synthetic`
-    are random draws, held to the precision's tolerance). Fills in each partition's backend."""
+    are random draws, held to the precision's tolerance). Fills in each partition's backend.
+    `workers` start the isolated builds' child processes ahead; `host_record` holds what this
+    host measured before, read to leave out candidates (CompileOptions.effort) and written
+    after each measured selection."""
     built = BuiltEngines()
     mode = selection_mode(profile, opts)
-    isolate = opts.isolate if opts.isolate is not None else mode == "measure"
+    host_record = host_record or HostRecord(None)
     for partition in plan.partitions:
         eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
         device = profile.devices[partition.device]
@@ -59,7 +71,10 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         lowered = graph if eager else with_lowered_weights(graph)
         budget = opts.accuracy_budget if graph.precision.lowered else None
         settings = BackendSettings(device, threads(profile, opts), workdir, graph.precision.lowest(), budget=budget,
-                                   fuse=opts.fusion, autotune=opts.autotune)
+                                   fuse=opts.fusion, autotune=opts.autotunes)
+        kind = graph_kind(graph) if len(names) > 1 else None
+        candidates = plan_candidates(names, "prefer" if eager else mode, opts.effort,
+                                     host_record.lookup(kind) if kind is not None else {})
         partition_draws = draws if len(plan.partitions) == 1 else _partition_draws(plan, partition, draws)
         with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
             references = [tuple(graph.gm(*inputs)) for inputs in partition_draws]
@@ -71,20 +86,36 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         libraries = op_libraries(graph.gm)
 
         def build_in_child(backend):
-            engine, checks, _ = build_isolated(backend, lowered, settings, partition_draws, references, synthetic,
-                                               opts.build_timeout_s, opts.build_memory_mb, libraries)
+            engine, checks, _ = build_isolated(backend, lowered, settings, files, synthetic, opts.build_timeout_s, pool,
+                                               libraries)
             return engine, checks
 
-        in_child = isolate and not eager
+        in_child = not eager and isolates(opts, candidates.mode, len(candidates.order))
         if in_child and libraries.unimportable:
             in_child = False
             built.notes.append(f"partition {partition.name} was built in this process, not in child processes: its op(s) "
                                f"{', '.join(libraries.unimportable)} are defined where a child cannot import them (__main__); "
                                "define them in an importable module to build each candidate in isolation")
-        log.info("building partition %s on %s: candidates %s (%s%s)", partition.name, device.name, ", ".join(names), mode,
-                 ", each in a child process" if in_child else "")
-        selection = select_engine(lowered, names, "prefer" if eager else mode, settings, check, opts.measure_seconds,
-                                  opts.backend_fallback, build_in_child if in_child else None, deadline)
+        # each build itself runs on two or more threads (a C++ compiler's jobs, a graph optimizer, the
+        # verification runs), so candidates build side by side only where there are cores for both
+        parallel = max(1, min(usable_cores() // 2, len(candidates.order))) if in_child else 1
+        # one program and one set of verification data for every child (torch.export is not thread-safe: before the builds)
+        files = PartitionFiles.write(lowered, partition_draws, references, workdir / f"{partition.name}-inputs") if in_child else None
+        pool = workers if workers is not None or not in_child else WorkerPool(names, opts.build_memory_mb)
+        if in_child:
+            pool.expect(len(candidates.order), ahead=parallel + 1)
+        log.info("building partition %s on %s: candidates %s (%s, effort %s%s)", partition.name, device.name,
+                 ", ".join(candidates.order), candidates.mode, opts.effort, ", each in a child process" if in_child else "")
+        try:
+            selection = select_engine(lowered, candidates.order, candidates.mode, settings, check, opts.measure_seconds,
+                                      opts.backend_fallback or candidates.fallback, build_in_child if in_child else None,
+                                      deadline, left_out=candidates.left_out, parallel=parallel, why_first=candidates.why_first)
+        finally:
+            if pool is not None and pool is not workers:
+                pool.close()
+        if candidates.mode == "measure" and kind is not None:
+            host_record.store(kind, {r.backend: (r.median_ms, r.compile_seconds or 0.0) for r in selection.candidates
+                                     if r.median_ms is not None})
         partition.backend = selection.backend
         built.engines[partition.name] = selection.engine
         built.candidates.extend(selection.candidates)

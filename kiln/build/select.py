@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -38,45 +39,60 @@ class Selection:
 
 def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, settings: BackendSettings,
                   check: Checker, measure_seconds: float, backend_fallback: bool, build: CandidateBuild | None = None,
-                  deadline: float | None = None) -> Selection:
-    """Pick the engine for `partition` among backends `names`; `deadline` (time.monotonic())
-    ends the search: candidates not started by then are recorded as skipped."""
+                  deadline: float | None = None, *, left_out: Mapping[str, str] | None = None, parallel: int = 1,
+                  why_first: str = "") -> Selection:
+    """Pick the engine for `partition` among backends `names`, tried in order; `left_out` are
+    candidates not built, with the reason (kiln/build/effort.py). `deadline` (time.monotonic())
+    ends the search: candidates not started by then are recorded as skipped. In "measure" mode
+    up to `parallel` candidates build at once (each in its own child process: `build` isolates)."""
     if build is None:
         def build(backend):
             engine = backend.compile(partition, settings)
             return engine, check(engine)
     strict = mode == "prefer" and not backend_fallback  # a failure is the user's answer, not a reason to move on
-    records: list[CandidateRecord] = []
+    records = {name: CandidateRecord(partition.name, name, "not tried") for name in (*names, *(left_out or {}))}
+    for name, reason in (left_out or {}).items():
+        records[name].status, records[name].reason = "skipped", reason
     built: list[_Built] = []
-    for name in names:
-        record = CandidateRecord(partition.name, name, "not tried")
-        records.append(record)
-        if mode == "prefer" and built:
-            record.reason = f"{built[0].record.backend} was preferred and verified"
-        elif deadline is not None and time.monotonic() > deadline:
+
+    def attempt(name: str) -> _Built | None:
+        record = records[name]
+        if deadline is not None and time.monotonic() > deadline:
             record.status, record.reason = "skipped", "the compile time budget (time_budget_s) was spent"
         elif (backend := _usable_backend(name, partition, settings, record)) is not None:
-            result = _build_and_check(backend, build, record, strict, partition.name, settings)
-            if result is not None:
+            return _build_and_check(backend, build, record, strict, partition.name, settings)
+        return None
+
+    if mode == "measure" and parallel > 1 and len(names) > 1:
+        with ThreadPoolExecutor(max_workers=min(parallel, len(names))) as pool:  # threads wait on child processes
+            built = [b for b in pool.map(attempt, names) if b is not None]
+    else:
+        for name in names:
+            if mode == "prefer" and built:
+                records[name].reason = why_first or f"{built[0].record.backend} was preferred and verified"
+                records[name].status = "skipped" if why_first else records[name].status
+            elif (result := attempt(name)) is not None:
                 built.append(result)
     if not built:
-        summary = "; ".join(f"{r.backend}: {r.status} ({r.reason})" for r in records)
+        summary = "; ".join(f"{r.backend}: {r.status} ({r.reason})" for r in records.values())
         raise BackendUnavailable(f"no backend could run partition {partition.name}: {summary}", where=f"device {settings.device.name}",
                                  fix="install a listed backend, or name one with backend=...")
-    if mode == "measure":
+    timed = mode == "measure" and len(built) > 1
+    if timed:
         medians = time_interleaved([b.engine for b in built], partition.example_inputs, measure_seconds * len(built))
         for median, candidate in zip(medians, built):
             candidate.record.median_ms = median * 1000
-    best = min(built, key=lambda b: b.record.median_ms) if mode == "measure" else built[0]
+    best = min(built, key=lambda b: b.record.median_ms) if timed else built[0]
     for candidate in built:
         record = candidate.record
         if candidate is best:
             record.status = "chosen"
-            record.reason = "fastest verified" if mode == "measure" else "first preferred backend that verified"
+            record.reason = "fastest verified" if timed else "the only candidate that built and verified" if mode == "measure" else (
+                why_first or "first preferred backend that verified")
         else:
             record.status = "slower"
             record.reason = f"{record.median_ms / best.record.median_ms:.2f}x the chosen backend's time"
-    return Selection(best.engine, best.record.backend, records, best.checks)
+    return Selection(best.engine, best.record.backend, list(records.values()), best.checks)
 
 
 @dataclass
