@@ -9,6 +9,7 @@ kiln.passes (the pipeline), kiln.frontend, kiln.cache.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,12 +22,16 @@ from kiln import cache as compile_cache
 from kiln import hardware_profiles
 from kiln.build import precision_report, precision_search, preflight
 from kiln.build.builder import Builder, record_placement
+from kiln.build.engines import isolates
+from kiln.build.host_record import HostRecord
+from kiln.build.isolate import WorkerPool
 from kiln.build.inputs import flat_calibration, inputs_to_check, metric_score, verification_draws
 from kiln.build.select import time_interleaved
-from kiln.build.verification import verify_against_eager
-from kiln.cache import CompileCache, cache_key
+from kiln.build.verification import agrees_on_example, verify_against_eager
+from kiln.cache import CompileCache, cache_key, quick_key
 from kiln.frontend.capture import Captured, capture, keeping_modes
-from kiln.frontend.input_spec import export_dynamic_shapes
+from kiln.frontend.fingerprint import model_fingerprint
+from kiln.frontend.input_spec import export_dynamic_shapes, normalize_call
 from kiln.hardware_profiles.schema import Profile
 from kiln.ir import DECISION_META, PartitionPlan, op_counts
 from kiln.options import CompileOptions
@@ -59,28 +64,38 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
         prof = _profile(profile)
         preflight.check_profile_fits(prof, opts)
         preflight.check_primary_ready(prof, opts)
+    cache = _open_cache(opts)
+    quick = None
+    if cache is not None:
+        with stage("cache", timings):  # the model's fingerprint, before any capture
+            quick, hit = _quick_lookup(cache, model, example_inputs, example_kwargs, dynamic, prof, opts)
+        if hit is not None and (found := _quick_hit(model, hit, example_inputs, example_kwargs, opts, timings)) is not None:
+            return found
     with stage("capture", timings):
         captured = capture(model, example_inputs, example_kwargs, dynamic)
     with stage("calibration", timings):
         ctx = _pass_context(prof, opts, captured)
-    cache = _open_cache(opts)
     if cache is not None:
         with stage("cache", timings):
             key = cache_key(captured.gm, captured.input_spec.to_dict(), captured.output_structure, prof.digest, opts.cache_fields())
             hit = cache.get(key)
         if hit is not None:
-            return _verified_cache_hit(model, hit, captured, ctx, timings, key)
+            verified = _verified_cache_hit(model, hit, captured, ctx, timings, key)
+            if quick is not None:
+                cache.remember(quick, key)
+            return verified
     report = _new_report(model, prof, captured)
     if (bypass := opts.cache_bypass_reason()) is not None and opts.cache:
         report.notes.append(bypass)
-    with stage("passes", timings):
-        decided = pipeline.run(captured.gm, ctx)
-    report.passes = decided.records
-    builder = Builder(model, captured, prof, ctx, verification_draws(captured, opts, ctx.calibration), report, timings,
-                      None if opts.time_budget_s is None else start + opts.time_budget_s)
-    timed = opts.auto and opts.times_against_fp32(prof.select)
-    compiled = precision_search.build_plan(builder.build, _precision_choice(decided), auto=opts.auto,
-                                           fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None)
+    with _build_workers(prof, opts) as workers:  # their imports overlap the passes
+        with stage("passes", timings):
+            decided = pipeline.run(captured.gm, ctx)
+        report.passes = decided.records
+        builder = Builder(model, captured, prof, ctx, verification_draws(captured, opts, ctx.calibration), report, timings,
+                          None if opts.time_budget_s is None else start + opts.time_budget_s, workers, _host_record(opts))
+        timed = opts.auto and opts.times_against_fp32(prof.select)
+        compiled = precision_search.build_plan(builder.build, _precision_choice(decided), auto=opts.auto,
+                                               fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None)
     precision_report.check_requested_kept(compiled.report, opts)
     precision_report.warn_if_unproven(compiled.report)
     _finish_report(compiled.report, opts, timings)
@@ -88,6 +103,8 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
         with stage("cache store", timings):
             if cache.put(key, compiled) is not None:
                 compiled.report.notes.append(f"stored in the compile cache as {key[:16]}")
+                if quick is not None:
+                    cache.remember(quick, key)
     return compiled
 
 
@@ -131,11 +148,58 @@ def _finish_report(report: Report, opts: CompileOptions, timings: dict[str, floa
     report.timings = timings
 
 
+def _build_workers(profile: Profile, opts: CompileOptions) -> WorkerPool:
+    """Child processes for isolated candidate builds. At effort="max" every candidate of the
+    primary device is built, so its workers start now and import while the passes run; otherwise
+    the selection starts them once it knows which candidates it builds."""
+    names = opts.backends_for(profile.primary)
+    workers = WorkerPool(names, opts.build_memory_mb)
+    if opts.effort == "max" and isolates(opts, "measure", len(names)):
+        workers.expect(len(names))
+    return workers
+
+
+def _host_record(opts: CompileOptions) -> HostRecord:
+    """What this host measured before, beside the compile cache (read even with cache=False:
+    it holds timings, not engines)."""
+    return HostRecord.beside(Path(opts.cache_dir) if opts.cache_dir else compile_cache.default_dir())
+
+
 def _open_cache(opts: CompileOptions) -> CompileCache | None:
     if not opts.cache or opts.cache_bypass_reason() is not None:
         return None
     # looked up on the module at call time, so a redirected default (tests' private caches) takes effect
     return CompileCache(Path(opts.cache_dir) if opts.cache_dir else compile_cache.default_dir(), int(opts.cache_max_gb * 2**30))
+
+
+def _quick_lookup(cache: CompileCache, model, example_inputs, example_kwargs, dynamic, profile: Profile,
+                  opts: CompileOptions) -> tuple[str | None, CompiledModel | None]:
+    """(the quick key, or None where the fingerprint cannot decide; the entry it leads to, or None)."""
+    fingerprint = model_fingerprint(model, example_inputs, example_kwargs, dynamic)
+    if fingerprint is None:
+        return None, None
+    quick = quick_key(fingerprint, profile.digest, opts.cache_fields())
+    key = cache.alias(quick)
+    return quick, cache.get(key) if key is not None else None
+
+
+def _quick_hit(model, compiled: CompiledModel, example_inputs, example_kwargs, opts: CompileOptions,
+               timings: dict[str, float]) -> CompiledModel | None:
+    """A hit found by the fingerprint, returned without capture once it agrees with the model on
+    the example call; None (the compile goes on to capture and the full key) where it does not."""
+    report = compiled.report
+    if opts.verify:
+        with stage("verify", timings):
+            args, kwargs = normalize_call(example_inputs, example_kwargs)
+            if not agrees_on_example(model, compiled, args, kwargs, opts, report):
+                return None
+    report.notes = [n for n in report.notes if not n.startswith(("stored in the compile cache", "loaded from the compile cache"))]
+    report.notes.append("loaded from the compile cache by the model's fingerprint (code, state, weights, input shapes), "
+                        "without capture; verified again on the example inputs; passes and backend decisions are those of "
+                        "the original build")
+    precision_report.warn_if_unproven(report)
+    _finish_report(report, opts, timings)
+    return compiled
 
 
 def _verified_cache_hit(model, compiled: CompiledModel, captured: Captured, ctx: PassContext, timings: dict[str, float],

@@ -1,6 +1,8 @@
 """The compile cache: finished artifacts on disk, addressed by everything that shapes them.
 
-The key is a sha256 over the captured graph (its code and every node's op, shape and dtype),
+A compile first looks up a quick key, the model's fingerprint without capture (its code,
+state, weights and call; kiln/frontend/fingerprint.py) with the profile, options, versions and
+host: an alias file names the full key it last led to. The full key is a sha256 over the captured graph (its code and every node's op, shape and dtype),
 the bytes of every weight, the input spec with its dynamic ranges, the output structure, the
 profile's digest, the compile options, the versions of kiln, torch and each backend library,
 and the host (CPU flags, usable cores). Change any of them and the key changes.
@@ -14,10 +16,10 @@ and rebuilt. The cache keeps under a size cap by evicting the least recently use
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,13 +34,22 @@ from kiln.runtime import load
 log = logging.getLogger("kiln")
 
 USED_SUFFIX = ".used"  # a marker beside each entry (inside, it would be an unlisted artifact file)
-LIBRARIES = ("onnxruntime", "onnx", "onnxscript")
+ALIAS_SUFFIX = ".alias"  # a quick key's file, holding the full key it last led to
 
 
 def default_dir() -> Path:
     """The user's cache directory (XDG on Linux), kiln's folder inside it."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "kiln"
+
+
+def quick_key(fingerprint: str, profile_digest: str, options: dict) -> str:
+    """The key of a model's fingerprint (kiln/frontend/fingerprint.py) under a profile and
+    options: it names, through an alias file, the full key of the build it last led to."""
+    digest = hashlib.sha256(b"quick")
+    digest.update(json.dumps([fingerprint, profile_digest, options, version.library_versions(), torch.__version__,
+                              host_fingerprint(), usable_cores()], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def cache_key(gm: torch.fx.GraphModule, input_spec: dict, output_structure: str, profile_digest: str,
@@ -62,19 +73,9 @@ def cache_key(gm: torch.fx.GraphModule, input_spec: dict, output_structure: str,
     add("outputs", output_structure)
     add("profile", profile_digest)
     add("options", options)
-    add("versions", {"kiln": version.__version__, "torch": torch.__version__, **_library_versions()})
+    add("versions", {**version.library_versions(), "torch": torch.__version__})
     add("host", {**host_fingerprint(), "cores": usable_cores()})
     return digest.hexdigest()
-
-
-def _library_versions() -> dict:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 class CompileCache:
@@ -84,6 +85,30 @@ class CompileCache:
 
     def entry(self, key: str) -> Path:
         return self.root / key[:2] / key
+
+    def alias(self, quick: str) -> str | None:
+        """The full key a quick key last led to, or None."""
+        try:
+            key = self._alias_path(quick).read_text().strip()
+        except OSError:
+            return None
+        return key if re.fullmatch(r"[0-9a-f]{64}", key) else None  # a damaged alias names no path
+
+    def remember(self, quick: str, key: str) -> None:
+        """Let `quick` lead to `key` (written atomically; the alias is a hint, never trusted alone:
+        the entry it names is re-verified against the model)."""
+        path = self._alias_path(quick)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, staging = tempfile.mkstemp(prefix=".tmp-alias-", dir=path.parent)
+            with os.fdopen(fd, "w") as out:
+                out.write(key)
+            os.replace(staging, path)
+        except OSError as exc:
+            log.warning("could not write compile cache alias %s: %s", quick[:12], exc)
+
+    def _alias_path(self, quick: str) -> Path:
+        return self.root / quick[:2] / f"{quick}{ALIAS_SUFFIX}"
 
     def get(self, key: str):
         """The cached CompiledModel for `key`, or None. A corrupt entry is removed."""

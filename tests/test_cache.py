@@ -1,6 +1,9 @@
 """The compile cache: a hit skips the build and is still verified; every input of the build
 is in the key; writes are atomic; corrupt entries are rebuilt; size is capped (LRU)."""
 
+import importlib.metadata
+import importlib.util
+import sys
 import time
 from dataclasses import replace
 
@@ -42,17 +45,37 @@ def test_a_second_identical_compile_is_a_verified_cache_hit(tmp_path):
     torch.testing.assert_close(second(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
 
 
-@pytest.mark.parametrize("change", ["shape", "weight", "option", "profile", "kiln version", "torch version"])
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 3)
+        self.register_buffer("shift", torch.zeros(3))
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.linear(x) * self.scale + self.shift
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "weight", "buffer", "attribute", "option", "profile", "kiln version",
+                                    "torch version", "backend version"])
 def test_anything_that_shapes_the_build_changes_the_key(change, tmp_path, monkeypatch):
-    model, x = _model(), torch.randn(2, 8)
-    _optimize(model, x, tmp_path)
+    model, x = WithBuffer().eval(), torch.randn(2, 8)
+    first = _optimize(model, x, tmp_path)
+    assert _hit(_optimize(model, x, tmp_path))
     options = {}
     profile = "cpu-x86"
     if change == "shape":
         x = torch.randn(3, 8)
+    elif change == "dtype":
+        model, x = model.double(), x.double()
     elif change == "weight":
         with torch.no_grad():
-            model[0].weight[0, 0] += 1e-3
+            model.linear.weight[0, 0] += 1e-3
+    elif change == "buffer":
+        model.shift += 1e-3
+    elif change == "attribute":
+        model.scale = 3.0
     elif change == "option":
         options = {"disabled_passes": ("fold_constants",)}
     elif change == "profile":
@@ -62,8 +85,66 @@ def test_anything_that_shapes_the_build_changes_the_key(change, tmp_path, monkey
         monkeypatch.setattr(kiln.version, "__version__", "99.0")
     elif change == "torch version":
         monkeypatch.setattr(torch, "__version__", "99.0+cpu")
+    elif change == "backend version":
+        real = importlib.metadata.version
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "onnxruntime" else real(name))
     again = kiln.optimize(model, profile, (x,), backend="onnxruntime", cache_dir=str(tmp_path), **options)
     assert not _hit(again)
+    if change in ("weight", "buffer", "attribute"):  # a stale engine would have answered like the first model
+        torch.testing.assert_close(again(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
+        assert not torch.allclose(first(x), model(x))
+
+
+def test_a_change_to_forward_s_code_misses(tmp_path):
+    source = tmp_path / "code" / "cached_model.py"
+    source.parent.mkdir()
+
+    def load(body):
+        source.write_text("import torch\n\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                          "        torch.manual_seed(0)\n        self.linear = torch.nn.Linear(8, 3)\n\n"
+                          f"    def forward(self, x):\n        return {body}\n")
+        spec = importlib.util.spec_from_file_location("cached_model", source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["cached_model"] = module
+        spec.loader.exec_module(module)
+        return module.M().eval()
+
+    x = torch.randn(2, 8)
+    try:
+        _optimize(load("self.linear(x) * 2"), x, tmp_path / "cache")
+        changed = load("self.linear(x) * 3")
+        again = _optimize(changed, x, tmp_path / "cache")
+        assert not _hit(again)
+        torch.testing.assert_close(again(x), changed(x), rtol=FP32.rtol, atol=FP32.atol)
+    finally:
+        sys.modules.pop("cached_model", None)
+
+
+def test_a_repeat_compile_is_found_by_the_fingerprint_without_capture(tmp_path):
+    model, x = _model(), torch.randn(2, 8)
+    _optimize(model, x, tmp_path)
+    again = _optimize(model, x, tmp_path)
+    assert _hit(again) and "capture" not in again.report.timings
+    assert any("by the model's fingerprint" in note for note in again.report.notes)
+    assert again.report.verification and all(v["ok"] for v in again.report.verification)
+
+
+def test_a_fingerprint_leading_to_another_model_s_build_is_caught_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setattr(kiln.api, "model_fingerprint", lambda *args: "the same for every model")
+    x = torch.randn(2, 8)
+    _optimize(_model(0), x, tmp_path)
+    other = _model(1)
+    compiled = _optimize(other, x, tmp_path)
+    assert not _hit(compiled)  # the alias led to model 0's engine; it disagreed with model 1 on the example
+    torch.testing.assert_close(compiled(x), other(x), rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_a_model_the_fingerprint_cannot_read_uses_the_full_key(tmp_path):
+    model, x = _model(), torch.randn(2, 8)
+    model.opaque = object()  # state the fingerprint cannot read as plain data
+    _optimize(model, x, tmp_path)
+    again = _optimize(model, x, tmp_path)
+    assert _hit(again) and "capture" in again.report.timings
 
 
 def test_the_key_is_stable_across_captures_of_the_same_model():

@@ -8,9 +8,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from kiln.build import precision_report
-from kiln.errors import VerificationError
+from kiln.errors import KilnError, VerificationError
 from kiln.frontend.capture import Captured, plain_containers
-from kiln.frontend.input_spec import rebuild_call
+from kiln.frontend.input_spec import check_call, rebuild_call
 from kiln.options import CompileOptions
 from kiln.report import Report
 from kiln.verify import failures_text, worst_checks
@@ -43,3 +43,25 @@ def verify_against_eager(model, compiled, captured: Captured, draws, synthetic: 
                else "report the model; meanwhile try another backend=... or disable passes with disabled_passes=(...)")
         raise VerificationError(f"the compiled model disagrees with eager PyTorch: {failures_text(checks, precision, budget)}",
                                 where=f"model {report.model}, backends {', '.join(compiled.backends.values())}", fix=fix)
+
+
+def agrees_on_example(model, compiled, args: tuple, kwargs: dict, opts: CompileOptions, report: Report) -> bool:
+    """A compile-cache hit found by the model's fingerprint, checked on the example call alone
+    (the build it came from was verified on every draw): True when the cached engine answers
+    like `model` within the precision's tolerance, or the budget for a lowered plan."""
+    budget = opts.accuracy_budget if report.lowered else None
+    precision = precision_report.lowest_precision(report)
+    try:
+        got = list(compiled.run_flat(check_call(compiled.input_spec, args, kwargs)))
+    except KilnError:  # the call does not fit the cached spec: not this model's build
+        return False
+    with torch.no_grad():
+        want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
+    if len(got) != len(want):
+        return False
+    checks = worst_checks(compiled.plan.output_names, [(got, want)], precision, budget, frozenset())
+    if not all(c.ok for c in checks):
+        return False
+    report.verification = [c.to_dict() for c in checks]
+    report.verified_draws = report.verified_calibration = 0
+    return True
