@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-digest", metavar="DIGEST",
                    help="refuse the artifact unless its digest (printed by inspect) is this")
     p.add_argument("--load-engines", action="store_true",
-                   help="also check and load every engine (by default only the manifest is read, so nothing in the artifact runs)")
+                   help="also check and load every engine, and time kiln.load and a first call on inputs drawn from the "
+                        "input spec (by default only the manifest is read, so nothing in the artifact runs)")
     p.add_argument("--html", metavar="FILE", help="also draw the placed graph (devices, precisions, partitions) as an HTML page")
     p.set_defaults(handler=_inspect)
 
@@ -492,22 +493,33 @@ def _inspect(args: argparse.Namespace) -> int:
     # artifact from elsewhere runs nothing from it.
     described = describe(args.artifact, expected_digest=args.expected_digest)
     manifest, report = described.manifest, described.report
-    loaded = None
+    loaded, load_times = None, {}
     if args.load_engines:
         import kiln
+        from kiln.frontend.input_spec import random_inputs
 
+        start = time.perf_counter()
         loaded = kiln.load(args.artifact, expected_digest=described.digest)  # the manifest just read, nothing swapped in since
+        load_times["load_seconds"] = time.perf_counter() - start
+        inputs = random_inputs(loaded.input_spec, seed=1)  # drawn from the manifest's input spec, in range
+        start = time.perf_counter()
+        loaded.run_flat(inputs)
+        load_times["first_call_seconds"] = time.perf_counter() - start
+        load_times["first_call_inputs"] = ", ".join(f"{'x'.join(map(str, t.shape))} {str(t.dtype).replace('torch.', '')}"
+                                                    for t in inputs)
     if args.html:
         from kiln.placement.html import render_html
 
         Path(args.html).write_text(render_html(report))
     if args.json:
         print(json.dumps({"digest": described.digest, "profile": manifest["profile"], "plan": manifest["plan"],
-                          "report": report.to_dict(), "engines_loaded": loaded is not None}, default=str))
+                          "report": report.to_dict(), "engines_loaded": loaded is not None, **load_times}, default=str))
     else:
         print(report.render())
         if loaded is not None:
             print(f"\nEngines loaded: {', '.join(f'{k} ({v})' for k, v in loaded.backends.items())}")
+            print(f"Load: kiln.load {load_times['load_seconds']:.3f} s (checksums, engines), first call "
+                  f"{load_times['first_call_seconds']:.3f} s (inputs drawn from the input spec: {load_times['first_call_inputs']})")
         print(f"\nArtifact digest (pin it with kiln.load(path, expected_digest=...) or kiln run --expected-digest): {described.digest}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 import time
 
 log = logging.getLogger("kiln")
@@ -43,6 +44,36 @@ class Progress:
         """One closing line, only for a step that spoke on the way."""
         if self.spoke:
             log.info("%s: %d%s done in %.1f s", self.what, self.done, self.unit, time.perf_counter() - self.start)
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, expected_seconds: float | None = None):
+    """For one step that cannot count its own progress (a backend's build, a child process):
+    a line every EVERY_SECONDS while it runs, with the time left where an earlier run of the
+    same step on this host says how long it takes, and a closing line if it spoke."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(EVERY_SECONDS):
+            elapsed = time.perf_counter() - start
+            if expected_seconds:
+                left = expected_seconds - elapsed
+                estimate = f"about {left:.0f} s left" if left >= 1 else "taking longer than its last build here"
+                log.info("%s: %.0f s, %s (%.0f s last time on this host)", what, elapsed, estimate, expected_seconds)
+            else:
+                log.info("%s: %.0f s so far", what, elapsed)
+
+    thread = threading.Thread(target=beat, name="kiln-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        elapsed = time.perf_counter() - start
+        if elapsed >= EVERY_SECONDS:
+            log.info("%s: done in %.1f s", what, elapsed)
 
 
 @contextlib.contextmanager

@@ -48,3 +48,20 @@ def test_a_script_whose_stderr_is_not_a_terminal_gets_no_progress_and_no_torchao
     assert "built precision=int8: int8-static" in done.stdout
     assert "[kiln" not in done.stderr
     assert "Failed to load" not in done.stderr and "Enum subclass" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_long_step_says_how_long_it_has_run_and_what_is_left_from_this_host_s_last_run(caplog, monkeypatch):
+    import time
+
+    from kiln import progress
+
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.05)
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        with progress.heartbeat("building onnxruntime for partition p0", expected_seconds=30.0):
+            time.sleep(0.3)
+        with progress.heartbeat("building openvino for partition p0"):
+            time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("building onnxruntime for partition p0" in line and "s left (30 s last time on this host)" in line for line in lines)
+    assert any("building openvino for partition p0" in line and "so far" in line for line in lines)
+    assert sum("done in" in line for line in lines) == 2

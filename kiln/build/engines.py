@@ -73,8 +73,8 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         settings = BackendSettings(device, threads(profile, opts), workdir, graph.precision.lowest(), budget=budget,
                                    fuse=opts.fusion, autotune=opts.autotunes)
         kind = graph_kind(graph) if len(names) > 1 else None
-        candidates = plan_candidates(names, "prefer" if eager else mode, opts.effort,
-                                     host_record.lookup(kind) if kind is not None else {})
+        recorded = host_record.lookup(kind) if kind is not None else {}
+        candidates = plan_candidates(names, "prefer" if eager else mode, opts.effort, recorded)
         partition_draws = draws if len(plan.partitions) == 1 else _partition_draws(plan, partition, draws)
         with torch.no_grad():  # the post-pass graph, run eagerly, is what each candidate must match
             references = [tuple(graph.gm(*inputs)) for inputs in partition_draws]
@@ -109,7 +109,8 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         try:
             selection = select_engine(lowered, candidates.order, candidates.mode, settings, check, opts.measure_seconds,
                                       opts.backend_fallback or candidates.fallback, build_in_child if in_child else None,
-                                      deadline, left_out=candidates.left_out, parallel=parallel, why_first=candidates.why_first)
+                                      deadline, left_out=candidates.left_out, parallel=parallel, why_first=candidates.why_first,
+                                      build_seconds={name: r.build_seconds for name, r in recorded.items()})
         finally:
             if pool is not None and pool is not workers:
                 pool.close()

@@ -6,6 +6,7 @@ verified one. Every candidate, chosen or not, leaves a CandidateRecord with its 
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +19,12 @@ from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine
 from kiln.ir import DECISION_META, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
+from kiln.progress import heartbeat
 from kiln.report import CandidateRecord
 from kiln.types import Precision
 from kiln.verify import OutputCheck, failures_text
+
+log = logging.getLogger("kiln")
 
 # Checks a built engine: returns the worst output checks over the verification inputs.
 Checker = Callable[[Engine], list[OutputCheck]]
@@ -40,11 +44,12 @@ class Selection:
 def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, settings: BackendSettings,
                   check: Checker, measure_seconds: float, backend_fallback: bool, build: CandidateBuild | None = None,
                   deadline: float | None = None, *, left_out: Mapping[str, str] | None = None, parallel: int = 1,
-                  why_first: str = "") -> Selection:
+                  why_first: str = "", build_seconds: Mapping[str, float] | None = None) -> Selection:
     """Pick the engine for `partition` among backends `names`, tried in order; `left_out` are
     candidates not built, with the reason (kiln/build/effort.py). `deadline` (time.monotonic())
     ends the search: candidates not started by then are recorded as skipped. In "measure" mode
-    up to `parallel` candidates build at once (each in its own child process: `build` isolates)."""
+    up to `parallel` candidates build at once (each in its own child process: `build` isolates).
+    `build_seconds`: how long each backend's build took here before, for the progress lines."""
     if build is None:
         def build(backend):
             engine = backend.compile(partition, settings)
@@ -60,7 +65,8 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
         if deadline is not None and time.monotonic() > deadline:
             record.status, record.reason = "skipped", "the compile time budget (time_budget_s) was spent"
         elif (backend := _usable_backend(name, partition, settings, record)) is not None:
-            return _build_and_check(backend, build, record, strict, partition.name, settings)
+            with heartbeat(f"building {name} for partition {partition.name}", (build_seconds or {}).get(name)):
+                return _build_and_check(backend, build, record, strict, partition.name, settings)
         return None
 
     if mode == "measure" and parallel > 1 and len(names) > 1:
@@ -79,6 +85,8 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
                                  fix="install a listed backend, or name one with backend=...")
     timed = mode == "measure" and len(built) > 1
     if timed:
+        log.info("timing %d candidates for partition %s, interleaved (about %.0f s)", len(built), partition.name,
+                 measure_seconds * len(built))
         medians = time_interleaved([b.engine for b in built], partition.example_inputs, measure_seconds * len(built))
         for median, candidate in zip(medians, built):
             candidate.record.median_ms = median * 1000

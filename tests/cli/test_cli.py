@@ -465,7 +465,10 @@ def test_inspect_load_engines_loads_them(cli, built, tmp_path):
     result = cli("inspect", built.path, "--load-engines")
     assert result.rc == 0, result.err
     assert "Engines loaded: p0 (onnxruntime)" in result.out
-    assert json.loads(cli("inspect", built.path, "--load-engines", "--json").out)["engines_loaded"] is True
+    assert "Load: kiln.load" in result.out and "first call" in result.out
+    described = json.loads(cli("inspect", built.path, "--load-engines", "--json").out)
+    assert described["engines_loaded"] is True
+    assert described["load_seconds"] > 0 and described["first_call_seconds"] > 0
     broken = cli("inspect", with_engine_that_would_not_load(built.path, tmp_path / "broken.kiln"), "--load-engines")
     assert broken.rc == 1
     assert "p0" in one_error_line(broken.err)
