@@ -69,7 +69,7 @@ class CompileOptions:
     # at fp32 (reported) instead of failing
     fp32_fallback: bool = True
     # precision="auto": build fp32 too, time both here and keep the lowered plan only if it is
-    # faster; None: when the profile measures backends (its `select: measure`)
+    # faster; None: when the profile measures backends (its `select: measure`), but not at effort="fast"
     time_against_fp32: bool | None = None
     # progress lines on stderr for a compile from Python; None: when stderr is a terminal and the
     # program configured no logging (then the "kiln" logger is the place to read them)
@@ -132,8 +132,11 @@ class CompileOptions:
         return self.autotune if self.autotune is not None else self.effort == "max"
 
     def times_against_fp32(self, profile_select: str) -> bool:
-        """Whether precision="auto" times its lowered plan against fp32 on a profile selecting so."""
-        return self.time_against_fp32 if self.time_against_fp32 is not None else profile_select == "measure"
+        """Whether precision="auto" times its lowered plan against fp32 on a profile selecting so:
+        by default when the profile measures backends, except at effort="fast" (one build)."""
+        if self.time_against_fp32 is not None:
+            return self.time_against_fp32
+        return profile_select == "measure" and self.effort != "fast"
 
     def _check_precision(self) -> None:
         if isinstance(self.precision, str):

@@ -112,7 +112,7 @@ def test_autotune_reaches_the_backend_build_settings_and_the_cache_key(tiny, mon
                         lambda self, partition, settings: seen.append(settings.autotune) or real_compile(self, partition, settings))
     kiln.optimize(tiny[0], "cpu-x86", tiny[1], backend="onnxruntime", autotune=True, verify_draws=0, cache=False)
     assert seen == [True]
-    assert kiln.CompileOptions().autotune is False
+    assert not kiln.CompileOptions().autotunes  # by default only effort="max" autotunes
     assert kiln.CompileOptions(autotune=True).cache_fields() != kiln.CompileOptions().cache_fields()
 
 
@@ -125,6 +125,7 @@ def test_renamed_options_still_read_their_old_spelling_for_a_release_with_a_depr
     assert opts.time_against_fp32 is False and not opts.times_against_fp32("measure")
     assert kiln.CompileOptions(select="prefer", time_against_fp32=True).times_against_fp32("prefer")
     assert kiln.CompileOptions().times_against_fp32("measure") and not kiln.CompileOptions().times_against_fp32("prefer")
+    assert not kiln.CompileOptions(effort="fast").times_against_fp32("measure")  # fast: one build, no fp32 race
 
 
 def test_plan_assumes_a_precision_with_assume_precision_and_reads_the_old_keyword_with_a_warning():

@@ -42,6 +42,10 @@ class Undecidable(Exception):
 
 def model_fingerprint(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
                       dynamic: Mapping | None) -> str | None:
+    """The fingerprint, or None where it cannot tell. It never raises: what is wrong with the
+    model or the call is for capture to report, with its own message."""
+    if not isinstance(model, torch.nn.Module):
+        return None
     try:
         digest = hashlib.sha256()
         files: dict[str, str] = {}
@@ -61,6 +65,8 @@ def model_fingerprint(model: torch.nn.Module, example_inputs: Any, example_kwarg
         digest.update(sys.version.encode())
         return digest.hexdigest()
     except Undecidable:
+        return None
+    except Exception:  # anything unexpected in user objects (a property that raises): the full key decides
         return None
 
 
