@@ -22,7 +22,6 @@ from kiln import cache as compile_cache
 from kiln import hardware_profiles
 from kiln.build import precision_report, precision_search, preflight
 from kiln.build.builder import Builder, record_placement
-from kiln.build.engines import isolates
 from kiln.build.host_record import HostRecord
 from kiln.build.isolate import WorkerPool
 from kiln.build.inputs import flat_calibration, inputs_to_check, metric_score, verification_draws
@@ -87,7 +86,7 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
     report = _new_report(model, prof, captured)
     if (bypass := opts.cache_bypass_reason()) is not None and opts.cache:
         report.notes.append(bypass)
-    with _build_workers(prof, opts) as workers:  # their imports overlap the passes
+    with _build_workers(opts, prof) as workers:
         with stage("passes", timings):
             decided = pipeline.run(captured.gm, ctx)
         report.passes = decided.records
@@ -148,15 +147,11 @@ def _finish_report(report: Report, opts: CompileOptions, timings: dict[str, floa
     report.timings = timings
 
 
-def _build_workers(profile: Profile, opts: CompileOptions) -> WorkerPool:
-    """Child processes for isolated candidate builds. At effort="max" every candidate of the
-    primary device is built, so its workers start now and import while the passes run; otherwise
-    the selection starts them once it knows which candidates it builds."""
-    names = opts.backends_for(profile.primary)
-    workers = WorkerPool(names, opts.build_memory_mb)
-    if opts.effort == "max" and isolates(opts, "measure", len(names)):
-        workers.expect(len(names))
-    return workers
+def _build_workers(opts: CompileOptions, profile: Profile) -> WorkerPool:
+    """Child processes for isolated candidate builds, started by each selection as it learns
+    which candidates it builds (started during the passes instead, their imports slowed the
+    precision analysis more than they saved)."""
+    return WorkerPool(opts.backends_for(profile.primary), opts.build_memory_mb)
 
 
 def _host_record(opts: CompileOptions) -> HostRecord:

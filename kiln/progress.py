@@ -78,12 +78,14 @@ def heartbeat(what: str, expected_seconds: float | None = None):
 
 @contextlib.contextmanager
 def stage(name: str, timings: dict[str, float]):
-    """Log a stage's start and end on the kiln logger and record its seconds in `timings`."""
+    """Log a stage's start and end on the kiln logger and add its seconds to `timings` (a stage
+    that runs once per build, such as compile, adds up over the builds of one compile)."""
     log.info("%s ...", name)
     start = time.perf_counter()
     yield
-    timings[name] = time.perf_counter() - start
-    log.info("%s done in %.1f s", name, timings[name])
+    seconds = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + seconds
+    log.info("%s done in %.1f s", name, seconds)
 
 
 FORMAT = "[kiln %(elapsed)6.1fs] %(message)s"
