@@ -1,4 +1,4 @@
-"""kiln's command line: compile | run | bench | inspect | profiles.
+"""kiln's command line: compile | run | bench | inspect | profiles | export-triton | serve.
 
 Thin by design: each command parses its arguments and calls the Python API. Exit codes:
 0 ok, 2 usage error, 1 any other error, reported as one line (the traceback only with --debug).
@@ -152,6 +152,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?")
     p.set_defaults(handler=_profiles)
+
+    p = sub.add_parser("export-triton", parents=[common], help="write an artifact into a Triton Inference Server model repository")
+    p.add_argument("artifact")
+    p.add_argument("--repository", required=True, help="the model repository folder (created if missing)")
+    p.add_argument("--name", help="model name in the repository (default: the artifact's file name)")
+    p.add_argument("--max-batch", type=int, help="max_batch_size (default: the compiled batch range, at most 64)")
+    p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching: longest wait to fill a batch")
+    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    p.add_argument("--backend", choices=["auto", "python"], default="auto",
+                   help="auto: Triton's native backend where one fits, else python; python: always the python backend")
+    p.add_argument("--overwrite", action="store_true", help="replace a model this command wrote before")
+    p.set_defaults(handler=_export_triton)
     return parser
 
 
@@ -543,6 +555,25 @@ def _profiles(args: argparse.Namespace) -> int:
                                       for n, d in profile.devices.items()}}))
     else:
         print(profile.summary())
+    return 0
+
+
+# ---------------------------------------------------------------- serving
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from kiln.serving.triton import triton_repository
+
+    export = triton_repository(args.artifact, args.repository, name=args.name, max_batch=args.max_batch,
+                               max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                               backend=args.backend, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"model_dir": str(export.model_dir), "backend": export.backend, "max_batch": export.max_batch,
+                          "not_carried": export.not_carried}))
+        return 0
+    print(f"wrote {export.model_dir} (Triton backend {export.backend}, max_batch_size {export.max_batch})")
+    print("not carried over to Triton (also in the repository's README.md):")
+    for line in export.not_carried:
+        print(f"  - {line}")
     return 0
 
 
