@@ -79,7 +79,8 @@ def check_request(spec: InputSpec, tensors: Sequence[torch.Tensor]) -> list[torc
                 size, first = value.shape[axis], seen.setdefault(want.name, (value.shape[axis], ts.name))
                 if first[0] != size:
                     raise ServingError(f"dim {want.name!r} is {size} here but {first[0]} in input {first[1]!r}",
-                                       where=f"input {ts.name!r}", fix=f"inputs sharing {want.name!r} must agree on its size")
+                                       where=f"input {ts.name!r}",
+                                       fix=f"inputs sharing {want.name!r} must agree on its size; expected {spec.describe()}")
     return checked
 
 
