@@ -164,6 +164,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: Triton's native backend where one fits, else python; python: always the python backend")
     p.add_argument("--overwrite", action="store_true", help="replace a model this command wrote before")
     p.set_defaults(handler=_export_triton)
+
+    p = sub.add_parser("serve", parents=[common], help="serve an artifact over HTTP with Ray Serve, batching requests")
+    p.add_argument("artifact")
+    p.add_argument("--replicas", type=int, default=1, help="replicas, each loading the artifact once")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows one engine call takes")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each replica reserves (and its engine threads)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one here")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host of Ray Serve's proxy")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of Ray Serve's proxy")
+    p.add_argument("--name", help="application name and route (default: the artifact's file name)")
+    p.set_defaults(handler=_serve)
     return parser
 
 
@@ -575,6 +587,37 @@ def _export_triton(args: argparse.Namespace) -> int:
     for line in export.not_carried:
         print(f"  - {line}")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kiln.serving import artifact_name
+    from kiln.serving.ray_serve import deployment, serve
+
+    name = args.name or artifact_name(args.artifact)
+    app = deployment(args.artifact, replicas=args.replicas, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                     num_cpus=args.num_cpus)  # refuses an unbatchable artifact before Ray starts
+    import ray
+
+    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=name, route_prefix=f"/{name}")
+        url = f"http://{args.host}:{args.port}/{name}"
+        if args.json:
+            print(json.dumps({"url": url, "replicas": args.replicas, "max_batch": args.max_batch}), flush=True)
+        else:
+            print(f"serving {args.artifact} at {url} ({args.replicas} replicas, batches of up to {args.max_batch} rows, "
+                  f"waiting up to {args.batch_wait_ms} ms); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if args.address:  # a cluster we joined keeps running: take only our application off it
+            serve.delete(name)
+        else:
+            serve.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

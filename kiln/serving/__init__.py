@@ -10,6 +10,8 @@ only when a function that needs them runs, and says how to install them when the
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 from typing import Any
 
 from kiln.errors import ServingError
@@ -35,3 +37,10 @@ def require(module: str, purpose: str) -> Any:
     except ImportError as exc:
         raise ServingError(f"{purpose} needs {module.split('.')[0]}, which is not installed ({exc})", where=module,
                            fix="pip install 'kiln[serve]' (installs ray[serve] and tritonclient)") from None
+
+
+def artifact_name(path: str | Path) -> str:
+    """A model or route name from an artifact's file name: minilm.kiln -> minilm."""
+    path = Path(path)
+    stem = path.name[:-len(".kiln")] if path.name.endswith(".kiln") else path.stem
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "model"

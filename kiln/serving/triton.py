@@ -32,7 +32,7 @@ from kiln.artifact.manifest import sha256_file
 from kiln.errors import KilnError, ServingError
 from kiln.frontend.input_spec import random_inputs
 from kiln.host import usable_cores
-from kiln.serving import require
+from kiln.serving import artifact_name, require
 from kiln.serving.batching import BatchLayout, batch_layout, flat_output_names
 from kiln.types import Dim, InputSpec
 
@@ -90,7 +90,7 @@ def triton_repository(path: str | Path, repository: str | Path, name: str | None
     manifest = description.manifest
     spec = InputSpec.from_dict(manifest["input_spec"])
     layout = batch_layout(spec, where=str(path))
-    name = name or _default_name(path)
+    name = name or artifact_name(path)
     max_batch = _checked_max_batch(max_batch, layout, path)
     if instances < 1 or max_queue_delay_us < 0:
         raise ServingError(f"instances={instances}, max_queue_delay_us={max_queue_delay_us}", where="triton_repository",
@@ -204,11 +204,6 @@ def _checked_max_batch(max_batch: int | None, layout: BatchLayout, path: Path) -
         raise ServingError(f"max batch {max_batch} lies outside the compiled range {layout.dim.name}[{layout.dim.min}..{layout.dim.max}]",
                            where=str(path), fix=f"give a max batch from 1 to {layout.max_rows}, or compile with a wider batch range")
     return max_batch
-
-
-def _default_name(path: Path) -> str:
-    stem = path.name[:-len(".kiln")] if path.name.endswith(".kiln") else path.stem
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "model"
 
 
 def _carried_settings(kind: str, manifest: dict, threads: int, spec: InputSpec) -> tuple[dict[str, str], list[str]]:
