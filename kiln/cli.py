@@ -1,4 +1,4 @@
-"""kiln's command line: compile | run | bench | inspect | profiles | export-triton | serve.
+"""kiln's command line: compile | run | bench | inspect | profiles | export-triton | serve | loadtest.
 
 Thin by design: each command parses its arguments and calls the Python API. Exit codes:
 0 ok, 2 usage error, 1 any other error, reported as one line (the traceback only with --debug).
@@ -176,6 +176,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Ray Serve's proxy")
     p.add_argument("--name", help="application name and route (default: the artifact's file name)")
     p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("loadtest", parents=[common], help="closed-loop HTTP load on a served model: throughput, P50/P99, errors")
+    p.add_argument("url", help="kiln serve route (http://HOST:PORT/NAME) or Triton's http://HOST:PORT/v2/models/NAME/infer")
+    p.add_argument("--artifact", help="draw the request body from this artifact's input spec")
+    p.add_argument("--body", help="a JSON file to send as the request body instead")
+    p.add_argument("--rows", type=int, default=1, help="rows per drawn request (with --artifact)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts, each run in turn")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency")
+    p.add_argument("--plot", metavar="PNG", help="also draw throughput against P99 latency")
+    p.set_defaults(handler=_loadtest)
     return parser
 
 
@@ -618,6 +628,36 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             serve.shutdown()
         ray.shutdown()
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from kiln.serving import loadtest
+
+    if bool(args.artifact) == bool(args.body):
+        raise UsageError("kiln loadtest needs one request body", fix="give --artifact ART (a body drawn from its spec) or --body FILE.json")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1 or args.duration <= 0:
+        raise UsageError(f"--concurrency {args.concurrency} --duration {args.duration}",
+                         fix="give positive client counts such as 1,8,32 and a positive duration in seconds")
+    body = loadtest.body_for(args.artifact, args.url, rows=args.rows) if args.artifact else Path(args.body).read_bytes()
+    results = []
+    for level in levels:
+        results.append(loadtest.run_load(args.url, body, level, args.duration))
+        if not args.json and not args.quiet:
+            print(f"concurrency {level}: {results[-1].requests} requests, {results[-1].errors} errors", file=sys.stderr)
+    if args.plot:
+        loadtest.plot({args.url: results}, args.plot)
+    if args.json:
+        print(json.dumps(loadtest.as_json(results)))
+    else:
+        print(loadtest.render(results))
+        first = next((r.first_error for r in results if r.first_error), None)
+        if first:
+            print(f"first error: {first}")
+    return 1 if all(r.requests == 0 for r in results) else 0
 
 
 if __name__ == "__main__":

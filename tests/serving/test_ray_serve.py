@@ -139,3 +139,27 @@ def test_a_static_batch_artifact_is_refused_before_ray_starts_anything(tmp_path)
     with pytest.raises(ServingError, match="input 'x' has a static batch of 2 on axis 0") as caught:
         deployment(static)
     assert "dynamic={'x': {0: 'batch'}, 'mask': {0: 'batch'}}" in caught.value.fix
+
+
+def test_loadtest_reports_each_concurrency_with_the_batches_the_server_formed(app, ort_artifact, tmp_path, capsys):
+    from kiln.cli import main
+
+    rc = main(["loadtest", app.url, "--artifact", str(ort_artifact), "--concurrency", "1,4", "--duration", "1",
+               "--json", "--plot", str(tmp_path / "curve.png")])
+    results = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [r["concurrency"] for r in results] == [1, 4]
+    for r in results:
+        assert r["requests"] > 0 and r["errors"] == 0 and r["first_error"] is None
+        assert r["p50_ms"] <= r["p99_ms"] and r["mean_batch_requests"] >= 1
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loadtest_counts_refused_requests_as_errors_with_the_servers_reason(app, tmp_path, capsys):
+    from kiln.cli import main
+
+    (tmp_path / "bad.json").write_text('{"inputs": {"x": [[[0.5]]]}}')
+    rc = main(["loadtest", app.url, "--body", str(tmp_path / "bad.json"), "--concurrency", "2", "--duration", "0.5"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "first error: HTTP Error 400" in out and "input 'mask' is missing" in out
