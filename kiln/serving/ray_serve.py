@@ -56,15 +56,12 @@ class KilnDeployment:
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()
-        self.counts = {"requests": 0, "refused": 0, "calls": 0, "rows": 0}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(int(t[0].shape[0]) for t in items))
     async def run(self, requests: list[list[torch.Tensor]]) -> list:
         # the engine call blocks: off the replica's event loop, so the next batch can gather meanwhile
         results = await asyncio.to_thread(run_batched, self.compiled, requests, self.max_batch)
         rows = sum(int(t[0].shape[0]) for t in requests)
-        self.counts["calls"] += 1
-        self.counts["rows"] += rows
         return [(result, len(requests), rows) for result in results]
 
     async def infer(self, *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,9 +70,6 @@ class KilnDeployment:
         if isinstance(result, KilnError):
             raise result
         return dict(zip(self.output_names, result))
-
-    def stats(self) -> dict:
-        return {"replica": self.replica, "node": self.node, **self.counts}
 
     async def __call__(self, request) -> object:
         from starlette.responses import JSONResponse, Response
@@ -88,7 +82,6 @@ class KilnDeployment:
         except KilnError as exc:
             result, requests, rows = exc, 0, 0
         if isinstance(result, KilnError):
-            self.counts["refused"] += 1
             message = " ".join(str(result).split())
             return JSONResponse({"error": message}, status_code=400)
         headers = {"x-kiln-replica": self.replica, "x-kiln-node": self.node,
@@ -98,7 +91,6 @@ class KilnDeployment:
         return JSONResponse({"outputs": {n: t.tolist() for n, t in zip(self.output_names, result)}}, headers=headers)
 
     async def _submit(self, tensors: list) -> tuple:
-        self.counts["requests"] += 1
         try:
             checked = check_request(self.spec, tensors)
             rows = int(checked[0].shape[0])
