@@ -1,0 +1,192 @@
+"""Serving MiniLM sentence embeddings on Ray Serve: kiln's artifact with batching, the same
+with batching off, and the eager PyTorch model with the same batching (what a user would write
+without kiln), each at several client concurrencies.
+
+The model is all-MiniLM-L6-v2 (real weights) with mean pooling over the attention mask, as
+sentence-transformers encodes; one request is one sentence padded to --seq tokens. kiln
+compiles it with a dynamic batch and sequence length. Each deployment runs alone on a local
+Ray instance (--replicas replicas, one CPU and one engine thread each), and `kiln loadtest`'s
+closed-loop client (kiln.serving.loadtest) drives it from this process for --duration seconds
+per concurrency. The client shares the machine's cores with the server: on a 2-core machine
+that costs every contender alike, and the absolute numbers are lower than a separate client
+would see.
+
+Run:
+    . .venv/bin/activate && python bench/serving.py
+    python bench/serving.py --duration 3 --concurrency 1,8 --out /tmp/smoke.md     # a quick smoke run
+Writes the markdown table to stdout and --out, a .json and a .png (throughput vs P99) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kiln
+from kiln.serving import deployment, loadtest
+
+SENTENCE = "A compiled model serves many short requests, and batching them is what keeps the cores busy."
+
+
+class SentenceEmbedding(torch.nn.Module):
+    """MiniLM's token states mean-pooled over the attention mask: one 384-vector per sentence."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def sentence_model() -> SentenceEmbedding:
+    from kiln.examples.models import minilm
+
+    encoder, _ = minilm()
+    return SentenceEmbedding(encoder).eval()
+
+
+def build_artifact(path: Path, seq: int) -> Path:
+    from kiln.examples.models import sentence_tokens
+
+    if path.exists():
+        print(f"using {path}", file=sys.stderr)
+        return path
+    ids, mask = sentence_tokens([SENTENCE, "Two rows make the batch axis dynamic."], seq=seq)
+    dims = {0: kiln.Dim("batch", min=1, max=64), 1: kiln.Dim("seq", min=1, max=128)}
+    began = time.perf_counter()
+    compiled = kiln.optimize(sentence_model(), "cpu-x86", (ids, mask), dynamic={"input_ids": dims, "attention_mask": dims})
+    print(f"compiled in {time.perf_counter() - began:.0f} s: {compiled}", file=sys.stderr)
+    return compiled.save(path)
+
+
+def eager_deployment(replicas: int, max_batch: int, batch_wait_ms: float):
+    """The eager model on Ray Serve with @serve.batch, answering the same JSON as kiln serve."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=max(2 * max_batch, 8))
+    class EagerEmbedding:
+        def __init__(self):
+            torch.set_num_threads(1)
+            self.model = sentence_model()
+
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000)
+        async def embed(self, requests: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+            ids = torch.cat([r[0] for r in requests])
+            mask = torch.cat([r[1] for r in requests])
+            with torch.inference_mode():
+                out = self.model(ids, mask)
+            return [(row, len(requests)) for row in out.split([r[0].shape[0] for r in requests])]
+
+        async def __call__(self, request):
+            inputs = (await request.json())["inputs"]
+            row, shared = await self.embed((torch.tensor(inputs["input_ids"]), torch.tensor(inputs["attention_mask"])))
+            return JSONResponse({"outputs": {"embedding": row.tolist()}}, headers={"x-kiln-batch-requests": str(shared)})
+
+    return EagerEmbedding.bind()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_contender(name: str, app, port: int, body: bytes, levels: list[int], duration: float) -> list[loadtest.LoadResult]:
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"http://127.0.0.1:{port}/{name}"
+    loadtest.run_load(url, body, max(levels), min(3.0, duration))  # warm-up: first calls, thread pools
+    results = []
+    for level in levels:
+        results.append(loadtest.run_load(url, body, level, duration))
+        r = results[-1]
+        print(f"{name} c={level}: {r.throughput_rps:.1f} req/s, P50 {r.p50_ms} ms, P99 {r.p99_ms} ms, errors {r.errors}, "
+              f"mean batch {r.mean_batch_requests}", file=sys.stderr)
+    serve.delete(name)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", default="/tmp/kiln-bench-minilm-sentence.kiln", help="reused when it exists")
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.md"))
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    from kiln.examples.models import sentence_tokens
+
+    artifact = build_artifact(Path(args.artifact), args.seq)
+    ids, mask = sentence_tokens([SENTENCE], seq=args.seq)
+    body = json.dumps({"inputs": {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}}).encode()
+
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=args.replicas, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        contenders = {
+            "kiln, batching": deployment(artifact, replicas=args.replicas, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms),
+            "kiln, batching off": deployment(artifact, replicas=args.replicas, max_batch=1, batch_wait_ms=0),
+            "eager, batching": eager_deployment(args.replicas, args.max_batch, args.batch_wait_ms),
+        }
+        series = {label: run_contender(f"c{i}", app, port, body, levels, args.duration)
+                  for i, (label, app) in enumerate(contenders.items())}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    write(series, args, artifact)
+    return 0
+
+
+def write(series: dict[str, list[loadtest.LoadResult]], args, artifact: Path) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    described = kiln.artifact.describe(artifact)
+    backends = ", ".join(f"{p['name']}: {p['backend']}" for p in described.manifest["plan"]["partitions"])
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if sys.platform.startswith("linux") else ""
+    model_line = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("Model name")), platform.processor())
+    amx = "amx_tile" in flags
+    lines = [f"# Serving MiniLM sentence embeddings on Ray Serve ({datetime.date.today()})", "",
+             f"{model_line}, {os.cpu_count()} cores{' (AMX)' if amx else ' (no AMX)'}; one sentence of {args.seq} tokens per request; "
+             f"{args.replicas} replicas x 1 CPU; max batch {args.max_batch}, batch wait {args.batch_wait_ms} ms; "
+             f"{args.duration:.0f} s per concurrency, closed loop, client on the same machine.",
+             f"kiln artifact: {backends}; precision: {described.report.precision_summary or 'fp32'}", "",
+             "| deployment | concurrency | req/s | P50 ms | P99 ms | errors | mean requests per call |", "|---|---|---|---|---|---|---|"]
+    for label, results in series.items():
+        for r in results:
+            batch = f"{r.mean_batch_requests:.2f}" if r.mean_batch_requests is not None else "-"
+            lines.append(f"| {label} | {r.concurrency} | {r.throughput_rps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {batch} |")
+    kiln_top, eager_top = series["kiln, batching"][-1], series["eager, batching"][-1]
+    lines += ["", f"At concurrency {kiln_top.concurrency}: kiln with batching {kiln_top.throughput_rps / eager_top.throughput_rps:.2f}x "
+              f"the eager model's throughput, P99 {kiln_top.p99_ms:.0f} ms against {eager_top.p99_ms:.0f} ms."]
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({label: loadtest.as_json(r) for label, r in series.items()}, indent=1))
+    loadtest.plot(series, out.with_suffix(".png"), title=f"MiniLM on Ray Serve, {args.replicas} replicas")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
