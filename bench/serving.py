@@ -5,9 +5,11 @@ without kiln), each at several client concurrencies.
 The model is all-MiniLM-L6-v2 (real weights) with mean pooling over the attention mask, as
 sentence-transformers encodes; one request is one sentence padded to --seq tokens. kiln
 compiles it with a dynamic batch and sequence length. Each deployment runs alone on a local
-Ray instance (--replicas replicas, one CPU and one engine thread each), and `kiln loadtest`'s
-closed-loop client (kiln.serving.loadtest) drives it from this process for --duration seconds
-per concurrency. The client shares the machine's cores with the server: on a 2-core machine
+Ray instance (--replicas replicas, one CPU and one engine thread each) and is driven two ways
+for --duration seconds per concurrency: over HTTP by `kiln loadtest`'s closed-loop client
+(kiln.serving.loadtest), and by as many closed-loop callers of a DeploymentHandle from this
+process. One engine call of each model alone is timed first, to separate the model's cost
+from the serving path's. The client shares the machine's cores with the server: on a 2-core machine
 that costs every contender alike, and the absolute numbers are lower than a separate client
 would see.
 
@@ -20,11 +22,13 @@ Writes the markdown table to stdout and --out, a .json and a .png (throughput vs
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +95,10 @@ def eager_deployment(replicas: int, max_batch: int, batch_wait_ms: float):
                 out = self.model(ids, mask)
             return [(row, len(requests)) for row in out.split([r[0].shape[0] for r in requests])]
 
+        async def infer(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            row, _ = await self.embed((ids, mask))
+            return {"embedding": row}
+
         async def __call__(self, request):
             inputs = (await request.json())["inputs"]
             row, shared = await self.embed((torch.tensor(inputs["input_ids"]), torch.tensor(inputs["attention_mask"])))
@@ -105,20 +113,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_contender(name: str, app, port: int, body: bytes, levels: list[int], duration: float) -> list[loadtest.LoadResult]:
+def run_contender(name: str, app, port: int, body: bytes, tensors: tuple, levels: list[int],
+                  duration: float) -> tuple[list[loadtest.LoadResult], list[loadtest.LoadResult]]:
+    """The deployment driven over HTTP through Ray Serve's proxy, then through a DeploymentHandle
+    from this process (no HTTP, no JSON)."""
     from ray import serve
 
-    serve.run(app, name=name, route_prefix=f"/{name}")
+    handle = serve.run(app, name=name, route_prefix=f"/{name}")
     url = f"http://127.0.0.1:{port}/{name}"
     loadtest.run_load(url, body, max(levels), min(3.0, duration))  # warm-up: first calls, thread pools
-    results = []
+    over_http, over_handle = [], []
     for level in levels:
-        results.append(loadtest.run_load(url, body, level, duration))
-        r = results[-1]
-        print(f"{name} c={level}: {r.throughput_rps:.1f} req/s, P50 {r.p50_ms} ms, P99 {r.p99_ms} ms, errors {r.errors}, "
-              f"mean batch {r.mean_batch_requests}", file=sys.stderr)
+        over_http.append(loadtest.run_load(url, body, level, duration))
+        over_handle.append(asyncio.run(handle_load(handle, tensors, level, duration)))
+        for way, r in (("http", over_http[-1]), ("handle", over_handle[-1])):
+            print(f"{name} {way} c={level}: {r.throughput_rps:.1f} req/s, P50 {r.p50_ms} ms, P99 {r.p99_ms} ms, "
+                  f"errors {r.errors}, mean batch {r.mean_batch_requests}", file=sys.stderr)
     serve.delete(name)
-    return results
+    return over_http, over_handle
+
+
+async def handle_load(handle, tensors: tuple, concurrency: int, duration: float) -> loadtest.LoadResult:
+    """`concurrency` closed-loop callers of handle.infer for `duration` seconds."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    began = time.perf_counter()
+    stop = began + duration
+
+    async def caller():
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            try:
+                await handle.infer.remote(*tensors)
+                latencies.append(time.perf_counter() - start)
+            except Exception as exc:  # counted, as the HTTP client counts a failed request
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    seconds = time.perf_counter() - began
+    ordered = sorted(latencies)
+    return loadtest.LoadResult(concurrency, seconds, len(ordered), len(errors), len(ordered) / seconds,
+                               loadtest._percentile(ordered, 50), loadtest._percentile(ordered, 99), None,
+                               errors[0] if errors else None)
+
+
+def engine_calls(artifact: Path, tensors: tuple, batches=(1, 4, 16), rounds: int = 15) -> list[dict]:
+    """One engine call alone, kiln's artifact against the eager model, both on one thread (as
+    each replica runs), timed interleaved; the median per call."""
+    compiled = kiln.load(artifact, threads=1)
+    eager = sentence_model()
+    torch.set_num_threads(1)
+    rows = []
+    for batch in batches:
+        inputs = tuple(t.repeat(batch, 1) for t in tensors)
+        times: dict[str, list[float]] = {"kiln": [], "eager": []}
+        with torch.inference_mode():
+            compiled(*inputs), eager(*inputs)
+            for _ in range(rounds):
+                for label, call in (("kiln", compiled), ("eager", eager)):
+                    start = time.perf_counter()
+                    call(*inputs)
+                    times[label].append(time.perf_counter() - start)
+        kiln_ms, eager_ms = (statistics.median(times[k]) * 1000 for k in ("kiln", "eager"))
+        rows.append({"batch": batch, "kiln_ms": kiln_ms, "eager_ms": eager_ms})
+        print(f"engine call, batch {batch}: kiln {kiln_ms:.1f} ms, eager {eager_ms:.1f} ms", file=sys.stderr)
+    return rows
 
 
 def main() -> int:
@@ -138,6 +197,7 @@ def main() -> int:
     artifact = build_artifact(Path(args.artifact), args.seq)
     ids, mask = sentence_tokens([SENTENCE], seq=args.seq)
     body = json.dumps({"inputs": {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}}).encode()
+    calls = engine_calls(artifact, (ids, mask))
 
     import ray
     from ray import serve
@@ -151,16 +211,26 @@ def main() -> int:
             "kiln, batching off": deployment(artifact, replicas=args.replicas, max_batch=1, batch_wait_ms=0),
             "eager, batching": eager_deployment(args.replicas, args.max_batch, args.batch_wait_ms),
         }
-        series = {label: run_contender(f"c{i}", app, port, body, levels, args.duration)
-                  for i, (label, app) in enumerate(contenders.items())}
+        runs = {label: run_contender(f"c{i}", app, port, body, (ids, mask), levels, args.duration)
+                for i, (label, app) in enumerate(contenders.items())}
     finally:
         serve.shutdown()
         ray.shutdown()
-    write(series, args, artifact)
+    write({label: r[0] for label, r in runs.items()}, {label: r[1] for label, r in runs.items()}, calls, args, artifact)
     return 0
 
 
-def write(series: dict[str, list[loadtest.LoadResult]], args, artifact: Path) -> None:
+def table(series: dict[str, list[loadtest.LoadResult]]) -> list[str]:
+    lines = ["| deployment | concurrency | req/s | P50 ms | P99 ms | errors | mean requests per call |", "|---|---|---|---|---|---|---|"]
+    for label, results in series.items():
+        for r in results:
+            batch = f"{r.mean_batch_requests:.2f}" if r.mean_batch_requests is not None else "-"
+            lines.append(f"| {label} | {r.concurrency} | {r.throughput_rps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {batch} |")
+    return lines
+
+
+def write(series: dict[str, list[loadtest.LoadResult]], by_handle: dict[str, list[loadtest.LoadResult]], calls: list[dict],
+          args, artifact: Path) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     described = kiln.artifact.describe(artifact)
@@ -173,18 +243,22 @@ def write(series: dict[str, list[loadtest.LoadResult]], args, artifact: Path) ->
              f"{args.replicas} replicas x 1 CPU; max batch {args.max_batch}, batch wait {args.batch_wait_ms} ms; "
              f"{args.duration:.0f} s per concurrency, closed loop, client on the same machine.",
              f"kiln artifact: {backends}; precision: {described.report.precision_summary or 'fp32'}", "",
-             "| deployment | concurrency | req/s | P50 ms | P99 ms | errors | mean requests per call |", "|---|---|---|---|---|---|---|"]
-    for label, results in series.items():
-        for r in results:
-            batch = f"{r.mean_batch_requests:.2f}" if r.mean_batch_requests is not None else "-"
-            lines.append(f"| {label} | {r.concurrency} | {r.throughput_rps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {batch} |")
-    kiln_top, eager_top = series["kiln, batching"][-1], series["eager, batching"][-1]
-    lines += ["", f"At concurrency {kiln_top.concurrency}: kiln with batching {kiln_top.throughput_rps / eager_top.throughput_rps:.2f}x "
-              f"the eager model's throughput, P99 {kiln_top.p99_ms:.0f} ms against {eager_top.p99_ms:.0f} ms."]
+             "## One engine call alone (1 thread, median of interleaved calls)", "",
+             "| batch | kiln ms | eager ms | eager / kiln |", "|---|---|---|---|"]
+    lines += [f"| {c['batch']} | {c['kiln_ms']:.1f} | {c['eager_ms']:.1f} | {c['eager_ms'] / c['kiln_ms']:.2f}x |" for c in calls]
+    lines += ["", "## Over HTTP (Ray Serve's proxy, JSON bodies, `kiln loadtest`'s client)", ""] + table(series)
+    lines += ["", "## Through a DeploymentHandle from the driver (no HTTP, no JSON)", ""] + table(by_handle)
+    lines.append("")
+    for way, runs in (("over HTTP", series), ("through a handle", by_handle)):
+        kiln_top, eager_top = runs["kiln, batching"][-1], runs["eager, batching"][-1]
+        lines.append(f"At concurrency {kiln_top.concurrency} {way}: kiln with batching {kiln_top.throughput_rps / eager_top.throughput_rps:.2f}x "
+                     f"the eager deployment's throughput, P99 {kiln_top.p99_ms:.0f} ms against {eager_top.p99_ms:.0f} ms.")
     text = "\n".join(lines) + "\n"
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({label: loadtest.as_json(r) for label, r in series.items()}, indent=1))
-    loadtest.plot(series, out.with_suffix(".png"), title=f"MiniLM on Ray Serve, {args.replicas} replicas")
+    out.with_suffix(".json").write_text(json.dumps({
+        "engine_calls": calls, "http": {label: loadtest.as_json(r) for label, r in series.items()},
+        "handle": {label: loadtest.as_json(r) for label, r in by_handle.items()}}, indent=1))
+    loadtest.plot(series, out.with_suffix(".png"), title=f"MiniLM on Ray Serve over HTTP, {args.replicas} replicas")
     print(text)
 
 
