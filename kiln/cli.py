@@ -175,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host of Ray Serve's proxy")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Ray Serve's proxy")
     p.add_argument("--name", help="application name and route (default: the artifact's file name)")
+    p.add_argument("--pad", action="append", default=[], metavar="DIM=MASK_INPUT",
+                   help="let requests of different DIM sizes share a call, padded with MASK_INPUT zero there (e.g. seq=attention_mask)")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("loadtest", parents=[common], help="closed-loop HTTP load on a served model: throughput, P50/P99, errors")
@@ -605,7 +607,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     name = args.name or artifact_name(args.artifact)
     app = deployment(args.artifact, replicas=args.replicas, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                     num_cpus=args.num_cpus)  # refuses an unbatchable artifact before Ray starts
+                     num_cpus=args.num_cpus, pad=dict(_parse_kv(item) for item in args.pad) or None)  # refuses an unbatchable artifact before Ray starts
     import ray
 
     ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)

@@ -3,19 +3,20 @@ requests as few engine calls.
 
 A server batches by stacking requests along axis 0, so every input must carry one shared
 dynamic dim there (`dynamic={"x": {0: "batch"}, ...}` at compile time). Requests whose other
-axes differ (two sentence lengths) cannot share a call; they are grouped by those sizes and
-each group runs as its own call. Each request gets back exactly its own rows of every output.
+axes differ (two sentence lengths) are grouped by those sizes and each group runs as its own
+call, unless the user names a dim that may be padded with its mask input (Batcher's `pad`).
+Each request gets back exactly its own rows of every output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from kiln.errors import KilnError, ServingError
-from kiln.frontend.input_spec import check_tensor
+from kiln.frontend.input_spec import check_tensor, random_inputs
 from kiln.ir import PartitionPlan
 from kiln.types import Dim, InputSpec
 
@@ -84,31 +85,138 @@ def check_request(spec: InputSpec, tensors: Sequence[torch.Tensor]) -> list[torc
     return checked
 
 
-def run_batched(compiled, requests: Sequence[Sequence[torch.Tensor]], max_rows: int) -> list[tuple[torch.Tensor, ...] | KilnError]:
+def run_batched(compiled, requests: Sequence[Sequence[torch.Tensor]], max_rows: int,
+                pad: Mapping[str, str] | None = None) -> list[tuple[torch.Tensor, ...] | KilnError]:
     """Run requests (each its flat tensors in spec order, batch on axis 0) as few engine calls
     of at most `max_rows` rows; return, per request, its rows of every flat output, or the
-    KilnError that refused it. A refused request never stops the others."""
-    layout = batch_layout(compiled.input_spec, where="model")
-    max_rows = min(max_rows, layout.max_rows)
-    results: list[tuple[torch.Tensor, ...] | KilnError | None] = [None] * len(requests)
-    groups: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = {}
-    for index, tensors in enumerate(requests):
+    KilnError that refused it. A refused request never stops the others. `pad` as for Batcher."""
+    return Batcher(compiled, max_rows, pad)(requests)
+
+
+class Batcher:
+    """Runs lists of requests for one compiled model (see the module docstring).
+
+    pad: {dim name: mask input name}, e.g. {"seq": "attention_mask"}, for a model whose answer
+    for a row does not change when that dim is padded with zeros (its mask zero there): requests
+    that differ only in such dims then share a call, padded to the longest in it, and each
+    answer is cut back to the request's own size. Which output axes to cut is read once, by
+    running the model on two sizes of each padded dim."""
+
+    def __init__(self, compiled, max_rows: int, pad: Mapping[str, str] | None = None):
+        self.compiled = compiled
+        self.spec: InputSpec = compiled.input_spec
+        self.layout = batch_layout(self.spec, where="model")
+        self.max_rows = min(max_rows, self.layout.max_rows)
+        self.pad = dict(pad or {})
+        check_pad(self.spec, self.layout, self.pad)
+        self.cut_axes = _output_axes(compiled, self.spec, self.layout, self.pad) if self.pad else {}
+
+    def __call__(self, requests: Sequence[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, ...] | KilnError]:
+        results: list[tuple[torch.Tensor, ...] | KilnError | None] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[torch.Tensor]]]] = {}
+        for index, tensors in enumerate(requests):
+            try:
+                checked = check_request(self.spec, tensors)
+                rows = checked[0].shape[0]
+                if rows > self.max_rows:
+                    raise ServingError(f"request has {rows} rows, more than the {self.max_rows} one call may take",
+                                       where=f"input {self.spec.tensors[0].name!r}",
+                                       fix=f"split it into requests of at most {self.max_rows} rows")
+            except KilnError as exc:
+                results[index] = exc
+                continue
+            # Requests stack only when every axis but the batch (and the padded dims) agrees.
+            groups.setdefault(self._group_key(checked), []).append((index, checked))
+        for members in groups.values():
+            for chunk in _chunks(members, self.max_rows):
+                for index, outputs in zip((i for i, _ in chunk), self._run_chunk([t for _, t in chunk])):
+                    results[index] = outputs
+        return results  # type: ignore[return-value]
+
+    def _group_key(self, tensors: list[torch.Tensor]) -> tuple:
+        return tuple(tuple(None if isinstance(d, Dim) and d.name in self.pad else size
+                           for d, size in zip(ts.shape[1:], t.shape[1:])) for ts, t in zip(self.spec.tensors, tensors))
+
+    def _run_chunk(self, requests: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...] | KilnError]:
+        sizes = [r[0].shape[0] for r in requests]
+        own = [self._pad_sizes(r) for r in requests]
+        longest = {dim: max(o[dim] for o in own) for dim in self.pad}
         try:
-            checked = check_request(compiled.input_spec, tensors)
-            rows = checked[0].shape[0]
-            if rows > max_rows:
-                raise ServingError(f"request has {rows} rows, more than the {max_rows} one call may take",
-                                   where=f"input {compiled.input_spec.tensors[0].name!r}", fix=f"split it into requests of at most {max_rows} rows")
+            padded = [[_padded(ts, t, longest, self.pad) for ts, t in zip(self.spec.tensors, r)] for r in requests]
+            stacked = [torch.cat(column) if len(padded) > 1 else column[0] for column in zip(*padded)]
+            outputs = self.compiled.run_flat(stacked)
+            for name, out in zip(flat_output_names(self.compiled.plan), outputs):
+                if out.dim() == 0 or out.shape[0] != sum(sizes):
+                    raise ServingError(f"output {name!r} has shape {tuple(out.shape)}, not the {sum(sizes)} rows of the batch on axis 0",
+                                       where="model", fix="serve a model whose every output keeps the batch on axis 0")
         except KilnError as exc:
-            results[index] = exc
-            continue
-        # Requests stack only when every axis but the batch agrees.
-        groups.setdefault(tuple(tuple(t.shape[1:]) for t in checked), []).append((index, checked))
-    for members in groups.values():
-        for chunk in _chunks(members, max_rows):
-            for index, outputs in zip((i for i, _ in chunk), _run_chunk(compiled, [t for _, t in chunk])):
-                results[index] = outputs
-    return results  # type: ignore[return-value]
+            return [exc] * len(requests)
+        split = [out.split(sizes) for out in outputs]
+        answers = []
+        for i, sizes_of in enumerate(own):
+            answer = []
+            for position, parts in enumerate(split):
+                part = parts[i]
+                for dim, axes in self.cut_axes.get(position, {}).items():
+                    for axis in axes:
+                        part = part.narrow(axis, 0, sizes_of[dim])
+                answer.append(part)
+            answers.append(tuple(answer))
+        return answers
+
+    def _pad_sizes(self, tensors: list[torch.Tensor]) -> dict[str, int]:
+        sizes = {}
+        for ts, t in zip(self.spec.tensors, tensors):
+            for axis, d in enumerate(ts.shape):
+                if isinstance(d, Dim) and d.name in self.pad:
+                    sizes[d.name] = t.shape[axis]
+        return sizes
+
+
+def check_pad(spec: InputSpec, layout: BatchLayout, pad: dict[str, str]) -> None:
+    dims = spec.dims()
+    for dim, mask in pad.items():
+        if dim not in dims or dim == layout.dim.name:
+            known = ", ".join(d for d in dims if d != layout.dim.name) or "none"
+            raise ServingError(f"cannot pad dim {dim!r}: it is not a dynamic dim of the model other than the batch",
+                               where="pad", fix=f"name one of its dynamic dims: {known}")
+        carrier = next((t for t in spec.tensors if t.name == mask), None)
+        if carrier is None or not any(isinstance(d, Dim) and d.name == dim for d in carrier.shape):
+            raise ServingError(f"mask input {mask!r} does not carry dim {dim!r}", where="pad",
+                               fix=f"name the input that masks {dim!r}, one of {', '.join(spec.names)}")
+
+
+def _padded(ts, tensor: torch.Tensor, longest: dict[str, int], pad: dict[str, str]) -> torch.Tensor:
+    """`tensor` padded at the end of each padded dim to the chunk's longest, with zeros (so the
+    mask marks the padding as absent), or the lowest valid id where 0 is not one."""
+    value = 0
+    if ts.index_range is not None and not ts.index_range[0] <= 0 <= ts.index_range[1]:
+        value = ts.index_range[0]
+    for axis, d in enumerate(ts.shape):
+        if isinstance(d, Dim) and d.name in longest and tensor.shape[axis] < longest[d.name]:
+            shape = list(tensor.shape)
+            shape[axis] = longest[d.name] - tensor.shape[axis]
+            tensor = torch.cat([tensor, torch.full(shape, value, dtype=tensor.dtype)], dim=axis)
+    return tensor
+
+
+def _output_axes(compiled, spec: InputSpec, layout: BatchLayout, pad: dict[str, str]) -> dict[int, dict[str, list[int]]]:
+    """{flat output position: {padded dim: output axes that follow it}}, read by running the
+    model with each padded dim at two sizes, everything else alike."""
+    axes: dict[int, dict[str, list[int]]] = {}
+    base = {d.name: min(d.max, max(d.min, 3)) for d in spec.dims().values()}
+    base[layout.dim.name] = min(layout.max_rows, max(layout.dim.min, 1))
+    for dim in pad:
+        dimension = spec.dims()[dim]
+        if base[dim] + 1 > dimension.max:
+            base[dim] = dimension.max - 1
+        shapes = [[tuple(o.shape) for o in compiled.run_flat(random_inputs(spec, seed=0, sizes={**base, dim: base[dim] + step}))]
+                  for step in (0, 1)]
+        for position, (a, b) in enumerate(zip(*shapes)):
+            changed = [axis for axis, (x, y) in enumerate(zip(a, b)) if x != y]
+            if changed:
+                axes.setdefault(position, {})[dim] = changed
+    return axes
 
 
 def _chunks(members: list[tuple[int, list[torch.Tensor]]], max_rows: int):
@@ -122,19 +230,3 @@ def _chunks(members: list[tuple[int, list[torch.Tensor]]], max_rows: int):
         rows += size
     if chunk:
         yield chunk
-
-
-def _run_chunk(compiled, requests: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...] | KilnError]:
-    sizes = [r[0].shape[0] for r in requests]
-    try:
-        stacked = [torch.cat(column) if len(requests) > 1 else column[0] for column in zip(*requests)]
-        outputs = compiled.run_flat(stacked)
-        names = flat_output_names(compiled.plan)
-        for name, out in zip(names, outputs):
-            if out.dim() == 0 or out.shape[0] != sum(sizes):
-                raise ServingError(f"output {name!r} has shape {tuple(out.shape)}, not the {sum(sizes)} rows of the batch on axis 0",
-                                   where="model", fix="serve a model whose every output keeps the batch on axis 0")
-    except KilnError as exc:
-        return [exc] * len(requests)
-    split = [out.split(sizes) for out in outputs]
-    return [tuple(parts[i] for parts in split) for i in range(len(requests))]

@@ -29,7 +29,7 @@ import torch
 
 from kiln.errors import KilnError, ServingError
 from kiln.serving import require
-from kiln.serving.batching import batch_layout, check_request, flat_output_names, run_batched
+from kiln.serving.batching import Batcher, batch_layout, check_pad, check_request, flat_output_names
 from kiln.types import DTYPE_NAMES
 
 serve = require("ray.serve", "serving with Ray Serve")
@@ -41,12 +41,13 @@ NPZ = "application/x-npz"
 class KilnDeployment:
     """One replica: the artifact loaded once, requests batched by rows."""
 
-    def __init__(self, artifact: str, max_batch: int, batch_wait_s: float, threads: int | None):
+    def __init__(self, artifact: str, max_batch: int, batch_wait_s: float, threads: int | None, pad: dict | None = None):
         from kiln.runtime import load
 
         self.compiled = load(artifact, threads=threads)
         layout = batch_layout(self.compiled.input_spec, where=artifact)
         self.max_batch = min(max_batch, layout.max_rows)
+        self.batcher = Batcher(self.compiled, self.max_batch, pad)
         self.spec = self.compiled.input_spec
         self.output_names = flat_output_names(self.compiled.plan)
         self.run.set_max_batch_size(self.max_batch)
@@ -60,7 +61,7 @@ class KilnDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(int(t[0].shape[0]) for t in items))
     async def run(self, requests: list[list[torch.Tensor]]) -> list:
         # the engine call blocks: off the replica's event loop, so the next batch can gather meanwhile
-        results = await asyncio.to_thread(run_batched, self.compiled, requests, self.max_batch)
+        results = await asyncio.to_thread(self.batcher, requests)
         rows = sum(int(t[0].shape[0]) for t in requests)
         return [(result, len(requests), rows) for result in results]
 
@@ -103,16 +104,21 @@ class KilnDeployment:
 
 
 def deployment(artifact: str | Path, *, name: str | None = None, replicas: int = 1, max_batch: int = 16,
-               batch_wait_ms: float = 5.0, num_cpus: float = 1.0, num_gpus: float = 0.0):
+               batch_wait_ms: float = 5.0, num_cpus: float = 1.0, num_gpus: float = 0.0, pad: dict | None = None):
     """A Ray Serve application serving the artifact: `replicas` replicas, each loading it once
     with `num_cpus` threads and batching up to `max_batch` rows, waiting at most
-    `batch_wait_ms` to fill a batch. Refuses an artifact without a dynamic batch before Ray
-    starts anything (ServingError naming the input and the `dynamic=` to compile with)."""
+    `batch_wait_ms` to fill a batch. `pad` ({"seq": "attention_mask"}) lets requests of
+    different lengths share a call (kiln.serving.batching.Batcher). Refuses an artifact
+    without a dynamic batch before Ray starts anything (ServingError naming the input and the
+    `dynamic=` to compile with)."""
     from kiln import artifact as artifacts
     from kiln.types import InputSpec
 
     path = Path(artifact).expanduser().resolve()
-    layout = batch_layout(InputSpec.from_dict(artifacts.describe(path).manifest["input_spec"]), where=str(path))
+    spec = InputSpec.from_dict(artifacts.describe(path).manifest["input_spec"])
+    layout = batch_layout(spec, where=str(path))
+    if pad:
+        check_pad(spec, layout, dict(pad))
     if not 1 <= max_batch <= layout.max_rows:
         raise ServingError(f"max batch {max_batch} lies outside the compiled range {layout.dim.name}[{layout.dim.min}..{layout.dim.max}]",
                            where=str(path), fix=f"give a max batch from 1 to {layout.max_rows}")
@@ -124,7 +130,8 @@ def deployment(artifact: str | Path, *, name: str | None = None, replicas: int =
                "max_ongoing_requests": max(2 * max_batch, 8)}
     if name:
         options["name"] = name
-    return KilnDeployment.options(**options).bind(str(path), max_batch, batch_wait_ms / 1000.0, max(1, int(num_cpus)))
+    return KilnDeployment.options(**options).bind(str(path), max_batch, batch_wait_ms / 1000.0, max(1, int(num_cpus)),
+                                                    dict(pad) if pad else None)
 
 
 def decode_json(body: bytes, spec) -> list[torch.Tensor]:

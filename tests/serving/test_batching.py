@@ -114,3 +114,32 @@ def test_a_bad_request_is_refused_alone_naming_the_input_and_the_others_are_answ
     for result in (results[0], results[6]):
         for got, want in zip(result, alone(compiled, *good)):
             torch.testing.assert_close(got, want, rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_with_seq_padded_requests_of_different_lengths_share_one_call_and_each_gets_its_own_answer(compiled):
+    from kiln.serving.batching import Batcher
+
+    batcher = Batcher(compiled, max_rows=32, pad={"seq": "mask"})
+    assert batcher.cut_axes == {0: {"seq": [1]}}  # per-token output: cut back on axis 1; pooled: nothing to cut
+    requests = [example(2, seq=3, seed=1), example(1, seq=7, seed=2), example(2, seq=5, seed=3)]
+    calls = []
+    original = compiled.run_flat
+    compiled.run_flat = lambda tensors: calls.append(tuple(tensors[0].shape)) or original(tensors)
+    results = batcher(requests)
+    assert calls == [(5, 7, 8)]
+    for request, result in zip(requests, results):
+        assert result[0].shape[:2] == request[0].shape[:2]
+        for got, want in zip(result, alone(compiled, *request)):
+            torch.testing.assert_close(got, want, rtol=FP32.rtol, atol=FP32.atol)
+
+
+@pytest.mark.parametrize("pad, message", [
+    ({"tokens": "mask"}, "cannot pad dim 'tokens'"),
+    ({"batch": "mask"}, "cannot pad dim 'batch'"),
+    ({"seq": "attention_mask"}, "mask input 'attention_mask' does not carry dim 'seq'"),
+])
+def test_a_pad_naming_no_padable_dim_or_no_mask_is_refused(ort_artifact, pad, message):
+    from kiln.serving.batching import Batcher
+
+    with pytest.raises(ServingError, match=message):
+        Batcher(kiln.load(ort_artifact), max_rows=8, pad=pad)

@@ -3,7 +3,7 @@ artifact once, batching concurrent requests with @serve.batch; JSON and .npz bod
 and DeploymentHandle calls answer what the artifact answers directly; bad requests get HTTP 400
 naming the input and the expected spec while the replicas keep serving.
 
-One Ray instance for the module (2 CPUs, no dashboard), shut down at its end; the HTTP port
+One Ray instance for the module (3 logical CPUs, no dashboard), shut down at its end; the HTTP port
 is a free one, not Ray's default 8000."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app(ort_artifact):
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 3 logical CPUs: the two-replica app holds two, the padded app of one test takes the third
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         handle = serve.run(deployment(ort_artifact, replicas=2, max_batch=8, batch_wait_ms=50), name="masked",
@@ -163,3 +164,26 @@ def test_loadtest_counts_refused_requests_as_errors_with_the_servers_reason(app,
     out = capsys.readouterr().out
     assert rc == 1
     assert "first error: HTTP Error 400" in out and "input 'mask' is missing" in out
+
+
+def test_with_seq_padding_requests_of_mixed_lengths_share_calls_and_each_gets_its_own_answer(app, ort_artifact, direct):
+    serve.run(deployment(ort_artifact, replicas=1, max_batch=16, batch_wait_ms=100, pad={"seq": "mask"}), name="padded",
+              route_prefix="/padded")
+    url = app.url.replace("/masked", "/padded")
+    inputs = [example(1, seq=3 + seed % 5, seed=200 + seed) for seed in range(10)]
+    try:
+        responses = concurrently([lambda body=as_json(*r): requests.post(url, json=body, timeout=60) for r in inputs])
+    finally:
+        serve.delete("padded")
+    assert [r.status_code for r in responses] == [200] * len(inputs)
+    for response, (x, mask) in zip(responses, inputs):
+        assert np.asarray(response.json()["outputs"]["output.tokens"]).shape == (1, x.shape[1], 3)
+        check(response.json()["outputs"], direct, x, mask)
+    shared = [int(r.headers["x-kiln-batch-requests"]) for r in responses]
+    lengths = {(x.shape[1]) for x, _ in inputs}
+    assert max(shared) > 1 and len(lengths) == 5
+
+
+def test_a_pad_naming_a_dim_the_model_lacks_is_refused_before_ray_starts_anything(ort_artifact):
+    with pytest.raises(ServingError, match="cannot pad dim 'length'"):
+        deployment(ort_artifact, pad={"length": "mask"})
