@@ -43,3 +43,17 @@ def compile_masked(path: Path, backend: str, dynamic: dict | None = DYNAMIC) -> 
     """Compile `Masked` for `backend` and save it at `path` (a zip artifact)."""
     compiled = kiln.optimize(masked_model(), "cpu-x86", example(), dynamic=dynamic, backend=backend)
     return compiled.save(path)
+
+
+class SentenceEmbedding(torch.nn.Module):
+    """A text encoder's token states mean-pooled over the attention mask, as
+    sentence-transformers encodes: one vector per sentence, unchanged by padding."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
