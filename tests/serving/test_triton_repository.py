@@ -196,3 +196,19 @@ def test_a_missing_serving_extra_is_named_with_its_install_hint():
         require("kiln_no_such_module.grpc", "checking a Triton model config")
     assert "needs kiln_no_such_module" in caught.value.what
     assert caught.value.fix.startswith("pip install 'kiln[serve]'")
+
+
+class Total(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()  # one number for the whole batch: no row belongs to any one request
+
+
+def test_an_output_without_the_batch_on_axis_0_is_refused_by_export_and_by_batching(tmp_path):
+    from kiln.serving import run_batched
+
+    path = kiln.optimize(Total(), "cpu-x86", (torch.randn(2, 4),), dynamic={"x": {0: "batch"}},
+                         backend="onnxruntime").save(tmp_path / "total.kiln")
+    with pytest.raises(ServingError, match="does not keep the batch on axis 0"):
+        triton_repository(path, tmp_path / "repo")
+    results = run_batched(kiln.load(path), [(torch.randn(1, 4),), (torch.randn(2, 4),)], max_rows=8)
+    assert all(isinstance(r, ServingError) and "not the 3 rows of the batch on axis 0" in str(r) for r in results)
