@@ -58,6 +58,7 @@ class KilnDeployment:
 
         self.node = ray.get_runtime_context().get_node_id()
 
+    # __init__ replaces these two with the deployment's own; a batch's size counts rows, not requests
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(int(t[0].shape[0]) for t in items))
     async def run(self, requests: list[list[torch.Tensor]]) -> list:
         # the engine call blocks: off the replica's event loop, so the next batch can gather meanwhile
