@@ -201,3 +201,12 @@ def test_bad_requests_get_an_error_naming_the_input_and_the_server_keeps_serving
     with pytest.raises(InferenceServerException, match="batch"):
         client.infer(MODEL, request(httpclient, big_x, big_mask))
     check_answer(client.infer(MODEL, request(httpclient, x, mask)), direct, x, mask)
+
+
+def test_loadtest_drives_the_triton_server_with_a_body_drawn_from_the_artifact(server, ort_artifact):
+    from kiln.serving import loadtest
+
+    url = f"http://{server.http}/v2/models/{MODEL}/infer"
+    result = loadtest.run_load(url, loadtest.body_for(ort_artifact, url, rows=2), concurrency=4, duration_s=1.0)
+    assert result.requests > 0 and result.errors == 0, result.first_error
+    assert result.mean_batch_requests is None  # Triton does not say; its statistics do (see above)
