@@ -57,3 +57,7 @@ class SentenceEmbedding(torch.nn.Module):
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+SENTENCES = ["A cat sat.", "The weather turned cold overnight, and the river froze at its edges.",
+             "Compilers make models fast.", "Batching requests keeps the cores busy while each waits a little."]
