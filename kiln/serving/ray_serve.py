@@ -57,6 +57,12 @@ class KilnDeployment:
         import ray
 
         self.node = ray.get_runtime_context().get_node_id()
+        # Ray Serve's own metrics (its Prometheus endpoint), beside the request and latency ones Serve keeps
+        self.batch_requests = serve.metrics.Histogram("kiln_batch_requests", description="requests that shared one engine call",
+                                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.batch_rows = serve.metrics.Histogram("kiln_batch_rows", description="rows in one engine call",
+                                                  boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.refused = serve.metrics.Counter("kiln_refused_requests", description="requests refused with HTTP 400")
 
     # __init__ replaces these two with the deployment's own; a batch's size counts rows, not requests
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(int(t[0].shape[0]) for t in items))
@@ -64,6 +70,8 @@ class KilnDeployment:
         # the engine call blocks: off the replica's event loop, so the next batch can gather meanwhile
         results = await asyncio.to_thread(self.batcher, requests)
         rows = sum(int(t[0].shape[0]) for t in requests)
+        self.batch_requests.observe(len(requests))
+        self.batch_rows.observe(rows)
         return [(result, len(requests), rows) for result in results]
 
     async def infer(self, *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,6 +92,7 @@ class KilnDeployment:
         except KilnError as exc:
             result, requests, rows = exc, 0, 0
         if isinstance(result, KilnError):
+            self.refused.inc()
             message = " ".join(str(result).split())
             return JSONResponse({"error": message}, status_code=400)
         headers = {"x-kiln-replica": self.replica, "x-kiln-node": self.node,

@@ -40,14 +40,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(ort_artifact):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     # 3 logical CPUs: the two-replica app holds two, the padded app of one test takes the third
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         handle = serve.run(deployment(ort_artifact, replicas=2, max_batch=8, batch_wait_ms=50), name="masked",
                            route_prefix="/masked")
-        yield type("App", (), {"url": f"http://127.0.0.1:{port}/masked", "handle": handle})
+        yield type("App", (), {"url": f"http://127.0.0.1:{port}/masked", "handle": handle,
+                               "metrics": f"http://127.0.0.1:{metrics_port}/metrics"})
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -187,3 +188,22 @@ def test_with_seq_padding_requests_of_mixed_lengths_share_calls_and_each_gets_it
 def test_a_pad_naming_a_dim_the_model_lacks_is_refused_before_ray_starts_anything(ort_artifact):
     with pytest.raises(ServingError, match="cannot pad dim 'length'"):
         deployment(ort_artifact, pad={"length": "mask"})
+
+
+def test_batch_sizes_and_refusals_reach_ray_prometheus_metrics(app):
+    """Last in the module: the tests above formed batches and were refused requests. Ray
+    exports custom metrics every few seconds, so this waits for them (no timing is asserted)."""
+    import re
+    import time
+
+    def total(text: str, name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^ray_{name}(?:_total)?{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+
+    deadline = time.monotonic() + 120
+    while True:
+        text = requests.get(app.metrics, timeout=10).text
+        batches, rows, refused = (total(text, n) for n in ("kiln_batch_requests_count", "kiln_batch_rows_sum", "kiln_refused_requests"))
+        if (batches and refused) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert batches > 0 and rows >= batches and refused > 0, [line for line in text.splitlines() if "kiln_" in line][:10]
