@@ -1,4 +1,4 @@
-"""kiln's command line: compile | run | bench | inspect | profiles.
+"""kiln's command line: compile | run | bench | inspect | profiles | export-triton | serve | loadtest.
 
 Thin by design: each command parses its arguments and calls the Python API. Exit codes:
 0 ok, 2 usage error, 1 any other error, reported as one line (the traceback only with --debug).
@@ -157,6 +157,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?")
     p.set_defaults(handler=_profiles)
+
+    p = sub.add_parser("export-triton", parents=[common], help="write an artifact into a Triton Inference Server model repository")
+    p.add_argument("artifact")
+    p.add_argument("--repository", required=True, help="the model repository folder (created if missing)")
+    p.add_argument("--name", help="model name in the repository (default: the artifact's file name)")
+    p.add_argument("--max-batch", type=int, help="max_batch_size (default: the compiled batch range, at most 64)")
+    p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching: longest wait to fill a batch")
+    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    p.add_argument("--backend", choices=["auto", "python"], default="auto",
+                   help="auto: Triton's native backend where one fits, else python; python: always the python backend")
+    p.add_argument("--overwrite", action="store_true", help="replace a model this command wrote before")
+    p.set_defaults(handler=_export_triton)
+
+    p = sub.add_parser("serve", parents=[common], help="serve an artifact over HTTP with Ray Serve, batching requests")
+    p.add_argument("artifact")
+    p.add_argument("--replicas", type=int, default=1, help="replicas, each loading the artifact once")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows one engine call takes")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="longest wait to fill a batch")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each replica reserves (and its engine threads)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one here")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host of Ray Serve's proxy")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of Ray Serve's proxy")
+    p.add_argument("--name", help="application name and route (default: the artifact's file name)")
+    p.add_argument("--pad", action="append", default=[], metavar="DIM=MASK_INPUT",
+                   help="let requests of different DIM sizes share a call, padded with MASK_INPUT zero there (e.g. seq=attention_mask)")
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("loadtest", parents=[common], help="closed-loop HTTP load on a served model: throughput, P50/P99, errors")
+    p.add_argument("url", help="kiln serve route (http://HOST:PORT/NAME) or Triton's http://HOST:PORT/v2/models/NAME/infer")
+    p.add_argument("--artifact", help="draw the request body from this artifact's input spec")
+    p.add_argument("--body", help="a JSON file to send as the request body instead")
+    p.add_argument("--rows", type=int, default=1, help="rows per drawn request (with --artifact)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts, each run in turn")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency")
+    p.add_argument("--plot", metavar="PNG", help="also draw throughput against P99 latency")
+    p.set_defaults(handler=_loadtest)
     return parser
 
 
@@ -562,6 +598,86 @@ def _profiles(args: argparse.Namespace) -> int:
     else:
         print(profile.summary())
     return 0
+
+
+# ---------------------------------------------------------------- serving
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from kiln.serving.triton import triton_repository
+
+    export = triton_repository(args.artifact, args.repository, name=args.name, max_batch=args.max_batch,
+                               max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                               backend=args.backend, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"model_dir": str(export.model_dir), "backend": export.backend, "max_batch": export.max_batch,
+                          "not_carried": export.not_carried}))
+        return 0
+    print(f"wrote {export.model_dir} (Triton backend {export.backend}, max_batch_size {export.max_batch})")
+    print("not carried over to Triton (also in the repository's README.md):")
+    for line in export.not_carried:
+        print(f"  - {line}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kiln.serving import artifact_name
+    from kiln.serving.ray_serve import deployment, serve
+
+    name = args.name or artifact_name(args.artifact)
+    app = deployment(args.artifact, replicas=args.replicas, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                     num_cpus=args.num_cpus, pad=dict(_parse_kv(item) for item in args.pad) or None)  # refuses an unbatchable artifact before Ray starts
+    import ray
+
+    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=name, route_prefix=f"/{name}")
+        url = f"http://{args.host}:{args.port}/{name}"
+        if args.json:
+            print(json.dumps({"url": url, "replicas": args.replicas, "max_batch": args.max_batch}), flush=True)
+        else:
+            print(f"serving {args.artifact} at {url} ({args.replicas} replicas, batches of up to {args.max_batch} rows, "
+                  f"waiting up to {args.batch_wait_ms} ms); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if args.address:  # a cluster we joined keeps running: take only our application off it
+            serve.delete(name)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from kiln.serving import loadtest
+
+    if bool(args.artifact) == bool(args.body):
+        raise UsageError("kiln loadtest needs one request body", fix="give --artifact ART (a body drawn from its spec) or --body FILE.json")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1 or args.duration <= 0:
+        raise UsageError(f"--concurrency {args.concurrency} --duration {args.duration}",
+                         fix="give positive client counts such as 1,8,32 and a positive duration in seconds")
+    body = loadtest.body_for(args.artifact, args.url, rows=args.rows) if args.artifact else Path(args.body).read_bytes()
+    results = []
+    for level in levels:
+        results.append(loadtest.run_load(args.url, body, level, args.duration))
+        if not args.json and not args.quiet:
+            print(f"concurrency {level}: {results[-1].requests} requests, {results[-1].errors} errors", file=sys.stderr)
+    if args.plot:
+        loadtest.plot({args.url: results}, args.plot)
+    if args.json:
+        print(json.dumps(loadtest.as_json(results)))
+    else:
+        print(loadtest.render(results))
+        first = next((r.first_error for r in results if r.first_error), None)
+        if first:
+            print(f"first error: {first}")
+    return 1 if all(r.requests == 0 for r in results) else 0
 
 
 if __name__ == "__main__":

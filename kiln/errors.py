@@ -55,6 +55,11 @@ class VerificationError(KilnError):
     """The compiled model disagrees with eager PyTorch beyond the tolerance."""
 
 
+class ServingError(KilnError):
+    """An artifact cannot be served as asked (no dynamic batch, a missing serving extra), or a
+    request to a served model is malformed."""
+
+
 class OptionsError(KilnError):
     """CompileOptions or a keyword of optimize() is invalid."""
 

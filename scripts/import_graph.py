@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("build", "cache"),
     ("api", "profile_host"),
     ("kiln",),
-    ("examples",),
+    ("examples", "serving"),
     ("cli",),
 )
 
