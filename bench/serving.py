@@ -107,6 +107,34 @@ def eager_deployment(replicas: int, max_batch: int, batch_wait_ms: float):
     return EagerEmbedding.bind()
 
 
+def no_model_deployment(replicas: int, max_batch: int, batch_wait_ms: float, dim: int = 384):
+    """The same deployment, batching and JSON with no model: each request gets a fixed embedding.
+    What it serves is the serving path's own ceiling on this machine (proxy, router, event
+    loops, serialisation, the load generator), which no engine can lift a deployment above."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=max(2 * max_batch, 8))
+    class NoModel:
+        def __init__(self):
+            self.row = torch.zeros(1, dim)
+
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000)
+        async def embed(self, requests: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+            return [(self.row.expand(r[0].shape[0], -1), len(requests)) for r in requests]
+
+        async def infer(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            row, _ = await self.embed((ids, mask))
+            return {"embedding": row}
+
+        async def __call__(self, request):
+            inputs = (await request.json())["inputs"]
+            row, shared = await self.embed((torch.tensor(inputs["input_ids"]), torch.tensor(inputs["attention_mask"])))
+            return JSONResponse({"outputs": {"embedding": row.tolist()}}, headers={"x-kiln-batch-requests": str(shared)})
+
+    return NoModel.bind()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,6 +218,8 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.md"))
+    parser.add_argument("--no-model", action="store_true",
+                        help="also serve a deployment that runs no model: the serving path's own ceiling here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     from kiln.examples.models import sentence_tokens
@@ -211,6 +241,8 @@ def main() -> int:
             "kiln, batching off": deployment(artifact, replicas=args.replicas, max_batch=1, batch_wait_ms=0),
             "eager, batching": eager_deployment(args.replicas, args.max_batch, args.batch_wait_ms),
         }
+        if args.no_model:
+            contenders["no model, batching"] = no_model_deployment(args.replicas, args.max_batch, args.batch_wait_ms)
         runs = {label: run_contender(f"c{i}", app, port, body, (ids, mask), levels, args.duration)
                 for i, (label, app) in enumerate(contenders.items())}
     finally:
@@ -253,6 +285,11 @@ def write(series: dict[str, list[loadtest.LoadResult]], by_handle: dict[str, lis
         kiln_top, eager_top = runs["kiln, batching"][-1], runs["eager, batching"][-1]
         lines.append(f"At concurrency {kiln_top.concurrency} {way}: kiln with batching {kiln_top.throughput_rps / eager_top.throughput_rps:.2f}x "
                      f"the eager deployment's throughput, P99 {kiln_top.p99_ms:.0f} ms against {eager_top.p99_ms:.0f} ms.")
+        if "no model, batching" in runs:
+            ceiling = runs["no model, batching"][-1].throughput_rps
+            lines.append(f"  The same deployment running no model served {ceiling:.1f} req/s {way}: kiln reached "
+                         f"{kiln_top.throughput_rps / ceiling:.0%} of the serving path's ceiling, eager "
+                         f"{eager_top.throughput_rps / ceiling:.0%}; 2x eager would be {2 * eager_top.throughput_rps / ceiling:.0%} of it.")
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({
