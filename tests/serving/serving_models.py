@@ -6,6 +6,7 @@ them also carries the dynamic sequence length. Weights are seeded."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -61,3 +62,10 @@ class SentenceEmbedding(torch.nn.Module):
 
 SENTENCES = ["A cat sat.", "The weather turned cold overnight, and the river froze at its edges.",
              "Compilers make models fast.", "Batching requests keeps the cores busy while each waits a little."]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (servers in tests never take a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ nodes' replicas answering."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +15,7 @@ import requests as http
 import kiln
 from kiln.serving import deployment
 from kiln.verify import TOLERANCE
+from serving.serving_models import free_port
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -23,11 +23,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 FP32 = TOLERANCE[kiln.Precision.FP32]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,17 +24,13 @@ from kiln.serving import deployment
 from kiln.verify import TOLERANCE
 from serving import serving_models
 from serving.serving_models import example
+from serving.serving_models import free_port
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 FP32 = TOLERANCE[kiln.Precision.FP32]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

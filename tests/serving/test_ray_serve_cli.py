@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,11 @@ import kiln
 from kiln.verify import TOLERANCE
 from serving import serving_models
 from serving.serving_models import example
+from serving.serving_models import free_port
 
 pytest.importorskip("ray")
 FP32 = TOLERANCE[kiln.Precision.FP32]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_kiln_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(ort_artifact, tmp_path):

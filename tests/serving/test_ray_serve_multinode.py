@@ -5,7 +5,6 @@ path `kiln serve --address` takes: a deployment on a cluster Ray already runs.""
 
 from __future__ import annotations
 
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +16,7 @@ import kiln
 from kiln.serving import deployment
 from kiln.verify import TOLERANCE
 from serving.serving_models import example
+from serving.serving_models import free_port
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -24,11 +24,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 FP32 = TOLERANCE[kiln.Precision.FP32]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -31,6 +30,7 @@ import kiln
 from kiln.serving import triton_repository
 from kiln.verify import TOLERANCE
 from serving.serving_models import example
+from serving.serving_models import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FP32 = TOLERANCE[kiln.Precision.FP32]
@@ -48,11 +48,6 @@ def pytriton_python() -> Path:
         pytest.skip(f"the PyTriton environment could not be built (scripts/pytriton_env.sh exited {built.returncode}): {tail}")
     return Path(built.stdout.strip().splitlines()[-1])
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ask(python: Path, code: str) -> str:
