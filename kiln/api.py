@@ -25,7 +25,7 @@ from kiln.build.builder import Builder, record_placement
 from kiln.build.host_record import HostRecord
 from kiln.build.isolate import WorkerPool
 from kiln.build.inputs import flat_calibration, inputs_to_check, metric_score, verification_draws
-from kiln.build.select import time_interleaved
+from kiln.build.timing import time_engines
 from kiln.build.verification import agrees_on_example, verify_against_eager
 from kiln.cache import CompileCache, cache_key, quick_key
 from kiln.frontend.capture import Captured, capture, keeping_modes
@@ -131,10 +131,10 @@ def _precision_choice(decided: pipeline.PipelineRun) -> precision_search.Choice:
 
 
 def _race(captured: Captured, opts: CompileOptions) -> precision_search.Race:
-    """Two built models timed interleaved on the example inputs."""
+    """Two built models timed interleaved on the example inputs (longer while within the noise)."""
     def race(a: CompiledModel, b: CompiledModel) -> tuple[float, float]:
-        first, second = time_interleaved([lambda *x: a.run_flat(x), lambda *x: b.run_flat(x)], tuple(captured.example_inputs),
-                                         2 * opts.measure_seconds)
+        first, second = time_engines([lambda *x: a.run_flat(x), lambda *x: b.run_flat(x)], tuple(captured.example_inputs),
+                                     2 * opts.measure_seconds).medians()
         return first, second
     return race
 

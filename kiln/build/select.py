@@ -7,7 +7,6 @@ verified one. Every candidate, chosen or not, leaves a CandidateRecord with its 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine
+from kiln.build.timing import SETTLE_SECONDS, confirm, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
 from kiln.ir import DECISION_META, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.progress import heartbeat
@@ -87,20 +87,36 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
     if timed:
         log.info("timing %d candidates for partition %s, interleaved (about %.0f s)", len(built), partition.name,
                  measure_seconds * len(built))
-        medians = time_interleaved([b.engine for b in built], partition.example_inputs, measure_seconds * len(built))
-        for median, candidate in zip(medians, built):
-            candidate.record.median_ms = median * 1000
-    best = min(built, key=lambda b: b.record.median_ms) if timed else built[0]
+        best, confirmation = _fastest(built, partition.example_inputs, measure_seconds)
+    else:
+        best, confirmation = built[0], ""
     for candidate in built:
         record = candidate.record
         if candidate is best:
             record.status = "chosen"
-            record.reason = "fastest verified" if timed else "the only candidate that built and verified" if mode == "measure" else (
+            record.reason = f"fastest verified{confirmation}" if timed else "the only candidate that built and verified" if mode == "measure" else (
                 why_first or "first preferred backend that verified")
         else:
             record.status = "slower"
             record.reason = f"{record.median_ms / best.record.median_ms:.2f}x the chosen backend's time"
     return Selection(best.engine, best.record.backend, list(records.values()), best.checks)
+
+
+def _fastest(built: list[_Built], inputs: tuple[torch.Tensor, ...], measure_seconds: float) -> tuple[_Built, str]:
+    """The fastest of `built` (each record's median_ms filled in) and a note on how sure that
+    is: the first timing's winner is re-timed against its runner-up alone, and the faster
+    median over both timings wins."""
+    engines = [b.engine for b in built]
+    first = time_engines(engines, inputs, measure_seconds * len(built))
+    for median, candidate in zip(first.medians(), built):
+        candidate.record.median_ms = median * 1000
+    confirmed = confirm(engines, inputs, first, 2 * measure_seconds)
+    winner, runner_up = built[confirmed.winner], built[confirmed.runner_up]
+    winner.record.median_ms, runner_up.record.median_ms = (m * 1000 for m in confirmed.medians)
+    extended = ", timed longer: the two fastest were within the noise" if first.extended else ""
+    flipped = (f"; re-timed against {runner_up.record.backend}, it was faster than the first timing's winner"
+               if confirmed.flipped else f"; re-timed against {runner_up.record.backend}")
+    return winner, f"{extended}{flipped}"
 
 
 @dataclass
@@ -169,30 +185,7 @@ def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) 
     return "; ".join(f"{reason} (e.g. node {node})" for reason, node in list(reasons.items())[:3])
 
 
-SETTLE_SECONDS = 0.05  # quiet before each timed block: other runtimes' spinning threads park
-
-
 def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float, block: int = 3) -> list[float]:
-    """Median seconds per call of each engine, timed in alternating blocks so that the
-    machine's drift (other load, clocks) hits every candidate alike. Runtimes leave worker
-    threads spinning after a call, for tens of milliseconds (ONNX Runtime's intra-op pool), and
-    those threads take the cores the next engine runs on: OpenVINO's 2.5 ms EfficientNet-Lite0
-    int8 engine timed 4.4 ms right after ONNX Runtime's blocks. So each block starts after
-    SETTLE_SECONDS of quiet and one untimed call, and each engine is timed as if alone."""
-    for engine in engines:
-        for _ in range(2):
-            engine(*inputs)
-    times: list[list[float]] = [[] for _ in engines]
-    deadline = time.perf_counter() + budget_seconds
-    rounds = 0
-    while rounds < 3 or (time.perf_counter() < deadline and rounds < 100):
-        for engine, samples in zip(engines, times):
-            if len(engines) > 1:
-                time.sleep(SETTLE_SECONDS)
-            engine(*inputs)
-            for _ in range(block):
-                start = time.perf_counter()
-                engine(*inputs)
-                samples.append(time.perf_counter() - start)
-        rounds += 1
-    return [statistics.median(samples) for samples in times]
+    """Median seconds per call of each engine, timed interleaved (kiln/build/timing.py): more
+    rounds while the two fastest are within the noise of each other."""
+    return time_engines(engines, inputs, budget_seconds, block).medians()
