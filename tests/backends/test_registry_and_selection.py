@@ -79,6 +79,7 @@ def test_measure_keeps_the_fastest_verified_candidate_and_records_every_other(fa
                       "absent": "unavailable", "partial": "unsupported"}
     reasons = {r.backend: r.reason for r in chosen.candidates}
     assert "segv-ish" in reasons["crashes"] and "no op foo" in reasons["partial"] and "pip install" in reasons["absent"]
+    assert reasons["fast"].startswith("fastest verified") and "re-timed against slow" in reasons["fast"]
 
 
 def test_prefer_takes_the_first_available_backend_and_does_not_build_the_rest(fakes, convnet_partition, settings):
