@@ -36,6 +36,7 @@ from cpu_peers import CORES, cpu_model, fmt, log, time_into_rows, write_results 
 
 CONTENDERS = ("eager", "openvino-default", "onnxruntime-int8", "kiln-auto", "kiln-0.995", "kiln-0.999")
 SEQ = 128
+TRANSFORMERS = ("minilm", "bert-base", "gpt2")  # ONNX Runtime int8 quantizes these dynamically
 
 
 # ---------------------------------------------------------------- data
@@ -107,7 +108,7 @@ def build_onnxruntime_int8(model, inputs, calibration, name):
     fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
     program.save(str(fp32))
     names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
-    if name == "minilm":
+    if name in TRANSFORMERS:
         quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
         note = "quantize_dynamic per-channel int8"
     else:
