@@ -29,7 +29,7 @@ from torch.fx import Node
 
 from kiln.backends.onnxruntime_precision import lower as lower_precision
 from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, Support, export_partition)
-from kiln.ir import PartitionGraph
+from kiln.ir import PartitionGraph, Scheme
 from kiln.errors import BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DeviceKind, Precision
@@ -264,6 +264,14 @@ CPU_DISABLED_OPTIMIZERS = {
                        "Reshape-Gemm-Reshape form, and leaves the bias to FastGelu (GPT-2 b8: 710 vs 732 ms)",
 }
 
+# ORT graph optimizers kiln turns off in CPU sessions of static int8 (QDQ) plans.
+CPU_DISABLED_FOR_QDQ = {
+    "MatMulAddFusion": "it rewrites DequantizeLinear -> rank-3 MatMul + bias Add into Reshape-Gemm-Reshape before the QDQ "
+                       "fusions run, and no integer kernel takes that form: a transformer's int8 layers then ran float Gemm "
+                       "on weights dequantised every call (two FFN layers at hidden 768, 128 tokens: 168 ms; left off, ORT "
+                       "fuses MatMulIntegerToFloat and ran them in 37 ms, timed on a loaded machine)",
+}
+
 
 def _fuse_for_ort(program, path: Path, cpu: bool) -> str:
     """Rewrite the exported graph into ORT's fused contrib ops (attention, skip layer norm,
@@ -470,8 +478,11 @@ class OnnxRuntimeBackend(BackendBase):
                 raise BackendError(f"ONNX Runtime quantisation failed: {type(exc).__name__}: {str(exc)[:300]}",
                                    where=f"partition {partition.name}", fix="try backend='inductor' or precision='fp32'") from exc
             # no fp32 fallback here: it would not be the plan
-            engine = OnnxRuntimeEngine(path, settings, partition.output_names, optimized)
-            engine.summary = f"{_runtime_graph_summary(optimized)}; {lowered}"
+            qdq = settings.device.kind is DeviceKind.CPU and Scheme.INT8_STATIC in partition.precision.schemes()
+            engine = OnnxRuntimeEngine(path, settings, partition.output_names, optimized,
+                                       tuple(CPU_DISABLED_FOR_QDQ) if qdq else ())
+            engine.summary = f"{_runtime_graph_summary(optimized)}; {lowered}" + (
+                f"; ORT optimizers off on the CPU provider: {', '.join(CPU_DISABLED_FOR_QDQ)}" if qdq else "")
             return engine
         cpu = settings.device.kind is DeviceKind.CPU
         disabled: tuple[str, ...] = ()

@@ -118,3 +118,34 @@ def test_onnx_runtime_keeps_the_integers_kiln_rounded_each_weight_to(tmp_path):
         dequantised = q * scale.reshape(-1, 1)  # Gemm with transposed B: per row, as torch stores it
         kiln_rounded = per_channel_int8(weights[name].detach()).numpy()
         numpy.testing.assert_allclose(dequantised, kiln_rounded, rtol=1e-6, atol=1e-7)
+
+
+def test_static_int8_layers_on_rank_3_activations_run_onnx_runtimes_integer_kernel(settings):
+    # a transformer's layers see (batch, tokens, hidden): left on, ORT's MatMulAddFusion turns
+    # DequantizeLinear -> MatMul + Add into a float Reshape-Gemm-Reshape that no integer kernel takes
+    from kiln.backends import registry
+    from kiln.precision.lowering import with_lowered_weights
+
+    class FeedForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    model, x = FeedForward().eval(), torch.randn(1, 16, 32)
+    partition, _ = make_partition(model, (x,))
+    with torch.no_grad():
+        ranges = [(float(x.min()), float(x.max())), (0.0, float(torch.relu(model.up(x)).max()))]
+    linears = [n for n in partition.gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    plan = PrecisionPlan([LayerPlan(n.name, "linear", _weight_of(n), Scheme.INT8_STATIC, input_range=r)
+                          for n, r in zip(linears, ranges)])
+    partition = with_lowered_weights(dataclasses.replace(partition, precision=plan, calibration=((x,),)))
+    engine = registry.get("onnxruntime").compile(partition, settings)
+    assert "MatMulIntegerToFloat 2" in engine.summary and "MatMulAddFusion" in engine.summary
+    with torch.no_grad():
+        want = partition.gm(x)[0]
+    got = engine(x)[0]
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
