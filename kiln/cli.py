@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[common], help="remove the lowest-norm attention heads, FFN neurons and conv "
                                                        "channels; write a smaller dense model (.pt2 for kiln compile)")
-    p.add_argument("model", help="MODULE:FACTORY (returns (model, example_inputs)) or a torch.export .pt2 file")
+    p.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs)")
     p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=8")
     p.add_argument("--level", type=float, required=True, help="fraction of prunable parameters to remove, e.g. 0.3")
     p.add_argument("--parts", default="heads,neurons,channels", help="what to prune (default heads,neurons,channels)")
@@ -284,6 +284,10 @@ def _prune(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {output} is neither .pt2 nor .pt", fix="name the output FILE.pt2 (for kiln compile) or FILE.pt")
     if output.exists() and not args.overwrite:
         raise UsageError(f"{output} exists", fix="choose another path, or add --overwrite")
+    if ":" not in args.model:
+        # An exported program's layers are graph constants: slicing them would not reshape its views.
+        raise UsageError(f"kiln prune needs the model's Python modules, not {args.model}",
+                         fix="name MODULE:FACTORY returning (model, example_inputs)")
     model, example = _load_model(args.model, args.factory_arg)
     if example is None:
         raise UsageError(f"{args.model} gave no example inputs", fix="return (model, example_inputs) from the factory")

@@ -188,6 +188,11 @@ def test_cli_prune_writes_a_program_that_compile_reads(tmp_path, monkeypatch, ca
     expected = _hidden(kiln.prune(model, inputs, 0.5).model, inputs)
     torch.testing.assert_close(program.module()(*inputs), expected, **FP32)
     assert main(["prune", "pruning.prunable_models:tiny_convnet", "--level", "0.5", "-o", str(out)]) == 2  # exists
+    artifact = tmp_path / "pruned.kiln"
+    assert main(["compile", str(out), "--precision", "fp32", "--backend", "onnxruntime", "--effort", "fast",
+                 "-o", str(artifact), "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    torch.testing.assert_close(kiln.load(artifact)(*inputs), expected, **FP32)
 
 
 def test_real_minilm_pruned_heads_and_neurons_shrink_and_run():
