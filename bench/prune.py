@@ -56,6 +56,19 @@ def load(name: str, batch: int):
     return factories[name]()
 
 
+class Memo:
+    """The unpruned model's outputs, computed once per input batch and reused at every level."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, {}
+
+    def __call__(self, *inputs):
+        key = tuple(hash(t.numpy().tobytes()) for t in inputs)
+        if key not in self.seen:
+            self.seen[key] = self.model(*inputs)
+        return self.seen[key]
+
+
 def accuracy(name: str, reference, candidate) -> dict:
     """Accuracy of `candidate` against the unpruned `reference` on the bundled real data."""
     from kiln.examples import accuracy as acc
@@ -78,14 +91,14 @@ def run_case(name: str, batch: int, levels: list[float], effort: str, budget: fl
     model, inputs = load(name, batch)
     log(f"{name} b{batch}: pruning at {levels}")
     pruned = kiln.prune_levels(model, inputs, levels)
-    rows, engines = [], []
+    rows, engines, reference = [], [], Memo(model)
     for result in pruned:
         row = {"level": result.level, **result.to_dict()}
         row.pop("per_layer"), row.pop("skipped")
         row["kept"] = {kind: sum(k for _, kd, k, _ in result.per_layer if kd == kind) for kind in result.removed}
         row["total"] = {kind: sum(t for _, kd, _, t in result.per_layer if kd == kind) for kind in result.removed}
         if batch == 1:  # accuracy does not depend on the timing batch; measure it once per model
-            row["accuracy"] = accuracy(name, model, result.model)
+            row["accuracy"] = accuracy(name, reference, result.model)
         log(f"  level {result.level}: {result.parameters_after:,} parameters; compiling")
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
