@@ -1,4 +1,4 @@
-"""kiln's command line: compile | run | bench | inspect | profiles | export-triton | serve | loadtest.
+"""kiln's command line: compile | prune | run | bench | inspect | profiles | export-triton | serve | loadtest.
 
 Thin by design: each command parses its arguments and calls the Python API. Exit codes:
 0 ok, 2 usage error, 1 any other error, reported as one line (the traceback only with --debug).
@@ -117,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --plan-only: plan as if every op ran at P (e.g. fp16 for an NPU) instead of deciding per layer")
     p.add_argument("--html", metavar="FILE", help="with --plan-only: also draw the placed graph as an HTML page")
     p.set_defaults(handler=_compile)
+
+    p = sub.add_parser("prune", parents=[common], help="remove the lowest-norm attention heads, FFN neurons and conv "
+                                                       "channels; write a smaller dense model (.pt2 for kiln compile)")
+    p.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs)")
+    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=8")
+    p.add_argument("--level", type=float, required=True, help="fraction of prunable parameters to remove, e.g. 0.3")
+    p.add_argument("--parts", default="heads,neurons,channels", help="what to prune (default heads,neurons,channels)")
+    p.add_argument("-o", "--output", required=True,
+                   help="FILE.pt2 (a torch.export program `kiln compile` reads) or FILE.pt (torch.save of the module)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file at -o")
+    p.set_defaults(handler=_prune)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on random or .npy inputs")
     p.add_argument("artifact")
@@ -262,6 +273,36 @@ def _compile(args: argparse.Namespace) -> int:
     else:
         print(compiled.report.render())
         print(f"\nwrote {path}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import kiln
+
+    output = Path(args.output)
+    if output.suffix not in (".pt2", ".pt"):
+        raise UsageError(f"-o {output} is neither .pt2 nor .pt", fix="name the output FILE.pt2 (for kiln compile) or FILE.pt")
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"{output} exists", fix="choose another path, or add --overwrite")
+    if ":" not in args.model:
+        # An exported program's layers are graph constants: slicing them would not reshape its views.
+        raise UsageError(f"kiln prune needs the model's Python modules, not {args.model}",
+                         fix="name MODULE:FACTORY returning (model, example_inputs)")
+    model, example = _load_model(args.model, args.factory_arg)
+    if example is None:
+        raise UsageError(f"{args.model} gave no example inputs", fix="return (model, example_inputs) from the factory")
+    example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    pruned = kiln.prune(model, example, args.level, parts=args.parts)
+    if output.suffix == ".pt2":
+        # An exported program carries its example inputs, so `kiln compile pruned.pt2` needs no --input-spec.
+        torch.export.save(torch.export.export(pruned.model.eval(), example, strict=False), output)
+    else:
+        torch.save(pruned.model, output)
+    if args.json:
+        print(json.dumps({"output": str(output), **pruned.to_dict()}))
+    else:
+        print(pruned.describe())
+        print(f"\nwrote {output}")
     return 0
 
 

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("budget", "host", "fx_helpers"),
     ("ir", "options"),
     ("verify",),
-    ("hardware_profiles", "frontend"),
+    ("hardware_profiles", "frontend", "pruning"),
     ("placement", "precision"),
     ("backends",),
     ("passes",),
