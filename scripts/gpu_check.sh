@@ -90,7 +90,7 @@ if "$PYTHON" -c "import tensorrt" >/dev/null 2>&1; then
 fi
 step tests "$PYTHON" -m pytest -p no:cacheprovider -rs -v --junitxml="$folder/tests.xml" \
     tests/backends/test_inductor_cuda.py tests/backends/test_tensorrt.py tests/backends/test_tensorrt_precision.py \
-    tests/backends/test_tensorrt_conformance.py
+    tests/backends/test_tensorrt_conformance.py tests/backends/test_inductor_cuda_sparsity.py tests/backends/test_sparse_lowerings.py
 if [ "$quick" -eq 1 ] && [ -z "$bench_args" ]; then
     bench_args="--models minilm --batches 1 --rounds 1 --iters 5"
 fi
