@@ -63,3 +63,19 @@ def test_the_lowering_prunes_sparse_layers_before_rounding_and_leaves_the_model_
     with torch.no_grad():
         want = model[2](torch.relu(nn.functional.linear(x, weight, model[0].bias)))
         torch.testing.assert_close(lowered.gm(x)[0], want)
+
+
+def test_a_sparse_layer_left_to_eager_pytorch_is_reported_dense_since_eager_runs_the_captured_weight():
+    from kiln.build.precision_report import record_plan
+    from kiln.ir import EAGER, Partition, PartitionPlan
+    from kiln.options import CompileOptions
+    from kiln.report import Report
+
+    plan = PrecisionPlan([LayerPlan("linear", "linear", "fc.weight", Scheme.FP16, sparsity="2:4", reason="fp16 fits")])
+    graph = PartitionGraph("p0", torch.fx.GraphModule(nn.Module(), torch.fx.Graph()), (), (), (), None, plan)
+    report = Report("m", "a100", "", [])
+    record_plan(PartitionPlan([Partition(graph, "gpu", placed_backend=EAGER)], (), ()), CompileOptions(sparsity="2:4"),
+                report, calibrated=True)
+    (row,) = report.precision
+    assert row["scheme"] == "fp32" and row["sparsity"] is None and "eagerly" in row["sparsity_reason"]
+    assert not report.lowered and "0 of 1 layers pruned" in report.precision_summary
