@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # kiln's GPU checks in one run, for a machine with an NVIDIA GPU: the CUDA tests (Inductor on
 # CUDA, with 2:4 semi-structured sparse weights too; TensorRT when installed, with Polygraphy's
-# layer-by-layer report on a mismatch), the TensorRT API check against the installed tensorrt, and bench/gpu_peers.py. Everything lands
-# in one folder: the date, nvidia-smi, the Python stack, a log and JUnit XML per step, the
+# layer-by-layer report on a mismatch), the TensorRT API check against the installed tensorrt,
+# and bench/gpu_peers.py. Everything lands in one folder: the date, nvidia-smi, the Python stack, a log and JUnit XML per step, the
 # benchmark's table, and summary.md (one row per step with its exit code and seconds).
 #
 #   scripts/gpu_check.sh [FOLDER] [--quick] [--install] [--bench-args "ARGS"]
