@@ -2,8 +2,9 @@
 # kiln's GPU checks in one run, for a machine with an NVIDIA GPU: the CUDA tests (Inductor on
 # CUDA, with 2:4 semi-structured sparse weights too; TensorRT when installed, with Polygraphy's
 # layer-by-layer report on a mismatch), the TensorRT API check against the installed tensorrt,
-# and bench/gpu_peers.py. Everything lands in one folder: the date, nvidia-smi, the Python stack, a log and JUnit XML per step, the
-# benchmark's table, and summary.md (one row per step with its exit code and seconds).
+# and bench/gpu_peers.py. Everything lands in one folder: the date, nvidia-smi, the Python
+# stack, a log and JUnit XML per step, the benchmark's table, and summary.md (one row per step
+# with its exit code and seconds).
 #
 #   scripts/gpu_check.sh [FOLDER] [--quick] [--install] [--bench-args "ARGS"]
 #
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1 ;;
         --install) install=1 ;;
         --bench-args) shift; bench_args="${1:-}" ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) folder="$1" ;;
     esac
