@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1 ;;
         --install) install=1 ;;
         --bench-args) shift; bench_args="${1:-}" ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) folder="$1" ;;
     esac
