@@ -32,7 +32,7 @@ from kiln.frontend.capture import Captured, capture, keeping_modes
 from kiln.frontend.fingerprint import model_fingerprint
 from kiln.frontend.input_spec import export_dynamic_shapes, normalize_call
 from kiln.hardware_profiles.schema import Profile
-from kiln.ir import DECISION_META, PartitionPlan, op_counts
+from kiln.ir import DECISION_META, LAYER_META, PartitionPlan, op_counts
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
 from kiln.passes.context import PassContext
@@ -127,7 +127,9 @@ def _new_report(model: torch.nn.Module, profile: Profile, captured: Captured) ->
 
 def _precision_choice(decided: pipeline.PipelineRun) -> precision_search.Choice:
     chosen = decided.decided.get("assign_precision", {})
-    return precision_search.Choice(dict(chosen.get("plans", {})), list(chosen.get("alternatives", [])))
+    # assign_sparsity's plans are assign_precision's with each layer's 2:4 decision added
+    plans = decided.decided.get("assign_sparsity", chosen).get("plans", {})
+    return precision_search.Choice(dict(plans), list(chosen.get("alternatives", [])))
 
 
 def _race(captured: Captured, opts: CompileOptions) -> precision_search.Race:
@@ -232,6 +234,7 @@ class PlannedModel:
                  f"  inputs:  {self.report.inputs}", "", "Partitions"]
         lines += self.report.render_partitions()
         lines += self.report.render_placement()
+        lines += self.report.render_sparsity()
         lines += ["", f"Estimated end to end: {self.estimated_ms:.3f} ms (kiln's cost model, transfers included)"]
         lines += [f"Note: {n}" for n in self.report.notes]
         return "\n".join(lines)
@@ -273,6 +276,8 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     report = _new_report(model, prof, captured)
     ctx = _pass_context(prof, opts, captured, plan_only=True)  # the precision pass decides as optimize() would
     report.passes = pipeline.run(captured.gm, ctx).records
+    report.precision = [{k: v for k, v in n.meta[LAYER_META].to_dict().items() if k != "bias_shift"}
+                        for n in captured.gm.graph.nodes if LAYER_META in n.meta]
     planned = partition_graph(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                               export_dynamic_shapes(captured.input_spec), ctx.calibration, opts.calibration_observer)
     record_placement(planned, report)

@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the example (given the --factory-arg keys it accepts), or a torch.save'd list of them")
     p.add_argument("--calibration-observer", choices=["minmax", "percentile", "mse"], help="activation ranges for static int8")
     p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128], help="weights per scale for int4 weight-only")
+    p.add_argument("--sparsity", choices=["2:4"], help="prune the layers the accuracy budget allows to 2:4 structured "
+                   "sparsity, for devices with sparse tensor cores (opt-in: it changes answers)")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="MODULE",
                    help="keep a module's layers (path prefix, e.g. classifier) or a node at fp32 whatever the precision (repeatable)")
     p.add_argument("--no-verify", action="store_true", help="skip verification against eager (recorded in the report)")
@@ -321,6 +323,8 @@ def _precision_options(args: argparse.Namespace) -> dict[str, Any]:
         options["calibration_observer"] = args.calibration_observer
     if args.int4_group_size:
         options["int4_group_size"] = args.int4_group_size
+    if args.sparsity:
+        options["sparsity"] = args.sparsity
     if args.keep_fp32:
         options["keep_fp32"] = tuple(args.keep_fp32)
     return options

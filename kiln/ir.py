@@ -70,6 +70,12 @@ class LayerPlan:
     # static int8: per output channel, the mean shift the rounding put on the layer's output over
     # the calibration samples; the lowering subtracts it from the bias (bias correction)
     bias_shift: tuple[float, ...] | None = None
+    # structured sparsity (assign_sparsity): the pattern its weight is pruned to ("2:4"), or None;
+    # the relative L2 error of the model output with only this layer pruned (on top of its
+    # scheme), and why it was or was not pruned
+    sparsity: str | None = None
+    sparsity_error: float = 0.0
+    sparsity_reason: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", Scheme(self.scheme))  # a name read back from JSON
@@ -79,7 +85,10 @@ class LayerPlan:
         return SCHEME_PRECISION[self.scheme]
 
     def at_fp32(self, reason: str, **changes) -> "LayerPlan":
-        """This layer kept at fp32 for `reason`, with nothing of a lowering left on it."""
+        """This layer kept at fp32 for `reason`, with nothing of a lowering left on it: dense too,
+        since sparse tensor cores take 2:4 weights only at lower precisions."""
+        if self.sparsity:
+            changes = {"sparsity": None, "sparsity_reason": f"kept dense: back at fp32 ({reason})", **changes}
         return replace(self, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None, bias_shift=None, **changes)
 
     def to_dict(self) -> dict:
@@ -108,6 +117,17 @@ class PrecisionPlan:
     @property
     def lowered(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.scheme != Scheme.FP32]
+
+    @property
+    def sparse(self) -> list[LayerPlan]:
+        """The layers whose weights are pruned to a structured sparsity pattern."""
+        return [layer for layer in self.layers if layer.sparsity]
+
+    @property
+    def lossy(self) -> bool:
+        """Whether the plan changes answers (a lowered precision or pruned weights): verification
+        then answers to the accuracy budget."""
+        return bool(self.lowered or self.sparse)
 
     def schemes(self) -> set[Scheme]:
         return {layer.scheme for layer in self.lowered}

@@ -13,7 +13,7 @@ import torch
 
 from kiln.budget import Budget
 from kiln.errors import OptionsError
-from kiln.types import Auto, Precision
+from kiln.types import SPARSITY_PATTERNS, Auto, Precision
 
 OBSERVERS = ("minmax", "percentile", "mse")
 # How much building a compile may spend to find the fastest engine (like a builder optimization
@@ -40,6 +40,9 @@ class CompileOptions:
     keep_fp32: tuple[str, ...] = field(default=())
     calibration_observer: str = "minmax"  # activation ranges for static int8: minmax | percentile | mse
     int4_group_size: int = 128  # weights per scale for int4 weight-only: 32, 64 or 128
+    # "2:4": prune the linear/conv layers that keep accuracy_budget to 2 of every 4 weights, for
+    # devices with sparse tensor cores (opt-in: it changes answers, like a lower precision)
+    sparsity: str | None = None
     # in "prefer" mode, a backend whose build fails or disagrees with eager makes way for the next
     # one the device lists (recorded) instead of raising
     backend_fallback: bool = False
@@ -166,6 +169,10 @@ class CompileOptions:
             raise OptionsError(f"calibration_limit must be a positive int, got {self.calibration_limit!r}",
                                where="options.calibration_limit", fix="use e.g. 64")
         object.__setattr__(self, "calibration", _read_calibration(self.calibration, self.calibration_limit))
+        if self.sparsity is not None and self.sparsity not in SPARSITY_PATTERNS:
+            close = difflib.get_close_matches(str(self.sparsity), SPARSITY_PATTERNS, n=1)
+            raise OptionsError(f"unknown sparsity pattern {self.sparsity!r}", where="options.sparsity",
+                               fix=f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(SPARSITY_PATTERNS)}, or None")
 
     @property
     def auto(self) -> bool:

@@ -83,8 +83,9 @@ class Report:
 
     @property
     def lowered(self) -> bool:
-        """Whether any layer runs below fp32 (verification then answers to the budget)."""
-        return any(row["scheme"] != "fp32" for row in self.precision)
+        """Whether any layer runs below fp32 or has pruned weights (verification then answers to
+        the budget)."""
+        return any(row["scheme"] != "fp32" or row.get("sparsity") for row in self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,4 +202,16 @@ class Report:
             lines.append(f"  {'layer':24s} {'op':7s} {'scheme':13s} {'error alone':>11s}  reason")
         for row in self.precision:
             lines.append(f"  {row['node']:24s} {row['op']:7s} {row['scheme']:13s} {row['error']:11.3g}  {row['reason']}")
+        return lines + self.render_sparsity()
+
+    def render_sparsity(self) -> list[str]:
+        """One line per weighted layer that assign_sparsity decided on: 2:4 or dense, and why."""
+        rows = [row for row in self.precision if row.get("sparsity_reason")]
+        if not rows:
+            return []
+        pruned = sum(1 for row in rows if row.get("sparsity"))
+        lines = ["", f"Sparsity ({pruned} of {len(rows)} weighted layers pruned to 2:4)"]
+        for row in rows:
+            state = f"{row['sparsity']} at {row['scheme']}" if row.get("sparsity") else f"dense at {row['scheme']}"
+            lines.append(f"  {row['node']}: {state}: {row['sparsity_reason'].removeprefix('kept dense: ')}")
         return lines

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+# Structured sparsity patterns kiln plans (kiln/passes/assign_sparsity.py): "2:4" keeps 2 of every
+# 4 weights along a layer's reduction axis. Profiles name the patterns each device runs.
+SPARSITY_PATTERNS = ("2:4",)
+
+
 class Precision(enum.Enum):
     FP32 = "fp32"
     TF32 = "tf32"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # kiln's GPU checks in one run, for a machine with an NVIDIA GPU: the CUDA tests (Inductor on
-# CUDA, TensorRT when installed, with Polygraphy's layer-by-layer report on a mismatch), the
-# TensorRT API check against the installed tensorrt, and bench/gpu_peers.py. Everything lands
-# in one folder: the date, nvidia-smi, the Python stack, a log and JUnit XML per step, the
-# benchmark's table, and summary.md (one row per step with its exit code and seconds).
+# CUDA, with 2:4 semi-structured sparse weights too; TensorRT when installed, with Polygraphy's
+# layer-by-layer report on a mismatch), the TensorRT API check against the installed tensorrt,
+# and bench/gpu_peers.py. Everything lands in one folder: the date, nvidia-smi, the Python
+# stack, a log and JUnit XML per step, the benchmark's table, and summary.md (one row per step
+# with its exit code and seconds).
 #
 #   scripts/gpu_check.sh [FOLDER] [--quick] [--install] [--bench-args "ARGS"]
 #
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1 ;;
         --install) install=1 ;;
         --bench-args) shift; bench_args="${1:-}" ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) folder="$1" ;;
     esac
@@ -90,7 +91,7 @@ if "$PYTHON" -c "import tensorrt" >/dev/null 2>&1; then
 fi
 step tests "$PYTHON" -m pytest -p no:cacheprovider -rs -v --junitxml="$folder/tests.xml" \
     tests/backends/test_inductor_cuda.py tests/backends/test_tensorrt.py tests/backends/test_tensorrt_precision.py \
-    tests/backends/test_tensorrt_conformance.py
+    tests/backends/test_tensorrt_conformance.py tests/backends/test_inductor_cuda_sparsity.py tests/backends/test_sparse_lowerings.py
 if [ "$quick" -eq 1 ] && [ -z "$bench_args" ]; then
     bench_args="--models minilm --batches 1 --rounds 1 --iters 5"
 fi

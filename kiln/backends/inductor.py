@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Node
 from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, export_partition)
 from kiln.ir import PartitionGraph
 from kiln.backends.inductor_precision import lowered_program
+from kiln.backends.inductor_sparsity import to_semi_structured
 from kiln.errors import BackendError, BackendUnavailable, KilnError
 from kiln.hardware_profiles.schema import DeviceSpec
 from kiln.types import DTYPE_NAMES, DTYPES, DeviceKind, Precision
@@ -262,6 +263,24 @@ _AOTI_SUFFIXES = (".so", ".cpp", ".h", ".json", ".cubin", ".fatbin", ".ptx", ".s
 _AOTI_FILE = re.compile(r"data/aotinductor/model/[\w.+-]+")
 
 
+def _sparse_program(partition: PartitionGraph, device: torch.device, dtype: torch.dtype | None):
+    """The exported program of `partition` on `device` in `dtype`, with its 2:4 linear weights as
+    semi-structured sparse tensors, and a note saying what was converted. Where export refuses
+    the sparse tensors, the pruned weights are exported dense and the note says why (same
+    answers, no sparse speed-up). Untested until a GPU runs it (scripts/gpu_check.sh)."""
+    source = _lowered_partition(partition, device, dtype)
+    converted, refused = to_semi_structured(source.gm, {layer.node: layer.weight for layer in partition.precision.sparse})
+    left = f"; left dense: {'; '.join(refused[:3])}" if refused else ""
+    if not converted:
+        return export_partition(source), f"2:4-pruned weights dense{left}"
+    try:
+        return export_partition(source), f"{len(converted)} linear weights as 2:4 semi-structured sparse tensors{left}"
+    except Exception as exc:  # recorded in the engine summary; the dense pruned weights give the same answers
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return (export_partition(_lowered_partition(partition, device, dtype)),
+                f"2:4-pruned weights exported dense: torch.export refused the semi-structured tensors ({why})")
+
+
 def _check_package(path: Path) -> None:
     from kiln.backends.eager import PT2_METADATA, pt2_members
 
@@ -302,10 +321,12 @@ class InductorBackend(BackendBase):
         dtype = None if per_layer else LOW_PRECISION.get(settings.precision)
         source = _lowered_partition(partition, device, dtype) if cuda or dtype is not None else partition
         path = settings.workdir / f"{partition.name}.pt2"
-        lowered = ""
+        lowered, sparse_note = "", ""
         try:
             if per_layer:
                 exported, lowered = lowered_program(partition)
+            elif cuda and partition.precision.sparse:
+                exported, sparse_note = _sparse_program(partition, device, dtype)
             else:
                 exported = export_partition(source)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
@@ -329,6 +350,11 @@ class InductorBackend(BackendBase):
             parts.append(f"computes in {DTYPE_NAMES[dtype]}")
         if lowered:
             parts.append(lowered)
+        if sparse_note:
+            parts.append(sparse_note)
+        elif partition.precision.sparse:
+            parts.append(f"{len(partition.precision.sparse)} layers with 2:4-pruned weights run dense "
+                         f"({'no semi-structured lowering for a per-layer plan' if cuda else 'semi-structured sparse kernels need CUDA'})")
         if settings.autotune:
             parts.append("max-autotune")
         engine.summary = ", ".join(parts)

@@ -206,7 +206,7 @@ def derive_build_config(device: DeviceSpec, plan: PrecisionPlan, profiles: Seque
         notes.append(f"strongly typed: {len(plan.layer_precisions)} ONNX nodes at {', '.join(lowered)} by the graph's "
                      "own casts and Q/DQ nodes")
     if plan.sparse_layers:
-        if "sparsity_2_4" in device.features:
+        if "2:4" in device.structured_sparsity:
             flags.add("SPARSE_WEIGHTS")
             notes.append(f"2:4 sparse weights in {len(plan.sparse_layers)} layers: sparse tensor-core kernels allowed")
         else:
@@ -323,6 +323,20 @@ def is_2_4_sparse(weight: torch.Tensor) -> bool:
         return False
     rows = weight.detach().movedim(1, -1).reshape(-1, 4)
     return bool(((rows == 0).sum(dim=1) >= 2).all()) and rows.numel() > 0
+
+
+def trt_sparse_refusal(weight_shape: Sequence[int]) -> str | None:
+    """Why TensorRT's sparse tensor-core kernels cannot take a linear or convolution weight of
+    this shape, or None. TensorRT developer guide, "Structured Sparsity": a convolution's weight
+    needs at least 2 zeros in every 4 input channels, at each output channel and kernel position;
+    a fully connected or MatMul weight the same along its reduction axis. So the input channels
+    must come in whole groups of 4."""
+    shape = tuple(int(d) for d in weight_shape)
+    if len(shape) < 2:
+        return f"weight of shape {list(shape)} has no input-channel axis"
+    if shape[1] % 4:
+        return f"{shape[1]} input channels per group is not a multiple of 4 (TensorRT's 2:4 groups run along them)"
+    return None
 
 
 _WEIGHTED = {torch.ops.aten.linear.default: 1, torch.ops.aten.conv2d.default: 1, torch.ops.aten.conv1d.default: 1,

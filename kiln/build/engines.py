@@ -69,7 +69,7 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         graph = partition.graph
         # backends build from the plan's rounded weights and corrected biases; the references stay fp32
         lowered = graph if eager else with_lowered_weights(graph)
-        budget = opts.accuracy_budget if graph.precision.lowered else None
+        budget = opts.accuracy_budget if graph.precision.lossy else None
         settings = BackendSettings(device, threads(profile, opts), workdir, graph.precision.lowest(), budget=budget,
                                    fuse=opts.fusion, autotune=opts.autotunes)
         kind = graph_kind(graph) if len(names) > 1 else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import replace
 
 from kiln.errors import UnprovenAccuracyWarning, VerificationError
 from kiln.frontend.capture import Captured
@@ -38,6 +39,10 @@ def record_plan(plan: PartitionPlan, opts: CompileOptions, report: Report, calib
                             "(see the precision table for each reason)")
     if lowered and not calibrated:
         report.notes.append(UNPROVEN)
+    if opts.sparsity is not None:
+        sparse = [layer for layer in layers if layer.sparsity]
+        report.precision_summary += (f"; sparsity={opts.sparsity}: {len(sparse)} of {len(layers)} layers pruned "
+                                     f"to {opts.sparsity} (see each layer's sparsity reason)")
 
 
 def _warn_user(text: str) -> None:
@@ -54,12 +59,16 @@ def _eager_runs_fp32(plan: PartitionPlan) -> None:
     does not run at."""
     for partition in plan.partitions:
         graph = partition.graph
-        if partition.placed_backend != EAGER or not graph.precision.lowered:
+        if partition.placed_backend != EAGER or not graph.precision.lossy:
             continue
+        # eager partitions run the captured weights as they are: neither rounded nor pruned
         graph.precision.layers[:] = [
-            layer if layer.scheme == Scheme.FP32 else
-            layer.at_fp32(f"runs eagerly in PyTorch at fp32: no tried backend runs this layer at {layer.scheme}")
+            (layer if layer.scheme == Scheme.FP32 else
+             layer.at_fp32(f"runs eagerly in PyTorch at fp32: no tried backend runs this layer at {layer.scheme}"))
             for layer in graph.precision.layers]
+        graph.precision.layers[:] = [
+            replace(layer, sparsity=None, sparsity_reason="runs eagerly in PyTorch with its dense weight")
+            if layer.sparsity else layer for layer in graph.precision.layers]
 
 
 def warn_if_unproven(report: Report) -> None:

@@ -12,6 +12,7 @@ from kiln.errors import BackendUnavailable, OptionsError
 from kiln.hardware_profiles.schema import Profile
 from kiln.ir import BACKEND_NAMES, EAGER
 from kiln.options import CompileOptions
+from kiln.passes.assign_sparsity import sparse_lowerings
 from kiln.precision.capability import device_runs
 from kiln.types import Precision
 
@@ -21,6 +22,8 @@ def check_profile_fits(profile: Profile, opts: CompileOptions) -> None:
     a forced backend exists."""
     if opts.backend is not None:
         registry.get(opts.backend)  # raises BackendUnavailable naming the known backends
+    if opts.sparsity is not None:
+        sparse_lowerings(profile, opts)  # raises OptionsError naming the profile and its device
     device = profile.primary
     if opts.auto or opts.precision is Precision.FP32:
         if Precision.FP32 not in device.precisions:  # the ops around lowered layers run in fp32

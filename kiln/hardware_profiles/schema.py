@@ -21,7 +21,7 @@ import yaml
 
 from kiln.errors import ProfileError
 from kiln.ir import BACKEND_NAMES
-from kiln.types import DeviceKind, Precision
+from kiln.types import SPARSITY_PATTERNS, DeviceKind, Precision
 
 PROFILE_DIR = Path(__file__).parent
 SELECT_MODES = ("prefer", "measure")
@@ -45,6 +45,9 @@ class DeviceSpec:
     # Fixed cost per kernel (dispatch, launch, synchronisation), for kiln's cost model. Profiles
     # may leave it out: DEFAULT_LAUNCH_OVERHEAD_US then gives an estimate per device kind.
     launch_overhead_us: float | None = None
+    # Fine-grained structured sparsity patterns the device's matrix units skip work on, e.g.
+    # ("2:4",) for NVIDIA's sparse tensor cores (Ampere and later); () for none.
+    structured_sparsity: tuple[str, ...] = ()
 
     @property
     def launch_overhead_s(self) -> float:
@@ -92,6 +95,8 @@ class Profile:
             lines.append(f"    backends: {', '.join(dev.backends)}")
             if dev.features:
                 lines.append(f"    features: {', '.join(dev.features)}")
+            if dev.structured_sparsity:
+                lines.append(f"    structured sparsity: {', '.join(dev.structured_sparsity)}")
         for link in self.links:
             lines.append(f"  link {link.source} -> {link.target}: {link.bandwidth_gbs:g} GB/s, {link.latency_us:g} us")
         return "\n".join(lines)
@@ -105,7 +110,7 @@ _TOP_FIELDS = {"name": (str, True), "description": (str, True), "extends": (str,
 _DEVICE_FIELDS = {"kind": (str, True), "model": (str, True), "memory_gb": ((int, float), True),
                   "memory_bandwidth_gbs": ((int, float), True), "peak_tflops": (dict, True),
                   "backends": (list, True), "cores": (int, False), "features": (list, False),
-                  "launch_overhead_us": ((int, float), False)}
+                  "launch_overhead_us": ((int, float), False), "structured_sparsity": (list, False)}
 _LINK_FIELDS = {"from": (str, True), "to": (str, True), "bandwidth_gbs": ((int, float), True),
                 "latency_us": ((int, float), True)}
 
@@ -244,7 +249,18 @@ def _build_device(name: str, spec: Any, path: Path) -> DeviceSpec:
                            fix="write microseconds per kernel launch, e.g. 5")
     return DeviceSpec(name, kind, spec["model"], float(spec["memory_gb"]), float(spec["memory_bandwidth_gbs"]), peaks,
                       tuple(backends), spec.get("cores"), tuple(str(f) for f in spec.get("features", ())),
-                      None if spec.get("launch_overhead_us") is None else float(spec["launch_overhead_us"]))
+                      None if spec.get("launch_overhead_us") is None else float(spec["launch_overhead_us"]),
+                      _sparsity_patterns(spec.get("structured_sparsity", []), f"{path.name}: {where}.structured_sparsity"))
+
+
+def _sparsity_patterns(patterns: list, where: str) -> tuple[str, ...]:
+    for pattern in patterns:
+        if pattern not in SPARSITY_PATTERNS:
+            close = difflib.get_close_matches(str(pattern), SPARSITY_PATTERNS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ProfileError(f"unknown structured sparsity pattern {pattern!r}", where=where,
+                               fix=f"{hint}known patterns: {', '.join(SPARSITY_PATTERNS)} (quote it: \"2:4\")")
+    return tuple(patterns)
 
 
 def _build_link(index: int, link: Any, devices: dict, path: Path) -> LinkSpec:

@@ -71,7 +71,7 @@ SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precisio
 
 def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     opts = ctx.options
-    layers = _layers(gm)
+    layers = weighted_layers(gm)
     if ctx.layer_plans is not None:  # the precision search picked one of the plans weighed before
         return _annotated(gm, dict(ctx.layer_plans), layers)
     kept = _kept_fp32(gm, layers, opts.keep_fp32)
@@ -89,7 +89,7 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
                (" (integer types need calibration data)" if not ctx.calibration else "")) if opts.auto \
             else f"device {ctx.profile.primary.name} does not run {opts.precision.value}"
         return _annotated(gm, {name: _plain(node, why) for name, node in layers.items()}, layers)
-    analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *_samples(ctx), opts.calibration_observer,
+    analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *measurement_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
     outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx, kept)) for scheme in schemes]
     ranked = sorted(outcomes, key=lambda o: -_saving(layers, o[1], ctx))
@@ -113,7 +113,7 @@ def _annotated(gm: GraphModule, plans: dict[str, LayerPlan], layers: dict[str, N
                       decided={"plans": plans, "alternatives": []})
 
 
-def _layers(gm: GraphModule) -> dict[str, Node]:
+def weighted_layers(gm: GraphModule) -> dict[str, Node]:
     """Linear and convolution nodes whose weight is a stored tensor, in graph order."""
     found = {}
     for node in gm.graph.nodes:
@@ -236,7 +236,7 @@ def _macs(node: Node) -> int:
     return math.prod(shape_of(val)) * math.prod(shape_of(weight)[1:])
 
 
-def _samples(ctx: PassContext) -> tuple[list, list]:
+def measurement_samples(ctx: PassContext) -> tuple[list, list]:
     """(observer samples, measurement samples): the user's inputs, on which verification holds
     the budget (verify.worst_checks): the example inputs and the calibration samples. Without
     calibration data, the example inputs alone, a weaker proof that api reports as such; random

@@ -19,6 +19,7 @@ from torch.fx import GraphModule
 from kiln.errors import KilnError, OptionsError, PassFailed
 from kiln.fx_helpers import source_line
 from kiln.passes.assign_precision import assign_precision
+from kiln.passes.assign_sparsity import assign_sparsity
 from kiln.passes.context import PassContext
 from kiln.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from kiln.passes.fold_batchnorm import fold_batchnorm
@@ -76,6 +77,8 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("cleanup", (remove_noop_views, remove_redundant_permutes, eliminate_common_subexpressions, remove_dead_code)),
     # Precision is decided on the final graph, so each measured layer is one the backend sees.
     Stage("precision", (assign_precision,)),
+    # 2:4 sparsity on top of each layer's precision, from what the budget has left (opt-in: it changes answers).
+    Stage("sparsity", (assign_sparsity,), when=lambda ctx: ctx.options.sparsity is not None),
     # Placement last: it decides on the final graph, at each node's precision (decide only).
     Stage("placement", (place_on_devices,)),
 )
@@ -83,7 +86,9 @@ PIPELINE: tuple[Stage, ...] = (
 
 # The decisions again, on the graph the passes left: the precision search asks for another of
 # the plans assign_precision weighed (ctx.layer_plans), and placement follows the new precisions.
-REDECIDE: tuple[Stage, ...] = (Stage("precision", (assign_precision,)), Stage("placement", (place_on_devices,)))
+REDECIDE: tuple[Stage, ...] = (Stage("precision", (assign_precision,)),
+                                Stage("sparsity", (assign_sparsity,), when=lambda ctx: ctx.options.sparsity is not None),
+                                Stage("placement", (place_on_devices,)))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from kiln.ir import PartitionGraph
 from kiln.ir import LayerPlan, Scheme
 from kiln.fx_helpers import add_constant, attr_value
 from kiln.precision.schemes import float_grid, per_channel_int8
+from kiln.precision.sparsity import prune
 
 INT8 = (Scheme.INT8_STATIC, Scheme.INT8_DYNAMIC)
 FLOAT_TYPES = {Scheme.BF16: torch.bfloat16, Scheme.FP16: torch.float16}
@@ -32,9 +33,12 @@ BIAS_ARG = 2  # linear(x, w, b), conv2d(x, w, b, ...), convolution(x, w, b, ...)
 
 
 def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
-    """`graph` with its int8, bf16 and fp16 layers' weights rounded (and int8 biases corrected),
-    in a new GraphModule; `graph` itself when the plan has none of them."""
-    layers = {layer.weight: layer for layer in graph.precision.lowered if layer.scheme in (*INT8, *FLOAT_TYPES)}
+    """`graph` with its sparse layers' weights pruned to their pattern (`sparsity.prune_2_4`, as
+    assign_sparsity simulated: before the rounding), its int8, bf16 and fp16 layers' weights
+    rounded (and int8 biases corrected), in a new GraphModule; `graph` itself when the plan has
+    none of them. Rounding keeps a zero a zero, so a pruned weight stays 2:4 in every type."""
+    layers = {layer.weight: layer for layer in graph.precision.layers
+              if layer.scheme in (*INT8, *FLOAT_TYPES) or layer.sparsity}
     if not layers:
         return graph
     gm = GraphModule(graph.gm, copy.deepcopy(graph.gm.graph))
@@ -48,8 +52,13 @@ def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
         if layer is None or readers[weight.target] != [node] or _shared_owner(gm, graph.gm, weight.target):
             continue  # a weight other nodes read too (tied embeddings) keeps its values for them
         value = _get(gm, weight.target)
-        _set(gm, weight.target, per_channel_int8(value) if layer.scheme in INT8
-             else float_grid(value, FLOAT_TYPES[layer.scheme]).to(value.dtype))
+        if layer.sparsity:
+            value = prune(value, layer.sparsity)
+        if layer.scheme in INT8:
+            value = per_channel_int8(value)
+        elif layer.scheme in FLOAT_TYPES:
+            value = float_grid(value, FLOAT_TYPES[layer.scheme]).to(value.dtype)
+        _set(gm, weight.target, value)
         if layer.bias_shift is not None:
             _correct_bias(gm, node, layer, readers)
     gm.recompile()

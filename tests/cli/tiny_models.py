@@ -60,3 +60,21 @@ def calibration(batch: int = 2) -> list[torch.Tensor]:
 
 def not_samples():
     return 42
+
+
+class SparseMlp(torch.nn.Module):
+    """Two 256-wide linears (large enough for 2:4 sparsity to pay) and a small head (too small)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(256, 256)
+        self.fc2 = torch.nn.Linear(256, 256)
+        self.head = torch.nn.Linear(256, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def sparse_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return SparseMlp().eval()

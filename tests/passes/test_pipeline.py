@@ -22,7 +22,7 @@ class Small(nn.Module):
 
 
 def test_pipeline_order_is_one_literal_table_of_named_stages():
-    assert [s.name for s in PIPELINE] == ["cleanup", "fusion", "fusion", "masking", "cleanup", "precision", "placement"]
+    assert [s.name for s in PIPELINE] == ["cleanup", "fusion", "fusion", "masking", "cleanup", "precision", "sparsity", "placement"]
     assert all(callable(p) for s in PIPELINE for p in s.passes)
 
 
