@@ -129,10 +129,15 @@ def _router_of(model: torch.nn.Module, parent: torch.nn.Module | None, num_exper
     return None
 
 
-def _weights(module: torch.nn.Module, layout: ExpertsLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [E, H, 2I or I], down [E, I, H]): both as [E, in, out] views, ready for x @ w."""
+def _weights(module: torch.nn.Module, layout: ExpertsLayout, experts: torch.Tensor | None = None):
+    """(up [E', H, 2I or I], down [E', I, H]) as [E', in, out] views, ready for x @ w: every
+    expert, or the ones `experts` picks (gathered in the stored layout, whose rows are
+    contiguous, and only then viewed transposed: a gather through the transposed view reads
+    strided memory and cost more than the matmuls)."""
     up = module.gate_up_proj if layout.gated else module.up_proj
     down = module.down_proj
+    if experts is not None:
+        up, down = up[experts], down[experts]
     if layout.transposed:
         return up, down
     return up.transpose(1, 2), down.transpose(1, 2)
@@ -173,11 +178,11 @@ def blocked_forward(module: torch.nn.Module, layout: ExpertsLayout, hidden: torc
     padded_end = (padded_start + padded).unsqueeze(0)
     first_row = (torch.arange(blocks, device=hidden.device) * rows).unsqueeze(1)
     block_expert = (padded_end <= first_row).sum(1).clamp(max=experts - 1)  # unused tail blocks: zero rows
-    up, down = _weights(module, layout)
-    projected = torch.bmm(padded_rows.view(blocks, rows, -1), up[block_expert])
+    up, down = _weights(module, layout, block_expert)
+    projected = torch.bmm(padded_rows.view(blocks, rows, -1), up)
     if layout.biased:
         projected = projected + (module.gate_up_proj_bias if layout.gated else module.up_proj_bias)[block_expert].unsqueeze(1)
-    out = torch.bmm(_activate(module, layout, projected), down[block_expert])
+    out = torch.bmm(_activate(module, layout, projected), down)
     if layout.biased:
         out = out + module.down_proj_bias[block_expert].unsqueeze(1)
     out = out.reshape(blocks * rows, -1)[slot] * top_k_weights.reshape(-1, 1).to(out.dtype)
