@@ -41,7 +41,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-FORMS = ("auto", "blocked", "dense")
 
 
 @dataclass(frozen=True)

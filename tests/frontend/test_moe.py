@@ -176,3 +176,11 @@ def test_plain_experts_outside_transformers_capture_and_match():
     assert captured.moe_blocks[0]["form"] == "blocked"
     with torch.no_grad():
         torch.testing.assert_close(captured.gm(x)[0], model(x), rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_unknown_moe_form_is_refused_with_the_known_ones():
+    from kiln import CompileOptions
+    from kiln.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="auto, blocked, dense"):
+        CompileOptions(moe_form="sparse")
