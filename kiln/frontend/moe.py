@@ -13,10 +13,10 @@ For the export only, kiln swaps the experts module's forward for one of two stat
 compute the same sums as the loop, every token through its k experts, none dropped:
 
   blocked  the T*k (token, expert) pairs grouped by expert (each pair's row from a cumulative
-           count, no sort), each expert's run padded to whole blocks of b rows, so that a fixed number of blocks,
-           ceil((T*k + E*(b-1)) / b), holds any routing; every block is multiplied by its
-           expert's weights (gathered per block) in one batched matmul, and the rows are
-           weighted and summed back per token over its k pairs. Within (T*k + E*(b-1))/(T*k)
+           count, no sort), each expert's run padded to whole blocks of b rows, so that a fixed
+           number of blocks, ceil((T*k + E*(b-1)) / b), holds any routing; every block is
+           multiplied by its expert's weights (gathered per block) in one batched matmul, and
+           the rows are weighted and summed back per token over its k pairs. Within (T*k + E*(b-1))/(T*k)
            of the loop's FLOPs (b is chosen from T: 1.25x at 1024 tokens, 8 experts, top-2).
            aten._grouped_mm would do it without padding, but its export (meta) kernel takes
            bf16 only, and the ONNX and OpenVINO converters do not know it.
