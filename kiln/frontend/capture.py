@@ -155,7 +155,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mappin
     if model.training:
         model.eval()  # inference compiler: dropout and BatchNorm statistics in eval mode
     wrapper = _FlatCall(model, spec).eval()
-    with static_moe_forms(model, moe_form) as moe_blocks:  # the user's forwards are back after the export
+    with static_moe_forms(model, moe_form, bool(dynamic)) as moe_blocks:  # the user's forwards are back after the export
         try:
             dynamic_shapes = export_dynamic_shapes(spec)
             # the wrapper takes *tensors: one dynamic_shapes entry holds them all

@@ -62,7 +62,7 @@ class MoeBlock:
     num_experts: int
     top_k: int | None = None  # read from the routing the example inputs produced
     form: str | None = None  # the static form captured, or None where the block was left alone
-    refusal: str = ""  # why it was left alone
+    refusal: str = ""  # why it was left alone, or why "auto" passed over the blocked form
     load: list[int] = field(default_factory=list)  # tokens routed to each expert on the example inputs
 
     def to_dict(self) -> dict:
@@ -171,21 +171,21 @@ def blocked_forward(module: torch.nn.Module, layout: ExpertsLayout, hidden: torc
     padded = (counts + rows - 1) // rows * rows
     padded_start = torch.cumsum(padded, 0) - padded
     slot = (padded_start.unsqueeze(0) * chosen).sum(1) + rank  # the pair's row in the padded layout
-    pair_rows = hidden.unsqueeze(1).expand(tokens, top_k, hidden.shape[1]).reshape(pairs, -1)
+    pair_rows = hidden.unsqueeze(1).expand(tokens, top_k, hidden.shape[1]).reshape(pairs, hidden.shape[1])
     padded_rows = hidden.new_zeros(blocks * rows, hidden.shape[1]).index_put((slot,), pair_rows)
     # a block's expert: how many experts' padded runs end at or before the block's first row
     padded_end = (padded_start + padded).unsqueeze(0)
     first_row = (torch.arange(blocks, device=hidden.device) * rows).unsqueeze(1)
     block_expert = (padded_end <= first_row).sum(1).clamp(max=experts - 1)  # unused tail blocks: zero rows
     up, down = _weights(module, layout, block_expert)
-    projected = torch.bmm(padded_rows.view(blocks, rows, -1), up)
+    projected = torch.bmm(padded_rows.view(blocks, rows, hidden.shape[1]), up)
     if layout.biased:
         projected = projected + (module.gate_up_proj_bias if layout.gated else module.up_proj_bias)[block_expert].unsqueeze(1)
     out = torch.bmm(_activate(module, layout, projected), down)
     if layout.biased:
         out = out + module.down_proj_bias[block_expert].unsqueeze(1)
-    out = out.reshape(blocks * rows, -1)[slot] * top_k_weights.reshape(-1, 1).to(out.dtype)
-    return out.view(tokens, top_k, -1).sum(1).to(hidden.dtype)
+    out = out.reshape(blocks * rows, out.shape[-1])[slot] * top_k_weights.reshape(-1, 1).to(out.dtype)
+    return out.view(tokens, top_k, out.shape[-1]).sum(1).to(hidden.dtype)
 
 
 def dense_forward(module: torch.nn.Module, layout: ExpertsLayout, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -241,11 +241,16 @@ def check_form(module: torch.nn.Module, layout: ExpertsLayout, form: str) -> str
     return ""
 
 
-def choose_form(module: torch.nn.Module, layout: ExpertsLayout, requested: str) -> tuple[str | None, str]:
+def choose_form(module: torch.nn.Module, layout: ExpertsLayout, requested: str,
+                dynamic_tokens: bool = False) -> tuple[str | None, str]:
     """(the form to capture, or None; why the others were not taken). "auto" takes blocked
-    (about the loop's FLOPs) where it runs and agrees, dense otherwise."""
+    (about the loop's FLOPs) where it runs and agrees, dense otherwise, and dense when the token
+    count is dynamic: the blocked form's block count follows it, and torch.export (2.13) could
+    not prove that graph's reshapes for every size."""
     candidates = ("blocked", "dense") if requested == "auto" else (requested,)
     reasons = []
+    if requested == "auto" and dynamic_tokens:
+        candidates, reasons = ("dense",), ["the blocked form needs a fixed token count, and dims are marked dynamic"]
     for form in candidates:
         reason = check_form(module, layout, form)
         if not reason:
@@ -255,13 +260,13 @@ def choose_form(module: torch.nn.Module, layout: ExpertsLayout, requested: str) 
 
 
 @contextlib.contextmanager
-def static_moe_forms(model: torch.nn.Module, form: str = "auto") -> Iterator[list[MoeBlock]]:
+def static_moe_forms(model: torch.nn.Module, form: str = "auto", dynamic_tokens: bool = False) -> Iterator[list[MoeBlock]]:
     """Inside: every recognised experts module runs a static form; on exit each has its own
-    forward back. Yields the blocks found, each with the form taken or the reason it was not."""
+    forward back. Yields the blocks found, each with the form taken and why the others were not."""
     blocks, swapped = [], []
     try:
         for block, module, layout in find_moe_blocks(model):
-            block.form, block.refusal = choose_form(module, layout, form)
+            block.form, block.refusal = choose_form(module, layout, form, dynamic_tokens)
             blocks.append(block)
             if block.form is None:
                 continue

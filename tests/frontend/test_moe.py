@@ -184,3 +184,13 @@ def test_unknown_moe_form_is_refused_with_the_known_ones():
 
     with pytest.raises(OptionsError, match="auto, blocked, dense"):
         CompileOptions(moe_form="sparse")
+
+
+def test_dynamic_token_count_takes_the_dense_form_and_holds_at_other_sizes():
+    model = tiny_mixtral()
+    captured = capture(model, {"input_ids": token_ids()}, dynamic={"input_ids": {0: "batch"}})
+    assert [b["form"] for b in captured.moe_blocks] == ["dense", "dense"]
+    assert "fixed token count" in captured.moe_blocks[0]["refusal"]
+    other = token_ids(batch=5)
+    with torch.no_grad():
+        torch.testing.assert_close(captured.gm(other)[0], model(other).logits, rtol=FP32.rtol, atol=FP32.atol)
