@@ -71,7 +71,7 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
         if hit is not None and (found := _quick_hit(model, hit, example_inputs, example_kwargs, opts, timings)) is not None:
             return found
     with stage("capture", timings):
-        captured = capture(model, example_inputs, example_kwargs, dynamic)
+        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form)
     with stage("calibration", timings):
         ctx = _pass_context(prof, opts, captured)
     if cache is not None:
@@ -122,6 +122,7 @@ def _new_report(model: torch.nn.Module, profile: Profile, captured: Captured) ->
     report = Report(type(model).__name__, profile.name, captured.input_spec.describe(), list(captured.output_names))
     report.captured_ops = sum(n.op == "call_function" for n in captured.gm.graph.nodes)
     report.notes += captured.notes
+    report.experts = [dict(block) for block in captured.moe_blocks]
     return report
 
 
@@ -266,7 +267,7 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     opts = CompileOptions.build(options, **option_overrides)
     prof = _profile(profile)
     with keeping_modes(model):
-        captured = capture(model, example_inputs, example_kwargs, dynamic)
+        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form)
     if assume_precision is not None:
         wanted = assume_precision if isinstance(assume_precision, Precision) else Precision.parse(assume_precision)
         for node in captured.gm.graph.nodes:

@@ -22,6 +22,10 @@ OBSERVERS = ("minmax", "percentile", "mse")
 # times every candidate, with autotuning.
 EFFORTS = ("fast", "default", "max")
 INT4_GROUP_SIZES = (32, 64, 128)
+# The static form mixture-of-experts blocks are captured in (kiln.frontend.moe): "blocked" keeps
+# about the per-expert loop's FLOPs (runs padded to whole blocks), "dense" runs every expert on
+# every token; both are plain matmuls any backend takes; "auto": blocked where it agrees, else dense.
+MOE_FORMS = ("auto", "blocked", "dense")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class CompileOptions:
     # program configured no logging (then the "kiln" logger is the place to read them)
     progress: bool | None = None
     allow_fallback: bool | None = None  # the old name of backend_fallback, read for one more release
+    moe_form: str = "auto"  # mixture-of-experts blocks: "auto" | "blocked" | "dense" (MOE_FORMS)
 
     def __post_init__(self) -> None:
         self._read_old_names()
@@ -159,6 +164,9 @@ class CompileOptions:
         if not isinstance(self.accuracy_budget, Budget):
             raise OptionsError(f"accuracy_budget must be a kiln.Budget, got {type(self.accuracy_budget).__name__}",
                                where="options.accuracy_budget", fix="use kiln.Budget(min_cosine=0.999) or kiln.Budget(max_rel_error=0.02)")
+        if self.moe_form not in MOE_FORMS:
+            raise OptionsError(f"unknown mixture-of-experts form {self.moe_form!r}", where="options.moe_form",
+                               fix=f"use one of {', '.join(MOE_FORMS)}")
         if self.calibration_observer not in OBSERVERS:
             raise OptionsError(f"unknown calibration observer {self.calibration_observer!r}", where="options.calibration_observer",
                                fix=f"use one of {', '.join(OBSERVERS)}")

@@ -80,6 +80,9 @@ class Report:
     placement: list[dict] = field(default_factory=list)
     precision: list[dict] = field(default_factory=list)  # precision.plan.LayerPlan dicts, one per weighted layer
     precision_summary: str = ""  # what was requested and chosen, and the accuracy it cost
+    # one dict per mixture-of-experts block (kiln.frontend.moe.MoeBlock.to_dict): the static form
+    # captured, and the tokens each expert received on the example inputs
+    experts: list[dict] = field(default_factory=list)
 
     @property
     def lowered(self) -> bool:
@@ -155,6 +158,7 @@ class Report:
             if len(p.skipped) > 5:
                 lines.append(f"  {'':9s} {'':31s} ... and {len(p.skipped) - 5} more skips")
         lines += self._precision_lines()
+        lines += self._expert_lines()
         lines += ["", "Partitions"] + self.render_partitions()
         lines += self.render_placement()
         lines += ["", "Backend decisions"]
@@ -191,6 +195,18 @@ class Report:
         lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())]
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _expert_lines(self) -> list[str]:
+        if not self.experts:
+            return []
+        lines = ["", "Mixture of experts (tokens routed to each expert on the example inputs)"]
+        for block in self.experts:
+            form = f"{block['form']} form" if block["form"] else f"kept its own forward: {block['refusal']}"
+            load = " ".join(str(n) for n in block["load"])
+            lines.append(f"  {block['block']:28s} {block['experts']} experts, top-{block['top_k']}, {form}")
+            if block["load"]:
+                lines.append(f"  {'':28s} load [{load}] over {block['tokens']} tokens")
+        return lines
 
     def _precision_lines(self) -> list[str]:
         if not self.precision and not self.precision_summary:

@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from kiln.errors import CaptureError
 from kiln.frontend.input_roles import with_input_roles
 from kiln.frontend.input_spec import build_spec, export_dynamic_shapes, forward_parameters, leaf_names, normalize_call
+from kiln.frontend.moe import MoeBlock, load_note, looks_like_moe, recording_expert_load, static_moe_forms
 from kiln.types import Dim, InputSpec
 
 
@@ -37,6 +38,7 @@ class Captured:
     example_outputs: tuple[torch.Tensor, ...]  # eager results on example_inputs, flat
     output_none_positions: tuple[int, ...] = ()  # leaves of the output structure that are None
     notes: tuple[str, ...] = ()  # for the report: what capture changed to capture the model
+    moe_blocks: tuple[dict, ...] = ()  # MoeBlock.to_dict() per experts module: the static form taken, the expert load
 
 
 class _FlatCall(torch.nn.Module):
@@ -120,18 +122,19 @@ CACHE_NOTE = ("the model returns a key/value cache object (transformers' use_cac
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None,
-            dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None) -> Captured:
+            dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None, moe_form: str = "auto") -> Captured:
     """The model as an fx graph over flat tensors, with its input spec and eager outputs. A
     transformers model whose config asks for a key/value cache is captured without it (a note
-    says so); call it inside `keeping_modes(model)` to have its config and modes restored."""
+    says so); call it inside `keeping_modes(model)` to have its config and modes restored.
+    Mixture-of-experts blocks are exported in the static form `moe_form` names (kiln.frontend.moe)."""
     try:
-        return _capture(model, example_inputs, example_kwargs, dynamic)
+        return _capture(model, example_inputs, example_kwargs, dynamic, moe_form)
     except CaptureError as exc:
         config = getattr(model, "config", None)
         if not (_returns_cache(exc) and getattr(config, "use_cache", False)):
             raise
         config.use_cache = False  # keeping_modes puts it back once the compile is done
-        captured = _capture(model, example_inputs, example_kwargs, dynamic)
+        captured = _capture(model, example_inputs, example_kwargs, dynamic, moe_form)
         return dataclasses.replace(captured, notes=(*captured.notes, CACHE_NOTE))
 
 
@@ -140,7 +143,7 @@ def _returns_cache(exc: CaptureError) -> bool:
 
 
 def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
-             dynamic: Mapping[str, Mapping[int, Dim | str]] | None) -> Captured:
+             dynamic: Mapping[str, Mapping[int, Dim | str]] | None, moe_form: str) -> Captured:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model has type {type(model).__name__}", where="model",
                            fix="pass a torch.nn.Module (wrap a plain function in a Module's forward)")
@@ -152,12 +155,13 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mappin
     if model.training:
         model.eval()  # inference compiler: dropout and BatchNorm statistics in eval mode
     wrapper = _FlatCall(model, spec).eval()
-    try:
-        dynamic_shapes = export_dynamic_shapes(spec)
-        # the wrapper takes *tensors: one dynamic_shapes entry holds them all
-        exported = export_program(wrapper, tensors, None if dynamic_shapes is None else (dynamic_shapes,))
-    except Exception as exc:  # torch.export raises many types; all become one clear CaptureError
-        raise _capture_error(exc, model, spec.names) from exc
+    with static_moe_forms(model, moe_form, bool(dynamic)) as moe_blocks:  # the user's forwards are back after the export
+        try:
+            dynamic_shapes = export_dynamic_shapes(spec)
+            # the wrapper takes *tensors: one dynamic_shapes entry holds them all
+            exported = export_program(wrapper, tensors, None if dynamic_shapes is None else (dynamic_shapes,))
+        except Exception as exc:  # torch.export raises many types; all become one clear CaptureError
+            raise _moe_capture_error(exc, model, moe_blocks) or _capture_error(exc, model, spec.names) from exc
     gm = exported.module()
     _refuse_state_writes(gm, model)
     drop_guard_calls(gm)  # kiln checks inputs itself, with errors that name the input
@@ -165,7 +169,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mappin
     for param in gm.parameters():
         param.requires_grad_(False)
     # One eager call gives the output structure and the reference outputs verification reuses.
-    with torch.no_grad():
+    with torch.no_grad(), recording_expert_load(model, moe_blocks):
         eager_leaves, out_structure = pytree.tree_flatten(plain_containers(model(*args, **kwargs)))
     output_names = _output_names(out_structure)
     for name, leaf in zip(output_names, eager_leaves):
@@ -175,7 +179,41 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mappin
     none_positions = tuple(i for i, leaf in enumerate(eager_leaves) if leaf is None)
     tensor_names = tuple(n for i, n in enumerate(output_names) if i not in none_positions)
     return Captured(gm, spec, pytree.treespec_dumps(out_structure), tensor_names, tensors,
-                    tuple(x for x in eager_leaves if x is not None), none_positions)
+                    tuple(x for x in eager_leaves if x is not None), none_positions, _moe_notes(moe_blocks),
+                    tuple(block.to_dict() for block in moe_blocks))
+
+
+def _moe_notes(blocks: list[MoeBlock]) -> tuple[str, ...]:
+    taken = [b for b in blocks if b.form is not None]
+    if not taken:
+        return ()
+    forms = sorted({b.form for b in taken})
+    how = {"blocked": "tokens grouped by expert, each expert's run padded to whole blocks, one batched matmul over the blocks "
+                      "(about the loop's FLOPs)",
+           "dense": "every expert on every token, weighted by a routing matrix zero off the top-k (E/k times the FLOPs)"}
+    notes = [f"mixture of experts: {len(taken)} experts modules captured in a static form ({'; '.join(f'{f}: {how[f]}' for f in forms)}) "
+             "in place of transformers' per-expert loop over data-dependent token lists; no token is dropped, and the model "
+             "keeps its own forward (verification compares against it)"]
+    notes += [f"expert load: {load_note(b)}" for b in taken if b.load]
+    notes += [f"mixture of experts: {b.name} kept its own forward: {b.refusal}" for b in blocks if b.form is None]
+    return tuple(notes)
+
+
+def _moe_capture_error(exc: Exception, model: torch.nn.Module, blocks: list[MoeBlock]) -> CaptureError | None:
+    """A failed export of a model that routes tokens to experts in a form kiln could not make
+    static: the error names those blocks and what to try. None for other models."""
+    kept = [f"{b.name} ({b.refusal})" for b in blocks if b.form is None]
+    unknown = looks_like_moe(model, {b.name for b in blocks})
+    if not (kept or unknown):
+        return None
+    base = _capture_error(exc, model, ())
+    named = "; ".join(kept + unknown)
+    return CaptureError(f"{base.what}. The model has mixture-of-experts blocks kiln did not rewrite into a static form: {named}",
+                        where=base.where,
+                        fix="kiln rewrites experts written as transformers 5 writes them (3-D gate_up_proj/up_proj and down_proj "
+                            "parameters, an act_fn, forward(hidden, top_k_index, top_k_weights)); write the block that way, "
+                            "or pass moe_form='dense' if only the blocked form failed, or compile the model's parts around "
+                            "the block")
 
 
 @contextlib.contextmanager
