@@ -80,6 +80,9 @@ class Report:
     placement: list[dict] = field(default_factory=list)
     precision: list[dict] = field(default_factory=list)  # precision.plan.LayerPlan dicts, one per weighted layer
     precision_summary: str = ""  # what was requested and chosen, and the accuracy it cost
+    # kiln.sweep's curve when this artifact is one of its points: every point's settings, latency and
+    # accuracy, the Pareto front, and "this_point" (kiln.sweep.SweepResult.to_dict); {} otherwise
+    sweep: dict = field(default_factory=dict)
 
     @property
     def lowered(self) -> bool:
@@ -187,6 +190,7 @@ class Report:
             verdict = "ok" if v["ok"] else "FAILED"
             lines.append(f"  {v['name']:28s} max abs err {v['max_abs_error']:.3g}, cosine {v['cosine']:.6f}, "
                          f"rel. err {v.get('rel_error', 0.0):.3g}  {verdict}")
+        lines += self._sweep_lines()
         lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())]
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -201,4 +205,20 @@ class Report:
             lines.append(f"  {'layer':24s} {'op':7s} {'scheme':13s} {'error alone':>11s}  reason")
         for row in self.precision:
             lines.append(f"  {row['node']:24s} {row['op']:7s} {row['scheme']:13s} {row['error']:11.3g}  {row['reason']}")
+        return lines
+
+    def _sweep_lines(self) -> list[str]:
+        """Where this artifact sits on the sweep it came from (the curve itself: kiln inspect --html)."""
+        if not self.sweep:
+            return []
+        points, mine = self.sweep.get("points", []), self.sweep.get("this_point")
+        lines = ["", f"Sweep ({len(points)} points; latency against {self.sweep.get('accuracy_name', 'accuracy')})"]
+        for point in points:
+            if point.get("status") != "built":
+                lines.append(f"    #{point['index']} {point['label']}: {point.get('status')} ({point.get('reason', '')})")
+                continue
+            marks = ("this artifact" if point["index"] == mine else "", "on the Pareto front" if point.get("on_front") else "")
+            lines.append(f"  {'>' if point['index'] == mine else ' '} #{point['index']} {point['label']}: "
+                         f"{point['median_ms']:.3f} ms, {self.sweep.get('accuracy_name', 'accuracy')} {point['accuracy']:.6g}"
+                         + (f"  [{', '.join(m for m in marks if m)}]" if any(marks) else ""))
         return lines

@@ -179,6 +179,13 @@ def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_sec
     those threads take the cores the next engine runs on: OpenVINO's 2.5 ms EfficientNet-Lite0
     int8 engine timed 4.4 ms right after ONNX Runtime's blocks. So each block starts after
     SETTLE_SECONDS of quiet and one untimed call, and each engine is timed as if alone."""
+    return [statistics.median(samples) for samples in interleaved_samples(engines, inputs, budget_seconds, block)]
+
+
+def interleaved_samples(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float,
+                        block: int = 3) -> list[list[float]]:
+    """Every timed call's seconds, per engine, measured as time_interleaved describes (for
+    percentiles besides the median)."""
     for engine in engines:
         for _ in range(2):
             engine(*inputs)
@@ -195,4 +202,4 @@ def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_sec
                 engine(*inputs)
                 samples.append(time.perf_counter() - start)
         rounds += 1
-    return [statistics.median(samples) for samples in times]
+    return times
