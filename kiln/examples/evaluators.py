@@ -8,7 +8,9 @@ the form kiln.sweep and kiln.Budget(metric=, dataset=) take, for the example mod
   the fp32 eager model's (the photos carry no labels of their own, so fp32's answer is the key).
 
 Each comes with calibration samples from data the metric does not evaluate (accuracy.py's
-held-out sentence groups and calibration views), for the integer precisions a sweep tries.
+held-out sentence groups and calibration views), for the integer precisions a sweep tries: 12
+by default, since precision="auto" measures every layer on each sample, once per point (48
+EfficientNet-Lite0 samples took minutes per point on two cores).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def _batches(tensors: tuple[torch.Tensor, ...], batch: int) -> list[tuple[torch.
     return calls
 
 
-def sentence_pairs(batch: int = 1, seq: int = 128) -> Evaluation:
+CALIBRATION_SAMPLES = 12
+
+
+def sentence_pairs(batch: int = 1, seq: int = 128, calibration_samples: int = CALIBRATION_SAMPLES) -> Evaluation:
     """MiniLM called as model(input_ids, attention_mask) with `batch` sentences of `seq` tokens."""
     pairs = accuracy.load_pairs(accuracy.EVAL_GROUPS)
     sentences = accuracy.distinct_sentences(pairs)
@@ -59,12 +64,13 @@ def sentence_pairs(batch: int = 1, seq: int = 128) -> Evaluation:
         return accuracy.spearman((pooled[a] * pooled[b]).sum(-1), labels)
 
     return Evaluation(pair_spearman_vs_labels, _batches((ids, mask), batch),
-                      accuracy.sentence_calibration(batch=batch, seq=seq),
+                      accuracy.sentence_calibration(batch=batch, seq=seq, count=calibration_samples * batch),
                       f"{len(pairs)} labelled sentence pairs ({len(sentences)} sentences, groups 1-{accuracy.EVAL_GROUPS}); "
                       f"calibration on the held-out groups")
 
 
-def photos(reference_model: Callable, batch: int = 1, size: int = 224) -> Evaluation:
+def photos(reference_model: Callable, batch: int = 1, size: int = 224,
+           calibration_samples: int = CALIBRATION_SAMPLES) -> Evaluation:
     """EfficientNet-Lite0 called as model(pixels) with `batch` images of size x size; the fp32
     `reference_model` gives each view's class."""
     images = accuracy.load_images(size=size)
@@ -77,6 +83,8 @@ def photos(reference_model: Callable, batch: int = 1, size: int = 224) -> Evalua
         got = torch.cat([accuracy._logits(predict(*call)).float() for call in calls])[:count].argmax(-1)
         return float((got == reference).double().mean())
 
-    return Evaluation(top1_agreement_with_fp32, dataset, accuracy.photo_calibration(batch=batch, size=size),
+    # the calibration views come view by view, so the first 12 are two views of each of the six photos
+    calibration = accuracy.photo_calibration(batch=batch, size=size)[:calibration_samples]
+    return Evaluation(top1_agreement_with_fp32, dataset, calibration,
                       f"{count} photo views ({len(accuracy.PHOTOS)} photos x {len(accuracy.VIEWS)} views); "
                       "calibration on other views")

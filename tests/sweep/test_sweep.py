@@ -225,3 +225,9 @@ def test_cli_sweep_refuses_a_metric_without_a_dataset(tmp_path, monkeypatch, cap
     code = main(["sweep", "sweep_models:mlp", "--metric", "sweep_models:mean_output", "-o", str(tmp_path / "x")])
     assert code == 2 and "--metric needs --dataset" in capsys.readouterr().err
     assert "sweep_models" in sys.modules
+
+
+def test_cli_sweep_refuses_a_bundled_evaluation_that_does_not_fit_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    code = main(["sweep", "sweep_models:mlp", "--evaluate", "sentence-pairs", "-o", str(tmp_path / "x")])
+    assert code == 2 and "(input_ids, attention_mask)" in capsys.readouterr().err
