@@ -37,7 +37,13 @@ def main() -> int:
     parser.add_argument("--effort", default="default")
     parser.add_argument("--out", help="results stem (default bench/results/sweep_<model>)")
     args = parser.parse_args()
+    import logging
+
     from kiln.cli import main as kiln_main
+    from kiln.progress import terminal_handler
+
+    logging.getLogger("kiln").addHandler(terminal_handler())  # progress lines in a log file too, not only on a terminal
+    logging.getLogger("kiln").setLevel(logging.INFO)
 
     factory, evaluate = MODELS[args.model]
     stem = Path(args.out) if args.out else HERE / "results" / f"sweep_{args.model}"

@@ -24,7 +24,7 @@ def draw(result, path: Path) -> Path:
     built = [p for p in result.points if p.built and p.median_ms is not None]
     panels = [("accuracy", result.accuracy_name)]
     if result.reference_score is not None:
-        panels.append(("error", "1 - cosine to eager (lower is better)"))
+        panels.append(("error", "1 - cosine to eager (lower is better; floored at 1e-12)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (kind, name) in zip(axes[0], panels):
         _panel(ax, result, built, kind, name)
