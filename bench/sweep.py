@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--settings", default=SETTINGS)
     parser.add_argument("--measure-seconds", default="1.0", help="timing budget per engine (kiln sweep --measure-seconds)")
     parser.add_argument("--effort", default="default")
+    parser.add_argument("--calibration-samples", default="12", help="held-out calibration samples (kiln sweep --calibration-samples)")
     parser.add_argument("--out", help="results stem (default bench/results/sweep_<model>)")
     args = parser.parse_args()
     import logging
@@ -51,7 +52,8 @@ def main() -> int:
     load_before, started = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kiln-sweep-") as folder:
         argv = ["sweep", factory, "--factory-arg", "batch=1", "--evaluate", evaluate, "--settings", args.settings,
-                "--effort", args.effort, "--measure-seconds", args.measure_seconds, "-o", folder + "/"]
+                "--effort", args.effort, "--measure-seconds", args.measure_seconds,
+                "--calibration-samples", args.calibration_samples, "-o", folder + "/"]
         code = kiln_main(argv)
         if code != 0:
             return code

@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", choices=["sentence-pairs", "photos"],
                    help="the bundled real data for the example models (MiniLM: sentence-pairs, EfficientNet-Lite0: photos), "
                         "with its held-out calibration samples")
+    p.add_argument("--calibration-samples", type=int, default=12, metavar="N",
+                   help="with --evaluate: how many held-out calibration samples (default 12; auto measures each layer on each)")
     p.add_argument("--metric", metavar="MODULE:FN", help="your metric(predict, dataset) -> float, higher is better")
     p.add_argument("--dataset", metavar="MODULE:FACTORY", help="a factory returning the metric's inputs (given the "
                                                                "--factory-arg keys it accepts)")
@@ -470,7 +472,9 @@ def _sweep(args: argparse.Namespace) -> int:
                                                     ("measure_seconds", args.measure_seconds)) if v is not None}
     metric, dataset = None, None
     if args.evaluate:
-        evaluation = _bundled_evaluation(args.evaluate, model, example)
+        if args.calibration_samples < 1:
+            raise UsageError(f"--calibration-samples {args.calibration_samples}", fix="give 1 or more")
+        evaluation = _bundled_evaluation(args.evaluate, model, example, args.calibration_samples)
         metric, dataset, overrides["calibration"] = evaluation.metric, evaluation.dataset, evaluation.calibration
     elif args.metric:
         metric = _factory(args.metric, "--metric", "a function", "mymodule:accuracy", "a float")
@@ -492,7 +496,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0 if any(p.built for p in result.points) else 1
 
 
-def _bundled_evaluation(name: str, model: torch.nn.Module, example: Any):
+def _bundled_evaluation(name: str, model: torch.nn.Module, example: Any, calibration_samples: int):
     """kiln.examples.evaluators' data, shaped like the example inputs (batch, sequence, image size)."""
     from kiln.examples import evaluators
 
@@ -501,11 +505,12 @@ def _bundled_evaluation(name: str, model: torch.nn.Module, example: Any):
         if len(tensors) != 2 or tensors[0].dim() != 2:
             raise UsageError("--evaluate sentence-pairs calls the model with (input_ids, attention_mask)",
                              fix="use it with kiln.examples.models:minilm, or give --metric and --dataset")
-        return evaluators.sentence_pairs(batch=tensors[0].shape[0], seq=tensors[0].shape[1])
+        return evaluators.sentence_pairs(batch=tensors[0].shape[0], seq=tensors[0].shape[1],
+                                         calibration_samples=calibration_samples)
     if len(tensors) != 1 or tensors[0].dim() != 4 or tensors[0].shape[2] != tensors[0].shape[3]:
         raise UsageError("--evaluate photos calls the model with square images (batch x 3 x size x size)",
                          fix="use it with kiln.examples.models:efficientnet_lite0, or give --metric and --dataset")
-    return evaluators.photos(model, batch=tensors[0].shape[0], size=tensors[0].shape[2])
+    return evaluators.photos(model, batch=tensors[0].shape[0], size=tensors[0].shape[2], calibration_samples=calibration_samples)
 
 
 # ---------------------------------------------------------------- run / bench / inspect
