@@ -1,4 +1,4 @@
-"""kiln's command line: compile | prune | run | bench | inspect | profiles | export-triton | serve | loadtest.
+"""kiln's command line: compile | sweep | prune | run | bench | inspect | profiles | export-triton | serve | loadtest.
 
 Thin by design: each command parses its arguments and calls the Python API. Exit codes:
 0 ok, 2 usage error, 1 any other error, reported as one line (the traceback only with --debug).
@@ -121,6 +121,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --plan-only: plan as if every op ran at P (e.g. fp16 for an NPU) instead of deciding per layer")
     p.add_argument("--html", metavar="FILE", help="with --plan-only: also draw the placed graph as an HTML page")
     p.set_defaults(handler=_compile)
+
+    p = sub.add_parser("sweep", parents=[common], help="compile a model at a series of settings; latency against accuracy, "
+                                                         "the Pareto front, one artifact per point")
+    p.add_argument("model", help="MODULE:FACTORY returning (model, example_inputs), e.g. kiln.examples.models:minilm")
+    p.add_argument("--profile", default="cpu-x86", help="hardware profile name or YAML path (default cpu-x86)")
+    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for FACTORY, e.g. batch=1")
+    p.add_argument("--settings", help="comma-separated PRECISION[:MIN_COSINE][+prune=LEVEL] "
+                                      "(default fp32,auto,auto:0.999,auto:0.995,auto:0.99)")
+    p.add_argument("--evaluate", choices=["sentence-pairs", "photos"],
+                   help="the bundled real data for the example models (MiniLM: sentence-pairs, EfficientNet-Lite0: photos), "
+                        "with its held-out calibration samples")
+    p.add_argument("--calibration-samples", type=int, default=12, metavar="N",
+                   help="with --evaluate: how many held-out calibration samples (default 12; auto measures each layer on each)")
+    p.add_argument("--metric", metavar="MODULE:FN", help="your metric(predict, dataset) -> float, higher is better")
+    p.add_argument("--dataset", metavar="MODULE:FACTORY", help="a factory returning the metric's inputs (given the "
+                                                               "--factory-arg keys it accepts)")
+    p.add_argument("--calibration", metavar="MODULE:FACTORY|FILE.pt", help="calibration samples, as for kiln compile")
+    p.add_argument("--effort", choices=["fast", "default", "max"], help="candidate engines built per point, as for kiln compile")
+    p.add_argument("--backend", help="use this backend only")
+    p.add_argument("--measure-seconds", type=float, help="timing budget per engine and per candidate (default 1.0)")
+    p.add_argument("-o", "--output", required=True, help="folder for each point's artifact, sweep.json and sweep.png")
+    p.add_argument("--no-plot", action="store_true", help="leave out sweep.png (matplotlib not needed)")
+    p.add_argument("--pick", type=int, metavar="N", help="also copy point N's artifact to OUTPUT/picked.kiln")
+    p.set_defaults(handler=_sweep)
 
     p = sub.add_parser("prune", parents=[common], help="remove the lowest-norm attention heads, FFN neurons and conv "
                                                        "channels; write a smaller dense model (.pt2 for kiln compile)")
@@ -476,6 +500,66 @@ def _parse_dynamic(items: list[str]) -> dict:
         except ValueError as exc:
             raise UsageError(f"bad --dynamic {item!r} ({exc})", fix="write NAME:AXIS=DIM or NAME:AXIS=DIM:MIN:MAX") from None
     return dynamic
+
+
+# ---------------------------------------------------------------- sweep
+
+def _sweep(args: argparse.Namespace) -> int:
+    import shutil
+
+    import kiln
+
+    model, example = _load_model(args.model, args.factory_arg)
+    if example is None:
+        raise UsageError(f"{args.model} returned no example inputs", fix="return (model, example_inputs) from the factory")
+    if args.evaluate and (args.metric or args.dataset):
+        raise UsageError("--evaluate and --metric/--dataset both name the evaluation data", fix="give one of them")
+    if bool(args.metric) != bool(args.dataset):
+        raise UsageError(f"{'--metric' if args.metric else '--dataset'} needs {'--dataset' if args.metric else '--metric'}",
+                         fix="give both: --metric MODULE:FN --dataset MODULE:FACTORY")
+    overrides: dict[str, Any] = {k: v for k, v in (("effort", args.effort), ("backend", args.backend),
+                                                    ("measure_seconds", args.measure_seconds)) if v is not None}
+    metric, dataset = None, None
+    if args.evaluate:
+        if args.calibration_samples < 1:
+            raise UsageError(f"--calibration-samples {args.calibration_samples}", fix="give 1 or more")
+        evaluation = _bundled_evaluation(args.evaluate, model, example, args.calibration_samples)
+        metric, dataset, overrides["calibration"] = evaluation.metric, evaluation.dataset, evaluation.calibration
+    elif args.metric:
+        metric = _factory(args.metric, "--metric", "a function", "mymodule:accuracy", "a float")
+        make = _factory(args.dataset, "--dataset", "a function", "mymodule:validation_inputs", "the inputs")
+        accepted = inspect.signature(make).parameters
+        dataset = make(**{k: v for k, v in (_parse_kv(item) for item in args.factory_arg) if k in accepted})
+    if args.calibration:
+        overrides["calibration"] = _load_calibration(args.calibration, args.factory_arg)
+    folder = Path(args.output)
+    result = kiln.sweep(model, args.profile, example, args.settings, metric=metric, dataset=dataset, output_dir=folder,
+                        **overrides)
+    result.to_json(folder / "sweep.json")
+    if not args.no_plot:
+        result.plot(folder / "sweep.png")
+    if args.pick is not None:
+        picked = shutil.copyfile(result.artifact_of(args.pick), folder / "picked.kiln")
+        print(f"point {args.pick} copied to {picked}", file=sys.stderr)
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0 if any(p.built for p in result.points) else 1
+
+
+def _bundled_evaluation(name: str, model: torch.nn.Module, example: Any, calibration_samples: int):
+    """kiln.examples.evaluators' data, shaped like the example inputs (batch, sequence, image size)."""
+    from kiln.examples import evaluators
+
+    tensors = example if isinstance(example, tuple) else (example,)
+    if name == "sentence-pairs":
+        if len(tensors) != 2 or tensors[0].dim() != 2:
+            raise UsageError("--evaluate sentence-pairs calls the model with (input_ids, attention_mask)",
+                             fix="use it with kiln.examples.models:minilm, or give --metric and --dataset")
+        return evaluators.sentence_pairs(batch=tensors[0].shape[0], seq=tensors[0].shape[1],
+                                         calibration_samples=calibration_samples)
+    if len(tensors) != 1 or tensors[0].dim() != 4 or tensors[0].shape[2] != tensors[0].shape[3]:
+        raise UsageError("--evaluate photos calls the model with square images (batch x 3 x size x size)",
+                         fix="use it with kiln.examples.models:efficientnet_lite0, or give --metric and --dataset")
+    return evaluators.photos(model, batch=tensors[0].shape[0], size=tensors[0].shape[2], calibration_samples=calibration_samples)
 
 
 # ---------------------------------------------------------------- run / bench / inspect

@@ -83,6 +83,9 @@ class Report:
     # one dict per mixture-of-experts block (kiln.frontend.moe.MoeBlock.to_dict): the static form
     # captured, and the tokens each expert received on the example inputs
     experts: list[dict] = field(default_factory=list)
+    # kiln.sweep's curve when this artifact is one of its points: every point's settings, latency and
+    # accuracy, the Pareto front, and "this_point" (kiln.sweep.SweepResult.to_dict); {} otherwise
+    sweep: dict = field(default_factory=dict)
 
     @property
     def lowered(self) -> bool:
@@ -192,6 +195,7 @@ class Report:
             verdict = "ok" if v["ok"] else "FAILED"
             lines.append(f"  {v['name']:28s} max abs err {v['max_abs_error']:.3g}, cosine {v['cosine']:.6f}, "
                          f"rel. err {v.get('rel_error', 0.0):.3g}  {verdict}")
+        lines += self._sweep_lines()
         lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())]
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -230,4 +234,20 @@ class Report:
         for row in rows:
             state = f"{row['sparsity']} at {row['scheme']}" if row.get("sparsity") else f"dense at {row['scheme']}"
             lines.append(f"  {row['node']}: {state}: {row['sparsity_reason'].removeprefix('kept dense: ')}")
+        return lines
+
+    def _sweep_lines(self) -> list[str]:
+        """Where this artifact sits on the sweep it came from (the curve itself: kiln inspect --html)."""
+        if not self.sweep:
+            return []
+        points, mine = self.sweep.get("points", []), self.sweep.get("this_point")
+        lines = ["", f"Sweep ({len(points)} points; latency against {self.sweep.get('accuracy_name', 'accuracy')})"]
+        for point in points:
+            if point.get("status") != "built":
+                lines.append(f"    #{point['index']} {point['label']}: {point.get('status')} ({point.get('reason', '')})")
+                continue
+            marks = ("this artifact" if point["index"] == mine else "", "on the Pareto front" if point.get("on_front") else "")
+            lines.append(f"  {'>' if point['index'] == mine else ' '} #{point['index']} {point['label']}: "
+                         f"{point['median_ms']:.3f} ms, {self.sweep.get('accuracy_name', 'accuracy')} {point['accuracy']:.6g}"
+                         + (f"  [{', '.join(m for m in marks if m)}]" if any(marks) else ""))
         return lines

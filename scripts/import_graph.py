@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime",),
     ("build", "cache"),
     ("api", "profile_host"),
+    ("sweep",),
     ("kiln",),
     ("examples", "serving"),
     ("cli",),

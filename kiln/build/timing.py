@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -39,6 +39,7 @@ class Timed:
 
     blocks: list[list[float]]
     extended: bool = False  # rounds were added because the two fastest were within the noise
+    calls: list[list[float]] = field(default_factory=list)  # per engine, every timed call's seconds (for p99)
 
     def medians(self) -> list[float]:
         return [statistics.median(b) for b in self.blocks]
@@ -85,11 +86,11 @@ def time_engines(engines: Sequence[Callable], inputs: tuple[torch.Tensor, ...], 
     for engine in engines:
         for _ in range(2):
             engine(*inputs)
-    timed = Timed([[] for _ in engines])
+    timed = Timed([[] for _ in engines], calls=[[] for _ in engines])
     start = clock()
     rounds = 0
     while rounds < MIN_ROUNDS or rounds < MAX_ROUNDS and _goes_on(timed, clock() - start, budget_seconds):
-        for engine, blocks in zip(engines, timed.blocks):
+        for engine, blocks, calls in zip(engines, timed.blocks, timed.calls):
             if len(engines) > 1:
                 pause(SETTLE_SECONDS)
             engine(*inputs)
@@ -99,6 +100,7 @@ def time_engines(engines: Sequence[Callable], inputs: tuple[torch.Tensor, ...], 
                 engine(*inputs)
                 samples.append(clock() - begin)
             blocks.append(statistics.median(samples))
+            calls.extend(samples)
         rounds += 1
     return timed
 

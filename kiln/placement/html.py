@@ -1,7 +1,9 @@
 """A self-contained HTML page (inline SVG and CSS, no scripts, nothing fetched) drawing a
 placed graph: one column band per partition, nodes coloured by device and outlined by
 precision, edges between partitions drawn heavier, each partition headed by its device,
-backend, node count and estimated vs measured time. Node details are SVG <title> tooltips."""
+backend, node count and estimated vs measured time. Node details are SVG <title> tooltips.
+An artifact made by kiln.sweep also shows the sweep's latency-accuracy curve, its Pareto front
+joined, and this artifact's point ringed (drawn here, so the page needs no plotting library)."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def render_html(report, title: str | None = None) -> str:
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + heading + "</title><style>"
             "body{font-family:sans-serif;margin:16px} .key{display:inline-block;padding:2px 8px;margin:2px;border-radius:3px}"
             "</style></head><body><h2>" + heading + "</h2><p>Devices (fill) and precisions (outline): " + legend + "</p>"
-            + "".join(svg) + "<ul>" + notes + "</ul></body></html>")
+            + "".join(svg) + "<ul>" + notes + "</ul>" + sweep_section(getattr(report, "sweep", None)) + "</body></html>")
 
 
 def _partition_order(report, records) -> list[str]:
@@ -85,3 +87,52 @@ def _node(record, position, colour) -> str:
     return (f'<g><title>{tip}</title><rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="3" '
             f'fill="{colour[record["device"]]}" stroke="{outline}" stroke-width="1.5"/>'
             f'<text x="{x + 4}" y="{y + 13}">{label}</text></g>')
+
+
+CURVE_W, CURVE_H, MARGIN = 640, 360, 56
+FRONT, OTHER, MINE = "#d62828", "#457b9d", "#ffb703"
+
+
+def sweep_section(sweep: dict | None) -> str:
+    """The sweep this artifact belongs to: latency (x) against accuracy (y), every built point
+    labelled with its number (details as tooltips), the front joined, this point ringed."""
+    built = [p for p in (sweep or {}).get("points", []) if p.get("status") == "built" and p.get("median_ms") is not None
+             and p.get("accuracy") is not None]
+    if not built:
+        return ""
+    xs, ys = [p["median_ms"] for p in built], [p["accuracy"] for p in built]
+    x_low, x_high = min(xs) * 0.95, max(xs) * 1.05
+    y_low, y_high = min(ys), max(ys)
+    y_low, y_high = (y_low - 1e-9, y_high + 1e-9) if y_high - y_low < 1e-9 else (y_low - (y_high - y_low) * 0.08,
+                                                                                 y_high + (y_high - y_low) * 0.08)
+
+    def at(point: dict) -> tuple[float, float]:
+        return (MARGIN + (point["median_ms"] - x_low) / (x_high - x_low) * (CURVE_W - 2 * MARGIN),
+                CURVE_H - MARGIN - (point["accuracy"] - y_low) / (y_high - y_low) * (CURVE_H - 2 * MARGIN))
+
+    name = html.escape(sweep.get("accuracy_name", "accuracy"))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{CURVE_W}" height="{CURVE_H}" font-family="sans-serif" '
+             f'font-size="10" class="sweep-curve">',
+             f'<rect x="{MARGIN}" y="{MARGIN}" width="{CURVE_W - 2 * MARGIN}" height="{CURVE_H - 2 * MARGIN}" fill="#fafafa" stroke="#999"/>',
+             f'<text x="{CURVE_W / 2}" y="{CURVE_H - 14}" text-anchor="middle">latency, median ms ({x_low:.3g} to {x_high:.3g})</text>',
+             f'<text x="14" y="{CURVE_H / 2}" transform="rotate(-90 14 {CURVE_H / 2})" text-anchor="middle">'
+             f'{name} ({y_low:.6g} to {y_high:.6g})</text>']
+    front = sorted((p for p in built if p.get("on_front")), key=lambda p: p["median_ms"])
+    if len(front) > 1:
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(at, front))
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{FRONT}" stroke-width="2"/>')
+    for point in built:
+        x, y = at(point)
+        mine = point["index"] == sweep.get("this_point")
+        tip = html.escape(f"#{point['index']} {point['label']}: {point['median_ms']:.3f} ms, {name} {point['accuracy']:.6g}"
+                          + (", on the Pareto front" if point.get("on_front") else "") + (" (this artifact)" if mine else ""))
+        ring = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="10" fill="none" stroke="{MINE}" stroke-width="3"/>' if mine else ""
+        parts.append(f'<g class="sweep-point"><title>{tip}</title>{ring}<circle cx="{x:.1f}" cy="{y:.1f}" r="5" '
+                     f'fill="{FRONT if point.get("on_front") else OTHER}"/><text x="{x + 8:.1f}" y="{y - 6:.1f}">'
+                     f'#{point["index"]} {html.escape(point["label"])}</text></g>')
+    parts.append("</svg>")
+    mine = next((p for p in built if p["index"] == sweep.get("this_point")), None)
+    caption = (f"This artifact is point #{mine['index']} ({html.escape(mine['label'])})"
+               + (", on the Pareto front." if mine.get("on_front") else ", off the Pareto front.")) if mine else ""
+    return (f"<h3>Sweep: latency against {name}</h3><p>Red: the Pareto front (no other point is as fast and as accurate). "
+            f"{caption}</p>" + "".join(parts))
