@@ -189,12 +189,16 @@ def test_pruned_settings_build_the_pruners_smaller_model_and_measure_it_against_
     torch.testing.assert_close(result.pick(2)(*example), expected, rtol=FP32.rtol, atol=FP32.atol)
 
 
-def test_a_pruned_setting_without_kiln_prune_or_a_pruner_says_what_to_pass():
-    if hasattr(kiln, "prune"):
-        pytest.skip("kiln.prune exists here: the default pruner is found")
-    model, example = tiny_mlp()
-    with pytest.raises(kiln.OptionsError, match="no kiln.prune"):
-        kiln.sweep(model, "cpu-x86", example, ["fp32+prune=0.3"], **FAST)
+def test_a_pruned_setting_uses_kiln_prune_by_default_and_builds_its_smaller_model():
+    from pruning.prunable_models import tiny_bert
+
+    model, example = tiny_bert()
+    result = kiln.sweep(model, "cpu-x86", example, ["fp32", "fp32+prune=0.5"], **FAST)
+    whole, pruned = result.points
+    assert whole.built and pruned.built, (whole.reason, pruned.reason)
+    assert pruned.parameters < whole.parameters and "heads" in pruned.prune
+    expected = kiln.prune(model, example, level=0.5).model(*example).last_hidden_state
+    torch.testing.assert_close(result.pick(2)(*example).last_hidden_state, expected, rtol=FP32.rtol, atol=FP32.atol)
 
 
 def test_a_point_that_cannot_build_is_recorded_and_the_sweep_goes_on():
