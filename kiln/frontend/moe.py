@@ -168,7 +168,9 @@ def blocked_forward(module: torch.nn.Module, layout: ExpertsLayout, hidden: torc
     chosen = (top_k_index.reshape(-1, 1) == torch.arange(experts, device=hidden.device)).to(torch.int64)  # [pairs, E]
     counts = chosen.sum(0)
     rank = (torch.cumsum(chosen, 0) * chosen).sum(1) - 1  # the pair's place in its expert's run, in token order
-    padded = (counts + rows - 1) // rows * rows
+    # rounded up in float (exact below 2**24 pairs): OpenVINO 2026.4 computed the integer
+    # floor_divide form of this wrongly inside the whole block (slots past their runs)
+    padded = torch.ceil(counts.to(torch.float32) / rows).to(torch.int64) * rows
     padded_start = torch.cumsum(padded, 0) - padded
     slot = (padded_start.unsqueeze(0) * chosen).sum(1) + rank  # the pair's row in the padded layout
     pair_rows = hidden.unsqueeze(1).expand(tokens, top_k, hidden.shape[1]).reshape(pairs, hidden.shape[1])

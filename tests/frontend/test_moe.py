@@ -194,3 +194,29 @@ def test_dynamic_token_count_takes_the_dense_form_and_holds_at_other_sizes():
     other = token_ids(batch=5)
     with torch.no_grad():
         torch.testing.assert_close(captured.gm(other)[0], model(other).logits, rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_blocked_form_runs_on_openvino_with_the_models_own_outputs():
+    # OpenVINO 2026.4 computed an integer floor_divide inside this form wrongly (slots past their
+    # runs, outputs off by 0.03); the form rounds the padded run lengths up in float instead
+    ov = pytest.importorskip("openvino")
+    experts = PlainExperts(experts=8, hidden=16, inner=32)
+    layout = experts_layout(experts)
+
+    class Blocked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = experts
+
+        def forward(self, hidden, top_k_index, top_k_weights):
+            return blocked_forward(self.experts, layout, hidden, top_k_index, top_k_weights)
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(256, 16, generator=generator)
+    weights, index = torch.topk(torch.randn(256, 8, generator=generator).softmax(-1), 2, dim=-1)
+    with torch.no_grad():
+        expected = experts(hidden, index, weights)
+        program = torch.export.export(Blocked().eval(), (hidden, index, weights))
+    engine = ov.Core().compile_model(ov.convert_model(program), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = torch.from_numpy(engine([hidden.numpy(), index.numpy(), weights.numpy()])[0])
+    torch.testing.assert_close(got, expected, rtol=FP32.rtol, atol=FP32.atol)
