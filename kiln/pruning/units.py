@@ -118,8 +118,8 @@ def _attention_heads(root: nn.Module, path: str, module: nn.Module, found: Found
         features = (heads_kept[:, None] * head_size + torch.arange(head_size)).reshape(-1)
         attn = _child(r, path)
         for n in ("query", "key", "value"):
-            _keep_linear_outputs(_child(attn, n), features)
-        _keep_linear_inputs(_child(r, out_path), features)
+            _keep_outputs(_child(attn, n), features)
+        _keep_inputs(_child(r, out_path), features)
         # The forward reshapes to (-1, head_size); these attributes are read by some
         # attention implementations and by anyone inspecting the layer.
         attn.num_attention_heads = len(heads_kept)
@@ -145,8 +145,8 @@ def _ffn_neurons(path: str, module: nn.Module, found: Found) -> None:
         return (_child(r, up_path).weight.pow(2).sum(1) + _child(r, down_path).weight.pow(2).sum(0)).sqrt()
 
     def keep(r: nn.Module, neurons: torch.Tensor) -> None:
-        _keep_linear_outputs(_child(r, up_path), neurons)
-        _keep_linear_inputs(_child(r, down_path), neurons)
+        _keep_outputs(_child(r, up_path), neurons)
+        _keep_inputs(_child(r, down_path), neurons)
 
     found.groups.append(UnitGroup(path, "neurons", up.out_features, per_neuron, score, keep))
 
@@ -181,12 +181,12 @@ def _mbconv_channels(path: str, module: nn.Module, found: Found) -> None:
 
     def keep(r: nn.Module, channels: torch.Tensor) -> None:
         e, b0, d, b1, p = (_child(r, n) for n in names)
-        _keep_conv_outputs(e, channels)
+        _keep_outputs(e, channels)
         _keep_batchnorm(b0, channels)
-        _keep_conv_outputs(d, channels)
+        _keep_outputs(d, channels)
         d.in_channels = d.groups = len(channels)
         _keep_batchnorm(b1, channels)
-        _keep_conv_inputs(p, channels)
+        _keep_inputs(p, channels)
 
     found.groups.append(UnitGroup(path, "channels", width, per_channel, score, keep))
 
@@ -216,28 +216,22 @@ def _param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.clone().contiguous(), requires_grad=old.requires_grad)
 
 
-def _keep_linear_outputs(linear: nn.Linear, rows: torch.Tensor) -> None:
-    linear.weight = _param(linear.weight, linear.weight[rows])
-    if linear.bias is not None:
-        linear.bias = _param(linear.bias, linear.bias[rows])
-    linear.out_features = len(rows)
+# nn.Linear and nn.Conv2d keep their output units on the weight's axis 0 and their inputs on axis 1;
+# only the attributes that count them are named differently
+def _counts(layer: nn.Linear | nn.Conv2d) -> tuple[str, str]:
+    return ("out_channels", "in_channels") if isinstance(layer, nn.Conv2d) else ("out_features", "in_features")
 
 
-def _keep_linear_inputs(linear: nn.Linear, columns: torch.Tensor) -> None:
-    linear.weight = _param(linear.weight, linear.weight[:, columns])
-    linear.in_features = len(columns)
+def _keep_outputs(layer: nn.Linear | nn.Conv2d, kept: torch.Tensor) -> None:
+    layer.weight = _param(layer.weight, layer.weight[kept])
+    if layer.bias is not None:
+        layer.bias = _param(layer.bias, layer.bias[kept])
+    setattr(layer, _counts(layer)[0], len(kept))
 
 
-def _keep_conv_outputs(conv: nn.Conv2d, channels: torch.Tensor) -> None:
-    conv.weight = _param(conv.weight, conv.weight[channels])
-    if conv.bias is not None:
-        conv.bias = _param(conv.bias, conv.bias[channels])
-    conv.out_channels = len(channels)
-
-
-def _keep_conv_inputs(conv: nn.Conv2d, channels: torch.Tensor) -> None:
-    conv.weight = _param(conv.weight, conv.weight[:, channels])
-    conv.in_channels = len(channels)
+def _keep_inputs(layer: nn.Linear | nn.Conv2d, kept: torch.Tensor) -> None:
+    layer.weight = _param(layer.weight, layer.weight[:, kept])
+    setattr(layer, _counts(layer)[1], len(kept))
 
 
 def _keep_batchnorm(bn: nn.BatchNorm2d, channels: torch.Tensor) -> None:
