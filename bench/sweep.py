@@ -83,15 +83,22 @@ def _machine(load_before: float, seconds: float) -> dict:
             "openvino": openvino.__version__, "python": platform.python_version()}
 
 
+def _load_words(machine: dict) -> str:
+    """Whether other work competed for the cores while this ran (a load above the core count)."""
+    if max(machine["load_average_start"], machine["load_average_end"]) > machine["cores"]:
+        return ("the machine was shared with other work while this ran (above the core count, other processes "
+                "competed for the cores), so absolute times are noisy; every build and eager were timed interleaved "
+                "in one loop, so the ratios are the figures to read")
+    return "a quiet machine (at or below the core count); every build and eager were timed interleaved in one loop"
+
+
 def _markdown(model: str, argv: list[str], data: dict, machine: dict, png: str) -> str:
     name = data["accuracy_name"]
     lines = [f"# kiln sweep: {data['model']} (batch 1) on {data['profile']} ({datetime.date.today().isoformat()})", "",
              f"- command: `kiln {' '.join(argv[:-2])} -o DIR/` (via `python bench/sweep.py {model}`)",
              f"- machine: {machine['cpu']}, {machine['cores']} usable cores; CPU flags kiln reads: {', '.join(machine['flags'])}",
-             f"- 1-min load average: {machine['load_average_start']} at start, {machine['load_average_end']} at the end: the "
-             "machine was shared with other work while this ran (above the core count, other processes competed for the "
-             "cores), so absolute times are noisy; every build and eager were timed interleaved in one loop, so the "
-             "ratios are the figures to read",
+             f"- 1-min load average: {machine['load_average_start']} at start, {machine['load_average_end']} at the end: "
+             + _load_words(machine),
              f"- torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, openvino {machine['openvino']}, "
              f"python {machine['python']}; ran {machine['seconds']} s",
              f"- accuracy: `{name}` on the bundled real data (eager PyTorch fp32: {data['reference_score']:.6g}); "
