@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> None:
               f"- machine: {cpu_model()}, {CORES} usable cores (torch threads {torch.get_num_threads()}); "
               f"AVX512_BF16 {'yes' if 'avx512_bf16' in flags else 'no'}, AMX {'yes' if 'amx_tile' in flags else 'no'}",
               f"- load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_start)} at start, "
-              f"{', '.join(f'{x:.1f}' for x in load_end)} at end. Other compiles and tests shared this machine during the "
-              "run (a load above the core count means they competed for the cores): the ratios, measured interleaved, "
-              "are the figures to read, not the absolute times",
+              f"{', '.join(f'{x:.1f}' for x in load_end)} at end: "
+              + ("other work shared the cores during the run (1-min load above the core count): the ratios, measured "
+                 "interleaved, are the figures to read, not the absolute times"
+                 if max(load_start[0], load_end[0]) > CORES else "a quiet machine (1-min load at or below the core count)"),
               f"- torch {torch.__version__}, python {platform.python_version()}",
               f"- {args.rounds} rounds x {args.iters} timed calls per contender, interleaved",
               f"- lscpu flags: {flags}"]
