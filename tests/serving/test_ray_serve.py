@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from kiln.serving import deployment
 from kiln.verify import TOLERANCE
 from serving import serving_models
 from serving.serving_models import example
-from serving.serving_models import free_port
+from serving.serving_models import concurrently, free_port
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -69,16 +67,6 @@ def check(outputs: dict, direct, x, mask) -> None:
     np.testing.assert_allclose(np.asarray(outputs["output.tokens"], np.float32), want["tokens"].numpy(), rtol=FP32.rtol, atol=FP32.atol)
     np.testing.assert_allclose(np.asarray(outputs["output.pooled"], np.float32), want["pooled"].numpy(), rtol=FP32.rtol, atol=FP32.atol)
 
-
-def concurrently(calls: list) -> list:
-    start = threading.Barrier(len(calls))
-
-    def run(call):
-        start.wait()
-        return call()
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(run, calls))
 
 
 def test_concurrent_json_requests_are_batched_across_two_replicas_and_answered_as_the_artifact_does(app, direct):

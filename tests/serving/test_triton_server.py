@@ -13,9 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +28,7 @@ import kiln
 from kiln.serving import triton_repository
 from kiln.verify import TOLERANCE
 from serving.serving_models import example
-from serving.serving_models import free_port
+from serving.serving_models import concurrently, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FP32 = TOLERANCE[kiln.Precision.FP32]
@@ -138,17 +136,6 @@ def check_answer(result, direct, x, mask) -> None:
     np.testing.assert_allclose(result.as_numpy("output.tokens"), want["tokens"].numpy(), rtol=FP32.rtol, atol=FP32.atol)
     np.testing.assert_allclose(result.as_numpy("output.pooled"), want["pooled"].numpy(), rtol=FP32.rtol, atol=FP32.atol)
 
-
-def concurrently(calls: list) -> list:
-    """Run the calls from one thread each, released together."""
-    start = threading.Barrier(len(calls))
-
-    def run(call):
-        start.wait()
-        return call()
-
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(run, calls))
 
 
 def test_concurrent_http_requests_are_batched_and_each_answer_equals_the_artifact(server, direct):
