@@ -1,5 +1,9 @@
 """kiln: a model compiler for inference. A trained PyTorch model in; a verified engine out."""
 
+from kiln.host import shorten_openmp_spin
+
+shorten_openmp_spin()  # before anything imports torch (kiln.host says why)
+
 from kiln.api import PlannedModel, optimize, plan
 from kiln.budget import Budget
 from kiln.errors import (ArtifactError, BackendError, BackendUnavailable, CaptureError, InputMismatch, KilnError,
