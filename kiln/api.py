@@ -32,6 +32,7 @@ from kiln.frontend.capture import Captured, capture, keeping_modes
 from kiln.frontend.fingerprint import model_fingerprint
 from kiln.frontend.input_spec import export_dynamic_shapes, normalize_call
 from kiln.hardware_profiles.schema import Profile
+from kiln.host import openmp_spin_note
 from kiln.ir import DECISION_META, LAYER_META, PartitionPlan, op_counts
 from kiln.options import CompileOptions
 from kiln.passes import pipeline
@@ -40,7 +41,7 @@ from kiln.placement.partition import partition_graph
 from kiln.progress import shown_on_terminal, stage
 from kiln.report import PartitionRecord, Report
 from kiln.runtime.compiled_model import CompiledModel
-from kiln.types import Dim, NodeDecision, Precision
+from kiln.types import DeviceKind, Dim, NodeDecision, Precision
 
 
 def optimize(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", example_inputs: Any = None, *,
@@ -71,7 +72,7 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
         if hit is not None and (found := _quick_hit(model, hit, example_inputs, example_kwargs, opts, timings)) is not None:
             return found
     with stage("capture", timings):
-        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form)
+        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form, _no_moe_dispatch(prof, opts))
     with stage("calibration", timings):
         ctx = _pass_context(prof, opts, captured)
     if cache is not None:
@@ -105,6 +106,16 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
                 if quick is not None:
                     cache.remember(quick, key)
     return compiled
+
+
+def _no_moe_dispatch(profile: Profile, opts: CompileOptions) -> str:
+    """Why moe_form="auto" may not take the dispatch form (kiln.frontend.moe), or "": its node
+    runs in kiln's eager partition, on the host CPU."""
+    if not opts.eager_fallback:
+        return "it runs in kiln's eager partition, and eager_fallback is off"
+    if profile.primary.kind is not DeviceKind.CPU:
+        return f"it runs on the host CPU, and the profile's primary device is a {profile.primary.kind.value}"
+    return ""
 
 
 def _profile(profile: str | Path | Profile) -> Profile:
@@ -146,6 +157,8 @@ def _finish_report(report: Report, opts: CompileOptions, timings: dict[str, floa
     if not opts.verify:
         report.verification = []
         report.notes.append("verification was turned off (verify=False): outputs are unchecked")
+    if (note := openmp_spin_note({p.backend for p in report.partitions})) is not None:
+        report.notes.append(note)
     report.notes = list(dict.fromkeys(report.notes))
     report.timings = timings
 
@@ -267,7 +280,7 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     opts = CompileOptions.build(options, **option_overrides)
     prof = _profile(profile)
     with keeping_modes(model):
-        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form)
+        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form, _no_moe_dispatch(prof, opts))
     if assume_precision is not None:
         wanted = assume_precision if isinstance(assume_precision, Precision) else Precision.parse(assume_precision)
         for node in captured.gm.graph.nodes:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from kiln.errors import KilnError
+from kiln.options import MOE_FORMS
 
 
 class UsageError(KilnError):
@@ -100,8 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration samples for integer precisions: a factory returning an iterable of inputs shaped like "
                         "the example (given the --factory-arg keys it accepts), or a torch.save'd list of them")
     p.add_argument("--calibration-observer", choices=["minmax", "percentile", "mse"], help="activation ranges for static int8")
-    p.add_argument("--moe-form", choices=["auto", "blocked", "dense"],
-                   help="static form for mixture-of-experts blocks (auto: blocked where it agrees with the model, else dense)")
+    p.add_argument("--moe-form", choices=list(MOE_FORMS),
+                   help="how mixture-of-experts blocks are captured (auto: dispatch in PyTorch on a CPU profile, else "
+                        "blocked, else dense, each where it agrees with the model)")
     p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128], help="weights per scale for int4 weight-only")
     p.add_argument("--sparsity", choices=["2:4"], help="prune the layers the accuracy budget allows to 2:4 structured "
                    "sparsity, for devices with sparse tensor cores (opt-in: it changes answers)")

@@ -22,10 +22,12 @@ OBSERVERS = ("minmax", "percentile", "mse")
 # times every candidate, with autotuning.
 EFFORTS = ("fast", "default", "max")
 INT4_GROUP_SIZES = (32, 64, 128)
-# The static form mixture-of-experts blocks are captured in (kiln.frontend.moe): "blocked" keeps
-# about the per-expert loop's FLOPs (runs padded to whole blocks), "dense" runs every expert on
-# every token; both are plain matmuls any backend takes; "auto": blocked where it agrees, else dense.
-MOE_FORMS = ("auto", "blocked", "dense")
+# The form mixture-of-experts blocks are captured in (kiln.frontend.moe): "dispatch" runs each
+# expert on its own tokens in PyTorch (one kiln::moe_experts node, in the eager partition on the
+# host CPU); "blocked" keeps about the per-expert loop's FLOPs (runs padded to whole blocks) and
+# "dense" runs every expert on every token, both in plain matmuls any backend takes; "auto":
+# dispatch on a CPU profile, else blocked, else dense, each where it agrees with the block.
+MOE_FORMS = ("auto", "dispatch", "blocked", "dense")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class CompileOptions:
     # program configured no logging (then the "kiln" logger is the place to read them)
     progress: bool | None = None
     allow_fallback: bool | None = None  # the old name of backend_fallback, read for one more release
-    moe_form: str = "auto"  # mixture-of-experts blocks: "auto" | "blocked" | "dense" (MOE_FORMS)
+    moe_form: str = "auto"  # mixture-of-experts blocks: "auto" | "dispatch" | "blocked" | "dense" (MOE_FORMS)
 
     def __post_init__(self) -> None:
         self._read_old_names()

@@ -81,16 +81,32 @@ def worst_per_example(got: torch.Tensor, want: torch.Tensor) -> tuple[float, flo
     return min(c for c, _ in rows), max(r for _, r in rows)
 
 
+# Under a budget, the share of routing choices (`compare`'s `choices`) a lowered partition must
+# keep: rounding flips the near-tied ones, a broken lowering most of them.
+CHOICE_AGREEMENT = 0.9
+
+
 def compare(names: tuple[str, ...] | list[str], got: list[torch.Tensor], want: list[torch.Tensor],
-            precision: Precision = Precision.FP32, budget: Budget | None = None) -> list[OutputCheck]:
+            precision: Precision = Precision.FP32, budget: Budget | None = None,
+            choices: Collection[str] = ()) -> list[OutputCheck]:
     """Check each output of `got` against `want` at `precision`'s tolerance or, given a
-    `budget` (a model with lowered layers), against the budget's cosine and relative error."""
+    `budget` (a model with lowered layers), against the budget's cosine and relative error.
+    Integer outputs must be equal, except, under a budget, those named in `choices`: a
+    partition's routing choices (the top-k experts a later partition reads), which a lowered plan
+    may flip where two experts score alike; they must agree on CHOICE_AGREEMENT of their
+    elements, and the model's own outputs, held to the budget, decide."""
     tol = TOLERANCE[precision]
     checks = []
     for name, g, w in zip(names, got, want):
         if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
             checks.append(OutputCheck(name, float("inf"), float("inf"), 0.0, False,
                                       f"got {g.dtype}{tuple(g.shape)}, eager gives {w.dtype}{tuple(w.shape)}"))
+            continue
+        if not w.dtype.is_floating_point and budget is not None and name in choices:
+            agree = float((g == w).float().mean()) if w.numel() else 1.0
+            checks.append(OutputCheck(name, 0.0, CHOICE_AGREEMENT - agree, agree, agree >= CHOICE_AGREEMENT,
+                                      f"routing choices agree on {agree:.1%} (at least {CHOICE_AGREEMENT:.0%} needed; "
+                                      "the model's outputs are held to the budget)"))
             continue
         if not w.dtype.is_floating_point:
             equal = bool(torch.equal(g, w))
@@ -119,7 +135,7 @@ def compare(names: tuple[str, ...] | list[str], got: list[torch.Tensor], want: l
 
 
 def worst_checks(names: tuple[str, ...] | list[str], runs: Iterable[tuple[list, list]], precision: Precision = Precision.FP32,
-                 budget: Budget | None = None, synthetic: Collection[int] = ()) -> list[OutputCheck]:
+                 budget: Budget | None = None, synthetic: Collection[int] = (), choices: Collection[str] = ()) -> list[OutputCheck]:
     """Each output's worst check over `runs`, one (got, want) pair per verification input.
 
     Under a budget, the inputs at the indexes in `synthetic` (random draws of the input spec) are
@@ -132,7 +148,7 @@ def worst_checks(names: tuple[str, ...] | list[str], runs: Iterable[tuple[list, 
     for index, (got, want) in enumerate(runs):
         on_budget = budget is not None and index not in synthetic
         held_to = budget if on_budget else draw_budget(precision) if budget is not None else None
-        for check in compare(names, got, want, precision, held_to):
+        for check in compare(names, got, want, precision, held_to, choices):
             check = replace(check, on_budget=on_budget)
             rank = (not check.ok, on_budget, check.worst_excess)
             if check.name not in worst or rank > worst[check.name][0]:

@@ -88,3 +88,20 @@ def test_a_random_draw_an_engine_gets_wrong_fails_under_any_budget():
     (check,) = worst_checks(["y"], [([want], [want]), broken], Precision.BF16, Budget(min_cosine=0.5), synthetic={1})
     assert not check.ok and not check.on_budget
     assert "on a random draw (allowed 0.03 at bf16)" in failures_text([check], Precision.BF16, Budget(min_cosine=0.5))
+
+
+def test_under_a_budget_routing_choices_may_flip_where_near_tied_but_not_wholesale():
+    from kiln.budget import Budget
+
+    want = torch.arange(40).reshape(20, 2) % 8
+    flipped_one = want.clone()
+    flipped_one[3] = (want[3] + 1) % 8  # one token's two choices changed: 95% agree
+    scrambled = (want + 3) % 8
+    budget = Budget(min_cosine=0.999)
+    ok, = compare(["topk_index"], [flipped_one], [want], Precision.BF16, budget, choices={"topk_index"})
+    assert ok.ok and "agree on 95.0%" in ok.detail
+    bad, = compare(["topk_index"], [scrambled], [want], Precision.BF16, budget, choices={"topk_index"})
+    assert not bad.ok and "agree on 0.0%" in bad.detail
+    # not a routing choice, or no budget (an fp32 plan): integers must be equal
+    assert not compare(["argmax"], [flipped_one], [want], Precision.BF16, budget, choices={"topk_index"})[0].ok
+    assert not compare(["topk_index"], [flipped_one], [want], Precision.FP32, None, choices={"topk_index"})[0].ok

@@ -5,12 +5,19 @@ the op. The engine is the partition's fx GraphModule. It is saved as a torch.exp
 (.pt2: graph as JSON, weights as raw bytes) with the sample inputs member emptied and every
 payload checked to need no pickle, so the artifact reloads without the model's Python source
 and without unpickling anything. Custom ops (torch.library) are looked up by name when the
-program loads: import the library that registers them before `kiln.load`.
+program loads: import the library that registers them before `kiln.load`; kiln's own
+(kiln::moe_experts, a mixture-of-experts block's experts) registers with kiln.
+
+The eager partition lowers one kind of layer: an experts node the precision plan puts at bf16
+gets its expert weights stored in bf16, and the op computes in its weights' type (oneDNN's bf16
+GEMMs on the CPU), as the precision pass measured it. Any other layer here runs at fp32.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import functools
 import io
 import json
@@ -20,8 +27,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from torch.fx import GraphModule, Node
 
 from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, export_partition)
+from kiln.frontend.moe_op import DOWN_BIAS_ARG, EXPERT_TYPES, MOE_EXPERTS, UP_ARG
+from kiln.fx_helpers import add_constant, attr_value
 from kiln.ir import PartitionGraph
 from kiln.errors import BackendError
 from kiln.types import DeviceKind, Precision
@@ -50,6 +60,27 @@ class EagerEngine:
         torch.export.save(program, buffer)
         _without_pickles(buffer.getvalue(), target)
         return EngineEntry(self.backend, [target.name], {"torch": torch.__version__, "ops": sorted(_ops(self.module))})
+
+
+def _experts_lowered(partition: PartitionGraph) -> PartitionGraph:
+    """`partition` with each experts node the plan lowers reading its weights in the plan's type
+    (new constants; the captured graph's tensors are the user's parameters, never written)."""
+    low = {layer.node: EXPERT_TYPES[layer.scheme] for layer in partition.precision.lowered
+           if layer.op == "experts" and layer.scheme in EXPERT_TYPES}
+    if not low:
+        return partition
+    gm = GraphModule(partition.gm, copy.deepcopy(partition.gm.graph))
+    for node in gm.graph.nodes:
+        if node.name not in low or node.target is not MOE_EXPERTS:
+            continue
+        dtype, args = low[node.name], list(node.args)
+        for index in range(UP_ARG, DOWN_BIAS_ARG + 1):
+            if isinstance(args[index], Node) and (value := attr_value(gm, args[index])) is not None:
+                args[index] = add_constant(gm, node, value.to(dtype), str(dtype).split(".")[-1])
+        node.args = tuple(args)
+    gm.graph.eliminate_dead_code()
+    # a GraphModule built from a graph keeps only the attributes it reads: not the fp32 weights
+    return dataclasses.replace(partition, gm=GraphModule(gm, gm.graph))
 
 
 def _ops(module: torch.nn.Module) -> set[str]:
@@ -270,7 +301,7 @@ class EagerBackend(BackendBase):
 
     def compile(self, partition: PartitionGraph, settings: BackendSettings) -> EagerEngine:
         try:
-            return EagerEngine(export_partition(partition))
+            return EagerEngine(export_partition(_experts_lowered(partition)))
         except Exception as exc:
             raise BackendError(f"could not export the eager partition: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                                where=f"partition {partition.name}", fix="report the model") from exc

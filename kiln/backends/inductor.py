@@ -36,6 +36,7 @@ from kiln.backends.inductor_precision import lowered_program
 from kiln.backends.inductor_sparsity import to_semi_structured
 from kiln.errors import BackendError, BackendUnavailable, KilnError
 from kiln.hardware_profiles.schema import DeviceSpec
+from kiln.frontend.moe_op import MOE_EXPERTS
 from kiln.types import DTYPE_NAMES, DTYPES, DeviceKind, Precision
 
 LOW_PRECISION: dict[Precision, torch.dtype] = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
@@ -58,7 +59,10 @@ CAPABILITIES = CapabilityTable(
     {DeviceKind.CPU: frozenset({Precision.FP32, Precision.BF16, Precision.INT8, Precision.INT4}),
      DeviceKind.GPU: frozenset({Precision.FP32, Precision.BF16, Precision.FP16})},
     # int4 weight-only: linear layers only (inductor_precision packs their weights)
-    ops={torch.ops.aten.linear.default: OpSupport(frozenset(Precision))},
+    ops={torch.ops.aten.linear.default: OpSupport(frozenset(Precision)),
+         # Inductor would call it as an opaque kernel inside its graph, and then take the whole
+         # model, the ops OpenVINO or ONNX Runtime run faster too: it runs in kiln's eager partition
+         MOE_EXPERTS: OpSupport(frozenset(Precision), check=lambda node: "kiln::moe_experts runs in kiln's eager partition")},
     default=OpSupport(_ALL_BUT_INT4),
     device_ready=_device_ready,
 )

@@ -16,6 +16,7 @@ from kiln.build.effort import plan_candidates
 from kiln.build.host_record import HostRecord, graph_kind
 from kiln.build.isolate import PartitionFiles, WorkerPool, build_isolated, op_libraries
 from kiln.build.select import select_engine
+from kiln.frontend.moe_op import MOE_EXPERTS
 from kiln.hardware_profiles.schema import Profile
 from kiln.host import usable_cores
 from kiln.ir import EAGER, Partition, PartitionPlan, op_counts
@@ -62,6 +63,7 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
     built = BuiltEngines()
     mode = selection_mode(profile, opts)
     host_record = host_record or HostRecord(None)
+    choices = routing_choices(plan)
     for partition in plan.partitions:
         eager = partition.placed_backend == EAGER  # PyTorch itself: nothing to choose, nothing to isolate
         device = profile.devices[partition.device]
@@ -81,13 +83,13 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
 
         def check(engine) -> list[OutputCheck]:
             runs = ((list(engine(*inputs)), list(want)) for inputs, want in zip(partition_draws, references))
-            return worst_checks(graph.output_names, runs, settings.precision, budget, synthetic)
+            return worst_checks(graph.output_names, runs, settings.precision, budget, synthetic, choices)
 
         libraries = op_libraries(graph.gm)
 
         def build_in_child(backend):
             engine, checks, _ = build_isolated(backend, lowered, settings, files, synthetic, opts.build_timeout_s, pool,
-                                               libraries)
+                                               libraries, choices)
             return engine, checks
 
         in_child = not eager and isolates(opts, candidates.mode, len(candidates.order))
@@ -124,6 +126,19 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         built.partitions.append(PartitionRecord(partition.name, partition.device, selection.backend, sum(ops.values()), ops,
                                                 partition.estimated_ms, _median_ms(selection.engine, graph.example_inputs)))
     return built
+
+
+def routing_choices(plan: PartitionPlan) -> frozenset[str]:
+    """The values a kiln::moe_experts node reads as its top-k expert index, by name: routing
+    choices, which verification lets a lowered plan flip where two experts score alike
+    (verify.compare)."""
+    found = set()
+    for partition in plan.partitions:
+        for node in partition.graph.gm.graph.nodes:
+            index = node.args[1] if node.op == "call_function" and node.target is MOE_EXPERTS else None
+            if isinstance(index, torch.fx.Node) and index.op == "placeholder":
+                found.add(index.name)
+    return frozenset(found)
 
 
 def _partition_draws(plan: PartitionPlan, partition: Partition, draws) -> list[tuple[torch.Tensor, ...]]:

@@ -181,7 +181,7 @@ class _Worker:
 
 def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings, files: PartitionFiles,
                    synthetic: frozenset[int], timeout_s: float, workers: WorkerPool,
-                   libraries: OpLibraries = OpLibraries()) -> tuple[Engine, list[OutputCheck], str]:
+                   libraries: OpLibraries = OpLibraries(), choices: frozenset[str] = frozenset()) -> tuple[Engine, list[OutputCheck], str]:
     job = settings.workdir / f"{partition.name}-{backend.name}-build"
     job.mkdir(parents=True, exist_ok=True)
     request = {
@@ -197,6 +197,7 @@ def build_isolated(backend, partition: PartitionGraph, settings: BackendSettings
         "precision_plan": partition.precision.to_dict(),
         "budget": None if settings.budget is None else [settings.budget.min_cosine, settings.budget.max_rel_error],
         "synthetic": sorted(synthetic),  # the draws held to the precision's tolerance (verify.worst_checks)
+        "choices": sorted(choices & set(partition.output_names)),  # routing choices (verify.compare)
         "fuse": settings.fuse, "autotune": settings.autotune,
         "import": list(libraries.modules),  # the user's torch.library ops, registered before the program loads
     }

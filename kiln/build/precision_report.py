@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from kiln.errors import UnprovenAccuracyWarning, VerificationError
 from kiln.frontend.capture import Captured
+from kiln.frontend.moe_op import EXPERT_TYPES
 from kiln.ir import EAGER, LayerPlan, PartitionPlan, PrecisionPlan, Scheme
 from kiln.options import CompileOptions
 from kiln.passes.assign_precision import KEPT_BY_USER
@@ -56,14 +57,15 @@ def _warn_user(text: str) -> None:
 def _eager_runs_fp32(plan: PartitionPlan) -> None:
     """A lowered layer that placement left to eager PyTorch (no backend runs it at its
     precision) computes in fp32 there: its plan says so, rather than claim a precision it
-    does not run at."""
+    does not run at. The exception is an experts node at bf16, which the eager partition lowers
+    (kiln.backends.eager)."""
     for partition in plan.partitions:
         graph = partition.graph
         if partition.placed_backend != EAGER or not graph.precision.lossy:
             continue
         # eager partitions run the captured weights as they are: neither rounded nor pruned
         graph.precision.layers[:] = [
-            (layer if layer.scheme == Scheme.FP32 else
+            (layer if layer.scheme == Scheme.FP32 or (layer.op == "experts" and layer.scheme in EXPERT_TYPES) else
              layer.at_fp32(f"runs eagerly in PyTorch at fp32: no tried backend runs this layer at {layer.scheme}"))
             for layer in graph.precision.layers]
         graph.precision.layers[:] = [

@@ -68,7 +68,8 @@ def main(job: Path) -> int:
         engine = backend.compile(partition, settings)
         result["compile_seconds"] = time.perf_counter() - start
         runs = ((list(engine(*inputs)), list(want)) for inputs, want in zip(verify["draws"], verify["references"]))
-        checks = worst_checks(partition.output_names, runs, settings.precision, settings.budget, frozenset(request.get("synthetic", ())))
+        checks = worst_checks(partition.output_names, runs, settings.precision, settings.budget, frozenset(request.get("synthetic", ())),
+                              frozenset(request.get("choices", ())))
         (job / "engine").mkdir(exist_ok=True)
         entry = engine.save(job / "engine", partition.name)
         result.update(ok=True, checks=[c.to_dict() for c in checks], entry=asdict(entry),

@@ -122,19 +122,21 @@ CACHE_NOTE = ("the model returns a key/value cache object (transformers' use_cac
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None,
-            dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None, moe_form: str = "auto") -> Captured:
+            dynamic: Mapping[str, Mapping[int, Dim | str]] | None = None, moe_form: str = "auto",
+            no_moe_dispatch: str = "") -> Captured:
     """The model as an fx graph over flat tensors, with its input spec and eager outputs. A
     transformers model whose config asks for a key/value cache is captured without it (a note
     says so); call it inside `keeping_modes(model)` to have its config and modes restored.
-    Mixture-of-experts blocks are exported in the static form `moe_form` names (kiln.frontend.moe)."""
+    Mixture-of-experts blocks are exported in the form `moe_form` names (kiln.frontend.moe);
+    `no_moe_dispatch` says why "auto" may not take the dispatch form (empty: it may)."""
     try:
-        return _capture(model, example_inputs, example_kwargs, dynamic, moe_form)
+        return _capture(model, example_inputs, example_kwargs, dynamic, moe_form, no_moe_dispatch)
     except CaptureError as exc:
         config = getattr(model, "config", None)
         if not (_returns_cache(exc) and getattr(config, "use_cache", False)):
             raise
         config.use_cache = False  # keeping_modes puts it back once the compile is done
-        captured = _capture(model, example_inputs, example_kwargs, dynamic, moe_form)
+        captured = _capture(model, example_inputs, example_kwargs, dynamic, moe_form, no_moe_dispatch)
         return dataclasses.replace(captured, notes=(*captured.notes, CACHE_NOTE))
 
 
@@ -143,7 +145,7 @@ def _returns_cache(exc: CaptureError) -> bool:
 
 
 def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
-             dynamic: Mapping[str, Mapping[int, Dim | str]] | None, moe_form: str) -> Captured:
+             dynamic: Mapping[str, Mapping[int, Dim | str]] | None, moe_form: str, no_moe_dispatch: str = "") -> Captured:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model has type {type(model).__name__}", where="model",
                            fix="pass a torch.nn.Module (wrap a plain function in a Module's forward)")
@@ -155,7 +157,7 @@ def _capture(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mappin
     if model.training:
         model.eval()  # inference compiler: dropout and BatchNorm statistics in eval mode
     wrapper = _FlatCall(model, spec).eval()
-    with static_moe_forms(model, moe_form, bool(dynamic)) as moe_blocks:  # the user's forwards are back after the export
+    with static_moe_forms(model, moe_form, bool(dynamic), no_moe_dispatch) as moe_blocks:  # the user's forwards are back after the export
         try:
             dynamic_shapes = export_dynamic_shapes(spec)
             # the wrapper takes *tensors: one dynamic_shapes entry holds them all
@@ -188,10 +190,12 @@ def _moe_notes(blocks: list[MoeBlock]) -> tuple[str, ...]:
     if not taken:
         return ()
     forms = sorted({b.form for b in taken})
-    how = {"blocked": "tokens grouped by expert, each expert's run padded to whole blocks, one batched matmul over the blocks "
+    how = {"dispatch": "one kiln::moe_experts node running each expert on its own tokens in PyTorch, in the eager "
+                       "partition between the compiled ones (the loop's work)",
+           "blocked": "tokens grouped by expert, each expert's run padded to whole blocks, one batched matmul over the blocks "
                       "(about the loop's FLOPs)",
            "dense": "every expert on every token, weighted by a routing matrix zero off the top-k (E/k times the FLOPs)"}
-    notes = [f"mixture of experts: {len(taken)} experts modules captured in a static form ({'; '.join(f'{f}: {how[f]}' for f in forms)}) "
+    notes = [f"mixture of experts: {len(taken)} experts modules captured in a form whose shapes do not follow the routing ({'; '.join(f'{f}: {how[f]}' for f in forms)}) "
              "in place of transformers' per-expert loop over data-dependent token lists; no token is dropped, and the model "
              "keeps its own forward (verification compares against it)"]
     notes += [f"expert load: {load_note(b)}" for b in taken if b.load]
@@ -212,7 +216,7 @@ def _moe_capture_error(exc: Exception, model: torch.nn.Module, blocks: list[MoeB
                         where=base.where,
                         fix="kiln rewrites experts written as transformers 5 writes them (3-D gate_up_proj/up_proj and down_proj "
                             "parameters, an act_fn, forward(hidden, top_k_index, top_k_weights)); write the block that way, "
-                            "or pass moe_form='dense' if only the blocked form failed, or compile the model's parts around "
+                            "or pass moe_form='dense' if only the dispatch and blocked forms failed, or compile the model's parts around "
                             "the block")
 
 

@@ -9,8 +9,16 @@ torch.export refuses (a data-dependent guard). Its "grouped_mm" form exports, bu
 transformers custom op that only PyTorch itself can run, and that needs transformers imported
 wherever the artifact loads.
 
-For the export only, kiln swaps the experts module's forward for one of two static forms; both
-compute the same sums as the loop, every token through its k experts, none dropped:
+For the export only, kiln swaps the experts module's forward for one of three forms whose
+output shape does not depend on the routing; each computes the same sums as the loop, every token
+through its k experts, none dropped:
+
+  dispatch one kiln::moe_experts node (kiln.frontend.moe_op): the loop's own work, each expert on
+           its own tokens, in PyTorch. The node runs in kiln's eager partition on the host CPU
+           between the compiled partitions, at fp32 or, when the precision plan lowers it, with
+           bf16 weights. Taken by "auto" where the profile's primary device is the host CPU and
+           eager fallback is allowed: on a GPU or NPU profile it would pull the experts off the
+           device.
 
   blocked  the T*k (token, expert) pairs grouped by expert (each pair's row from a cumulative
            count, no sort), each expert's run padded to whole blocks of b rows, so that a fixed
@@ -41,6 +49,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from kiln.frontend.moe_op import ACTIVATIONS, activation_name
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class ExpertsLayout:
     gated: bool  # gate_up_proj (act(gate) * up) rather than up_proj (act(up))
     transposed: bool  # weights stored [E, in, out] rather than [E, out, in]
     biased: bool
+    activation: str | None = None  # act_fn's name in moe_op.ACTIVATIONS, None when it is none of them
 
 
 @dataclass
@@ -92,7 +102,8 @@ def experts_layout(module: torch.nn.Module) -> ExpertsLayout | None:
     if len(params) != 3 and not (len(params) == 0 and _wrapped_arity(module) == 3):
         return None
     biased = bool(getattr(module, "has_bias", False))
-    return ExpertsLayout(int(up.shape[0]), gated, bool(getattr(module, "is_transposed", False)), biased)
+    return ExpertsLayout(int(up.shape[0]), gated, bool(getattr(module, "is_transposed", False)), biased,
+                         activation_name(module.act_fn))
 
 
 def _wrapped_arity(module: torch.nn.Module) -> int:
@@ -208,7 +219,19 @@ def dense_forward(module: torch.nn.Module, layout: ExpertsLayout, hidden: torch.
     return out.sum(0).to(hidden.dtype)
 
 
-STATIC_FORMS = {"blocked": blocked_forward, "dense": dense_forward}
+def dispatch_forward(module: torch.nn.Module, layout: ExpertsLayout, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The loop's own work in one kiln::moe_experts node, run in PyTorch."""
+    if layout.activation is None:
+        raise ValueError(f"its act_fn is none of the activations kiln::moe_experts names ({', '.join(ACTIVATIONS)})")
+    up = module.gate_up_proj if layout.gated else module.up_proj
+    up_bias = (module.gate_up_proj_bias if layout.gated else module.up_proj_bias) if layout.biased else None
+    down_bias = module.down_proj_bias if layout.biased else None
+    return torch.ops.kiln.moe_experts(hidden, top_k_index, top_k_weights, up, module.down_proj, up_bias, down_bias,
+                                      layout.gated, layout.transposed, layout.activation)
+
+
+FORMS = {"dispatch": dispatch_forward, "blocked": blocked_forward, "dense": dense_forward}
 
 
 def _trial_routing(module: torch.nn.Module, layout: ExpertsLayout, tokens: int = 12, top_k: int = 2):
@@ -230,7 +253,7 @@ def check_form(module: torch.nn.Module, layout: ExpertsLayout, form: str) -> str
     try:
         with torch.no_grad():
             expected = module(hidden, index, weights)
-            got = STATIC_FORMS[form](module, layout, hidden, index, weights)
+            got = FORMS[form](module, layout, hidden, index, weights)
     except Exception as exc:  # a form the module's weights or this torch cannot run: the block keeps its forward
         return f"the {form} form does not run on it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
@@ -243,16 +266,23 @@ def check_form(module: torch.nn.Module, layout: ExpertsLayout, form: str) -> str
     return ""
 
 
-def choose_form(module: torch.nn.Module, layout: ExpertsLayout, requested: str,
-                dynamic_tokens: bool = False) -> tuple[str | None, str]:
-    """(the form to capture, or None; why the others were not taken). "auto" takes blocked
-    (about the loop's FLOPs) where it runs and agrees, dense otherwise, and dense when the token
-    count is dynamic: the blocked form's block count follows it, and torch.export (2.13) could
-    not prove that graph's reshapes for every size."""
-    candidates = ("blocked", "dense") if requested == "auto" else (requested,)
-    reasons = []
-    if requested == "auto" and dynamic_tokens:
-        candidates, reasons = ("dense",), ["the blocked form needs a fixed token count, and dims are marked dynamic"]
+def choose_form(module: torch.nn.Module, layout: ExpertsLayout, requested: str, dynamic_tokens: bool = False,
+                no_dispatch: str = "") -> tuple[str | None, str]:
+    """(the form to capture, or None; why the others were not taken). "auto" takes, of those that
+    run and agree: dispatch (the loop's own work, any token count) unless `no_dispatch` says why
+    not; then blocked (about the loop's FLOPs), unless the token count is dynamic (its block count
+    follows it, and torch.export 2.13 could not prove that graph's reshapes for every size);
+    then dense."""
+    if requested != "auto":
+        reason = check_form(module, layout, requested)
+        return (None, reason) if reason else (requested, "")
+    candidates, reasons = ["dispatch", "blocked", "dense"], []
+    if no_dispatch:
+        candidates.remove("dispatch")
+        reasons.append(f"dispatch not taken: {no_dispatch}")
+    if dynamic_tokens:
+        candidates.remove("blocked")
+        reasons.append("the blocked form needs a fixed token count, and dims are marked dynamic")
     for form in candidates:
         reason = check_form(module, layout, form)
         if not reason:
@@ -262,18 +292,20 @@ def choose_form(module: torch.nn.Module, layout: ExpertsLayout, requested: str,
 
 
 @contextlib.contextmanager
-def static_moe_forms(model: torch.nn.Module, form: str = "auto", dynamic_tokens: bool = False) -> Iterator[list[MoeBlock]]:
-    """Inside: every recognised experts module runs a static form; on exit each has its own
-    forward back. Yields the blocks found, each with the form taken and why the others were not."""
+def static_moe_forms(model: torch.nn.Module, form: str = "auto", dynamic_tokens: bool = False,
+                     no_dispatch: str = "") -> Iterator[list[MoeBlock]]:
+    """Inside: every recognised experts module runs a form whose output shape does not depend on
+    the routing; on exit each has its own forward back. Yields the blocks found, each with the
+    form taken and why the others were not (`no_dispatch`: why "auto" may not take dispatch)."""
     blocks, swapped = [], []
     try:
         for block, module, layout in find_moe_blocks(model):
-            block.form, block.refusal = choose_form(module, layout, form, dynamic_tokens)
+            block.form, block.refusal = choose_form(module, layout, form, dynamic_tokens, no_dispatch)
             blocks.append(block)
             if block.form is None:
                 continue
             swapped.append((module, module.__dict__.get("forward")))
-            static = STATIC_FORMS[block.form]
+            static = FORMS[block.form]
             module.forward = lambda hidden, index, weights, _m=module, _l=layout, _f=static: _f(_m, _l, hidden, index, weights)
         yield blocks
     finally:

@@ -1,7 +1,7 @@
 """Decide each node's precision (decide only: backends lower the plan, passes never cast).
 
-Weighted layers (linear, convolution with a stored weight) are the candidates; every other
-node stays fp32. Numerically fragile ops (softmax, normalisations, reductions, exp/log,
+Weighted layers (linear, convolution with a stored weight, and a mixture-of-experts block's
+experts captured as one kiln::moe_experts node) are the candidates; every other node stays fp32. Numerically fragile ops (softmax, normalisations, reductions, exp/log,
 attention) stay fp32 by rule, and so does the final layer when it is sensitive. The rest is
 measured (precision/sensitivity.py): each layer lowered alone on calibration data, then the
 least sensitive layers lowered together while the accuracy budget holds.
@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 from kiln.backends import registry
 from kiln.errors import OptionsError
 from kiln.frontend.input_spec import random_inputs
+from kiln.frontend.moe_op import DOWN_ARG, EXPERT_TYPES, MOE_EXPERTS, UP_ARG
 from kiln.fx_helpers import attr_value, in_module, is_call, module_hint
 from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
@@ -113,10 +114,14 @@ def _annotated(gm: GraphModule, plans: dict[str, LayerPlan], layers: dict[str, N
                       decided={"plans": plans, "alternatives": []})
 
 
-def weighted_layers(gm: GraphModule) -> dict[str, Node]:
-    """Linear and convolution nodes whose weight is a stored tensor, in graph order."""
+def weighted_layers(gm: GraphModule, experts: bool = True) -> dict[str, Node]:
+    """Linear and convolution nodes whose weight is a stored tensor, and (with `experts`)
+    kiln::moe_experts nodes whose expert weights are, in graph order."""
     found = {}
     for node in gm.graph.nodes:
+        if experts and is_call(node, MOE_EXPERTS) and attr_value(gm, node.args[UP_ARG]) is not None:
+            found[node.name] = node
+            continue
         if not is_call(node, *LINEARS, *CONVS) or attr_value(gm, node.args[1]) is None:
             continue
         if node.target is aten.convolution.default and node.args[6]:
@@ -126,8 +131,15 @@ def weighted_layers(gm: GraphModule) -> dict[str, Node]:
 
 
 def _plain(node: Node, reason: str) -> LayerPlan:
-    return LayerPlan(node.name, "linear" if node.target in LINEARS else "conv", str(node.args[1].target), Scheme.FP32,
-                     reason=reason)
+    return LayerPlan(node.name, _kind(node), str(node.args[_weight_arg(node)].target), Scheme.FP32, reason=reason)
+
+
+def _kind(node: Node) -> str:
+    return "experts" if node.target is MOE_EXPERTS else "linear" if node.target in LINEARS else "conv"
+
+
+def _weight_arg(node: Node) -> int:
+    return UP_ARG if node.target is MOE_EXPERTS else 1
 
 
 def _schemes(ctx: PassContext) -> list[str]:
@@ -175,9 +187,13 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
     for name, node in layers.items():
         if name in kept:
             held[name] = kept[name]
+        elif node.target is MOE_EXPERTS and scheme not in EXPERT_TYPES:
+            held[name] = (f"experts run in PyTorch, which kiln lowers to {', '.join(s.value for s in EXPERT_TYPES)} "
+                          f"only, not {scheme}")
         elif scheme == Scheme.INT4_WEIGHT and node.target not in LINEARS:
             held[name] = "int4 weight-only kernels take linear layers only"
-        elif opts.auto and attr_value(gm, node.args[1]).numel() < AUTO_MIN_WEIGHTS and _macs(node) < AUTO_MIN_MACS:
+        elif opts.auto and attr_value(gm, node.args[_weight_arg(node)]).numel() < AUTO_MIN_WEIGHTS \
+                and _macs(node) < AUTO_MIN_MACS:
             held[name] = (f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights "
                           f"and {AUTO_MIN_MACS // 10**6}M multiply-adds)")
         else:
@@ -227,9 +243,15 @@ def _saving(layers: dict[str, Node], plans: dict[str, LayerPlan], ctx: PassConte
 
 
 def _macs(node: Node) -> int:
-    """Multiply-adds of a linear or convolution layer at the example size: one weight row per output element.
+    """Multiply-adds of a linear or convolution layer at the example size: one weight row per output element;
+    of an experts node, every (token, expert) pair through one expert's up and down projections.
     Sizes are read as their example values: arithmetic on a dynamic size would guard it, and a
     guard pins that size to the example in the graph's shape environment for every later call."""
+    if node.target is MOE_EXPERTS:
+        index, up, down = (node.args[i].meta.get("val") for i in (1, UP_ARG, DOWN_ARG))
+        if index is None or up is None or down is None:
+            return 1
+        return math.prod(shape_of(index)) * (math.prod(shape_of(up)[1:]) + math.prod(shape_of(down)[1:]))
     val, weight = node.meta.get("val"), node.args[1].meta.get("val")
     if val is None or weight is None:
         return 1

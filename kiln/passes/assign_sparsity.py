@@ -53,7 +53,7 @@ MIN_SPARSE_WEIGHTS = 128 * 128
 def assign_sparsity(gm: GraphModule, ctx: PassContext) -> PassResult:
     pattern = ctx.options.sparsity
     lowerings = sparse_lowerings(ctx.profile, ctx.options)
-    layers = weighted_layers(gm)
+    layers = weighted_layers(gm, experts=False)  # experts run in PyTorch, which has no 2:4 kernels on the CPU
     plans = {name: node.meta.get(LAYER_META) or _plain(node) for name, node in layers.items()}
     if ctx.layer_plans is not None:  # a rebuild: the plans the precision search passed carry the sparsity chosen before
         return _annotated(gm, layers, plans, ())

@@ -27,6 +27,7 @@ import torch
 from torch.fx import GraphModule, Interpreter
 
 from kiln.budget import Budget
+from kiln.frontend.moe_op import DOWN_BIAS_ARG, EXPERT_TYPES, UP_ARG
 from kiln.ir import LayerPlan, Scheme
 from kiln.precision.schemes import Observer, fake_bias, fake_input, fake_output, fake_weight
 from kiln.progress import Progress
@@ -36,6 +37,8 @@ Samples = Sequence[tuple[torch.Tensor, ...]]
 MetricDrop = Callable[[dict[str, LayerPlan]], float]  # layers lowered -> metric lost vs fp32
 
 
+# A kiln::moe_experts node's weight arguments: up, down and their biases.
+EXPERT_WEIGHTS = slice(UP_ARG, DOWN_BIAS_ARG + 1)
 # Layers past the sorted prefix tried one by one on top of it: each try is one measurement.
 SECOND_PASS_TRIES = 12
 
@@ -53,6 +56,8 @@ class _Simulator(Interpreter):
         if plan is None or plan.scheme == Scheme.FP32:
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if plan.op == "experts":
+            return self._experts(n, plan, args, kwargs)
         key = (n.name, plan.scheme, plan.group_size)
         if key not in self.weights:
             self.weights[key] = fake_weight(args[1], plan.scheme, plan.group_size or 128)
@@ -60,6 +65,15 @@ class _Simulator(Interpreter):
         rest = (fake_bias(args[2], plan.scheme), *args[3:]) if len(args) > 2 else ()
         y = fake_output(n.target(x, self.weights[key], *rest, **kwargs), plan.scheme)
         return y if plan.bias_shift is None else y - _per_channel(torch.tensor(plan.bias_shift), y, plan.op)
+
+    def _experts(self, n, plan: LayerPlan, args, kwargs):
+        """A kiln::moe_experts node as its lowering runs it: not simulated but run, with its
+        expert weights (and biases) cast to the scheme's type, in which the op computes."""
+        key = (n.name, plan.scheme, None)
+        if key not in self.weights:
+            dtype = EXPERT_TYPES[plan.scheme]
+            self.weights[key] = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args[EXPERT_WEIGHTS])
+        return n.target(*args[:EXPERT_WEIGHTS.start], *self.weights[key], *args[EXPERT_WEIGHTS.stop:], **kwargs)
 
 
 def _per_channel(values: torch.Tensor, like: torch.Tensor, op: str) -> torch.Tensor:
@@ -161,7 +175,7 @@ class Analysis:
         """Every layer's static int8 bias correction, from one pass over the calibration samples."""
         if self._shifts is None:
             plans = {name: replace(layer, scheme=Scheme.INT8_STATIC, input_range=self.ranges.get(name))
-                     for name, layer in self.layers.items()}
+                     for name, layer in self.layers.items() if layer.op != "experts"}  # experts never run int8
             sums: dict = {}
             progress = Progress("precision: int8 bias correction", len(self.calibration), " calibration samples")
             with torch.no_grad():

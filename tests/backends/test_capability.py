@@ -80,3 +80,25 @@ def test_placement_selection_and_precision_accept_together_what_the_table_accept
                                                    DeviceKind.CPU: table.precisions[DeviceKind.CPU] | {Precision.BF16}})
     monkeypatch.setattr(OnnxRuntimeBackend, "capabilities", wider)
     assert _answers(ort_only, tmp_path) == {"placement": "onnxruntime", "selection": "onnxruntime", "precision": True}
+
+
+def test_moe_experts_go_to_the_eager_partition_on_every_cpu_backend():
+    """Inductor could call the op inside its graph, and would then take the whole model (the
+    ops around the experts too, which OpenVINO or ONNX Runtime run faster): no backend takes it."""
+    from kiln.backends import registry
+    from kiln.frontend.moe_op import MOE_EXPERTS
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Parameter(torch.randn(4, 16, 8)), nn.Parameter(torch.randn(4, 8, 8))
+
+        def forward(self, x, index, weights):
+            return torch.ops.kiln.moe_experts(x, index, weights, self.up, self.down, None, None, True, False, "silu")
+
+    inputs = (torch.randn(6, 8), torch.randint(0, 4, (6, 2)), torch.rand(6, 2))
+    captured = capture(Experts().eval(), inputs)
+    node = next(n for n in captured.gm.graph.nodes if n.target is MOE_EXPERTS)
+    cpu = load("cpu-x86").devices["cpu"]
+    for name in ("inductor", "onnxruntime", "openvino"):
+        assert not registry.get(name).capabilities.supports(node, cpu).ok, name

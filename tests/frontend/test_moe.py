@@ -1,5 +1,6 @@
 """Mixture-of-experts capture: kiln finds transformers-style experts modules by structure and
-exports them in a static form that computes what their own forward computes."""
+exports them in a form whose shapes do not follow the routing (one kiln::moe_experts node run in
+PyTorch, or a static form in plain matmuls) that computes what their own forward computes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen
 
 from kiln.errors import CaptureError
 from kiln.frontend.capture import capture
-from kiln.frontend.moe import (blocked_forward, check_form, dense_forward, experts_layout, find_moe_blocks,
-                               static_moe_forms)
+from kiln.frontend.moe import (blocked_forward, check_form, dense_forward, dispatch_forward, experts_layout,
+                               find_moe_blocks, static_moe_forms)
+from kiln.frontend.moe_op import MOE_EXPERTS
 from kiln.types import Precision
 from kiln.verify import TOLERANCE
 
@@ -38,8 +40,8 @@ def tiny_qwen2_moe() -> Qwen2MoeForCausalLM:
     return model
 
 
-def token_ids(batch: int = 2, seq: int = 12) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(1))
+def token_ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 class PlainExperts(torch.nn.Module):
@@ -100,7 +102,7 @@ def test_recognises_experts_by_structure_not_by_class_name():
     assert find_moe_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())) == []
 
 
-@pytest.mark.parametrize("form", ["blocked", "dense"])
+@pytest.mark.parametrize("form", ["dispatch", "blocked", "dense"])
 @pytest.mark.parametrize("build", [tiny_mixtral, tiny_qwen2_moe])
 def test_static_form_gives_the_models_own_outputs(build, form):
     model, ids = build(), token_ids()
@@ -112,7 +114,7 @@ def test_static_form_gives_the_models_own_outputs(build, form):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("forward", [blocked_forward, dense_forward])
+@pytest.mark.parametrize("forward", [dispatch_forward, blocked_forward, dense_forward])
 def test_static_form_keeps_every_token_when_all_go_to_one_expert(forward):
     """The worst case for the blocked form's padding: one expert takes every pair but one."""
     model = tiny_mixtral()
@@ -133,7 +135,8 @@ def test_capture_exports_the_loop_and_leaves_the_model_as_it_was():
     with torch.no_grad():
         before = model(ids).logits
     captured = capture(model, (ids,))
-    assert [b["form"] for b in captured.moe_blocks] == ["blocked", "blocked"]
+    assert [b["form"] for b in captured.moe_blocks] == ["dispatch", "dispatch"]
+    assert sum(n.target is MOE_EXPERTS for n in captured.gm.graph.nodes) == 2  # one node per block, no loop
     experts = [model.model.layers[i].mlp.experts for i in range(2)]
     assert all("forward" not in e.__dict__ for e in experts)  # its own forward back
     assert model.config._experts_implementation == "eager"
@@ -173,7 +176,7 @@ def test_unrewritten_moe_block_fails_capture_naming_the_block():
 def test_plain_experts_outside_transformers_capture_and_match():
     model, x = RoutedBlock(PlainExperts()).eval(), torch.randn(6, 8, generator=torch.Generator().manual_seed(5))
     captured = capture(model, (x,))
-    assert captured.moe_blocks[0]["form"] == "blocked"
+    assert captured.moe_blocks[0]["form"] == "dispatch"  # its GELU is one the op names
     with torch.no_grad():
         torch.testing.assert_close(captured.gm(x)[0], model(x), rtol=FP32.rtol, atol=FP32.atol)
 
@@ -182,18 +185,37 @@ def test_unknown_moe_form_is_refused_with_the_known_ones():
     from kiln import CompileOptions
     from kiln.errors import OptionsError
 
-    with pytest.raises(OptionsError, match="auto, blocked, dense"):
+    with pytest.raises(OptionsError, match="auto, dispatch, blocked, dense"):
         CompileOptions(moe_form="sparse")
 
 
-def test_dynamic_token_count_takes_the_dense_form_and_holds_at_other_sizes():
+@pytest.mark.parametrize("no_dispatch, form", [("", "dispatch"), ("a GPU profile", "dense")])
+def test_dynamic_token_count_takes_a_form_that_holds_at_other_sizes(no_dispatch, form):
     model = tiny_mixtral()
-    captured = capture(model, {"input_ids": token_ids()}, dynamic={"input_ids": {0: "batch"}})
-    assert [b["form"] for b in captured.moe_blocks] == ["dense", "dense"]
-    assert "fixed token count" in captured.moe_blocks[0]["refusal"]
+    captured = capture(model, {"input_ids": token_ids()}, dynamic={"input_ids": {0: "batch"}}, no_moe_dispatch=no_dispatch)
+    assert [b["form"] for b in captured.moe_blocks] == [form, form]
+    if form == "dense":
+        assert "fixed token count" in captured.moe_blocks[0]["refusal"]
     other = token_ids(batch=5)
     with torch.no_grad():
         torch.testing.assert_close(captured.gm(other)[0], model(other).logits, rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_auto_passes_over_dispatch_where_told_why_and_says_so():
+    model = tiny_mixtral()
+    captured = capture(model, (token_ids(),), no_moe_dispatch="the profile's primary device is a gpu")
+    assert [b["form"] for b in captured.moe_blocks] == ["blocked", "blocked"]
+    assert "dispatch not taken: the profile's primary device is a gpu" in captured.moe_blocks[0]["refusal"]
+
+
+def test_an_activation_the_op_cannot_name_leaves_dispatch_to_the_static_forms():
+    experts = PlainExperts()
+    experts.act_fn = torch.nn.Tanh()  # none of silu, gelu, gelu_tanh, relu, quick_gelu
+    layout = experts_layout(experts)
+    assert layout.activation is None
+    assert "none of the activations" in check_form(experts, layout, "dispatch")
+    with static_moe_forms(RoutedBlock(experts), "auto") as blocks:
+        assert blocks[0].form == "blocked" and "none of the activations" in blocks[0].refusal
 
 
 def test_blocked_form_runs_on_openvino_with_the_models_own_outputs():
@@ -220,3 +242,27 @@ def test_blocked_form_runs_on_openvino_with_the_models_own_outputs():
     engine = ov.Core().compile_model(ov.convert_model(program), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = torch.from_numpy(engine([hidden.numpy(), index.numpy(), weights.numpy()])[0])
     torch.testing.assert_close(got, expected, rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_a_gpu_profile_captures_a_static_form_where_a_cpu_profile_dispatches():
+    import kiln
+
+    model, ids = tiny_mixtral(), token_ids()
+    gpu = kiln.plan(model, "a100", ids)
+    assert [b["form"] for b in gpu.report.experts] == ["blocked", "blocked"]
+    assert "primary device is a gpu" in gpu.report.experts[0]["refusal"]
+    cpu = kiln.plan(model, "cpu-x86", ids)
+    assert [b["form"] for b in cpu.report.experts] == ["dispatch", "dispatch"]
+    no_eager = kiln.plan(model, "cpu-x86", ids, eager_fallback=False)
+    assert "eager_fallback is off" in no_eager.report.experts[0]["refusal"]
+
+
+def test_experts_are_one_precision_layer_that_kiln_lowers_to_bf16_only():
+    import kiln
+
+    model, ids = tiny_mixtral(), token_ids()
+    options = kiln.CompileOptions(precision="int8", calibration=[(token_ids(seed=s),) for s in (5, 6)])
+    planned = kiln.plan(model, "cpu-x86", ids, options=options)
+    experts = [row for row in planned.report.precision if row["op"] == "experts"]
+    assert len(experts) == 2 and all(row["scheme"] == "fp32" for row in experts)
+    assert all("experts run in PyTorch, which kiln lowers to bf16 only" in row["reason"] for row in experts)
