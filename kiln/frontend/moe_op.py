@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from kiln.ir import Scheme
 
@@ -93,6 +94,14 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
 @moe_experts.register_fake
 def _moe_experts_shape(hidden, top_k_index, top_k_weights, up, down, up_bias, down_bias, gated, transposed, activation):
     return torch.empty_like(hidden)
+
+
+@register_flop_formula(torch.ops.kiln.moe_experts)
+def _moe_experts_flops(hidden, top_k_index, top_k_weights, up, down, *rest, out_shape=None, **kwargs) -> int:
+    """What kiln's cost model (FlopCounterMode) counts for the op: every (token, expert) pair
+    through one expert's up and down projections, two FLOPs per multiply-add."""
+    pairs = top_k_index[0] * top_k_index[1]
+    return 2 * pairs * (up[1] * up[2] + down[1] * down[2])
 
 
 MOE_EXPERTS = torch.ops.kiln.moe_experts.default

@@ -81,3 +81,12 @@ def test_activations_are_named_by_their_values_not_their_class():
     assert activation_name(torch.nn.Tanh()) is None
     assert activation_name(lambda x: "not a tensor") is None
     assert set(ACTIVATIONS) == {"silu", "gelu", "gelu_tanh", "relu", "quick_gelu"}
+
+
+def test_its_flops_are_every_pair_through_one_experts_two_projections():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, index, weights, up, down = routed(tokens=24)
+    with FlopCounterMode(display=False) as counter:
+        moe_experts(x, index, weights, up, down, None, None, True, False, "silu")
+    assert counter.get_total_flops() == 2 * (24 * 2) * (64 * 16 + 16 * 32)
