@@ -31,6 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
+import kiln  # noqa: F401  before torch, as a user's script would: kiln shortens PyTorch's OpenMP spin (kiln.host)
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -248,14 +249,16 @@ def main(argv: list[str] | None = None) -> None:
         rows += run_row(row, contenders, args, rates)
         torch._dynamo.reset()
     summary = cells(rows)
+    load_after = os.getloadavg()[0]
     header = [f"# kiln against the fastest peer in each accuracy tier ({datetime.datetime.now().isoformat(timespec='seconds')})", "",
               *([f"- **{args.label}**"] if args.label else []),
               f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
               f"- machine: {cpu_model()}, {CORES} usable cores; CPU flags kiln reads: {', '.join(cpu_flags())}",
-              f"- 1-min load average {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end (above the core count: "
-              "other processes competed for the cores)",
+              f"- 1-min load average {load_before:.2f} at start, {load_after:.2f} at end"
+              + (" (above the core count: other processes competed for the cores)" if max(load_before, load_after) > CORES
+                 else " (at or below the core count: a quiet machine)"),
               f"- torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {_openvino_version()}, "
-              f"python {platform.python_version()}",
+              f"python {platform.python_version()}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}",
               "- measured GEMM rates (1024^3): " + ", ".join(f"{k} {v / 1e9:.0f} G(FL)OP/s" for k, v in rates.items()),
               f"- {args.rounds} rounds x {args.iters} timed calls per contender, interleaved (rotating order, a quiet pause "
               "and an untimed call before each block)",
