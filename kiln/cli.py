@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import logging
+import signal
 import statistics
 import sys
 import time
@@ -763,6 +764,10 @@ def _serve(args: argparse.Namespace) -> int:
                      num_cpus=args.num_cpus, pad=dict(_parse_kv(item) for item in args.pad) or None)  # refuses an unbatchable artifact before Ray starts
     import ray
 
+    # Ctrl-C (SIGINT) stops the server even when it was started from a shell that ignores SIGINT
+    # for its background jobs (`kiln serve ... &`, nohup, CI runners): Python installs no
+    # KeyboardInterrupt handler for a signal it inherits as ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
