@@ -30,7 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, export_partition)
-from kiln.frontend.moe_op import DOWN_BIAS_ARG, EXPERT_TYPES, MOE_EXPERTS, UP_ARG
+from kiln.frontend.moe_op import EXPERT_TYPES, MOE_EXPERTS, WEIGHT_ARGS
 from kiln.fx_helpers import add_constant, attr_value
 from kiln.ir import PartitionGraph
 from kiln.errors import BackendError
@@ -74,7 +74,7 @@ def _experts_lowered(partition: PartitionGraph) -> PartitionGraph:
         if node.name not in low or node.target is not MOE_EXPERTS:
             continue
         dtype, args = low[node.name], list(node.args)
-        for index in range(UP_ARG, DOWN_BIAS_ARG + 1):
+        for index in range(WEIGHT_ARGS.start, WEIGHT_ARGS.stop):
             if isinstance(args[index], Node) and (value := attr_value(gm, args[index])) is not None:
                 args[index] = add_constant(gm, node, value.to(dtype), str(dtype).split(".")[-1])
         node.args = tuple(args)

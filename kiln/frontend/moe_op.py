@@ -109,4 +109,5 @@ MOE_EXPERTS = torch.ops.kiln.moe_experts.default
 # CPU matmuls are fast at bf16 (oneDNN); kiln does not quantise experts.
 EXPERT_TYPES = {Scheme.BF16: torch.bfloat16}
 UP_ARG, DOWN_ARG, UP_BIAS_ARG, DOWN_BIAS_ARG = 3, 4, 5, 6  # the weight arguments' positions
+WEIGHT_ARGS = slice(UP_ARG, DOWN_BIAS_ARG + 1)  # up, down and their biases: what a lowering casts
 

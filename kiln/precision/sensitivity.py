@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Interpreter
 
 from kiln.budget import Budget
-from kiln.frontend.moe_op import DOWN_BIAS_ARG, EXPERT_TYPES, UP_ARG
+from kiln.frontend.moe_op import EXPERT_TYPES, WEIGHT_ARGS as EXPERT_WEIGHTS
 from kiln.ir import LayerPlan, Scheme
 from kiln.precision.schemes import Observer, fake_bias, fake_input, fake_output, fake_weight
 from kiln.progress import Progress
@@ -37,8 +37,6 @@ Samples = Sequence[tuple[torch.Tensor, ...]]
 MetricDrop = Callable[[dict[str, LayerPlan]], float]  # layers lowered -> metric lost vs fp32
 
 
-# A kiln::moe_experts node's weight arguments: up, down and their biases.
-EXPERT_WEIGHTS = slice(UP_ARG, DOWN_BIAS_ARG + 1)
 # Layers past the sorted prefix tried one by one on top of it: each try is one measurement.
 SECOND_PASS_TRIES = 12
 
