@@ -7,8 +7,10 @@ fake in tests) that re-decides, builds and verifies a plan, returning the compil
 1. Build the chosen plan. A build that misses the budget is rebuilt with the most sensitive
    BACK_OFF_SHARES of its lowered layers back at fp32 (the simulation rounds as each backend
    does and measures few samples, so a built plan can land just outside the budget).
-2. precision="auto" only: when no backend builds the lowered plan within the budget, build at
-   fp32 instead, with a note (CompileOptions.fp32_fallback); an explicit precision raises.
+2. precision="auto" only: when no backend builds the lowered plan within the budget, build the
+   next alternative the same way (a mix of int8 and bf16 can miss where plain int8 holds), and
+   when none is left, build at fp32 instead, with a note (CompileOptions.fp32_fallback); an
+   explicit precision raises.
 3. precision="auto" with timing (CompileOptions.time_against_fp32): build fp32 too and time
    both interleaved; keep the lowered plan only when it is faster here by more than MIN_LEAD,
    in that race and again in a second race (a burst of other load during one race must not
@@ -62,25 +64,35 @@ def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: b
                race: Race | None = None) -> Built:
     """Build `choice` as the module docstring says; `race` set means time against fp32."""
     notes: list[str] = []
-    try:
-        built, plans = _within_budget(build, choice.plans, notes)
-    except BUILD_FAILURES as exc:
-        lowered = count_lowered(choice.plans)
-        if not (auto and lowered and fp32_fallback):
-            raise
-        built = build(all_fp32(choice.plans, f"auto: the lowered plan failed ({type(exc).__name__})"))
-        notes.append(f"precision=auto: no backend built the plan with {lowered} lowered layers within the budget "
-                     f"({exc.what[:300]}); built at fp32 instead")
-    else:
-        if auto and race is not None and count_lowered(plans):
-            built = _faster_than_fp32(build, built, plans, list(choice.alternatives), race, notes)
+    alternatives = list(choice.alternatives)
+    plans = choice.plans
+    while True:
+        try:
+            built, plans = _within_budget(build, plans, notes, decided=plans is choice.plans)
+            break
+        except BUILD_FAILURES as exc:
+            lowered = count_lowered(plans)
+            if not (auto and lowered and (fp32_fallback or alternatives)):
+                raise
+            failed = (f"precision=auto: no backend built the plan with {lowered} lowered layers within the budget "
+                      f"({exc.what[:300]})")
+            if alternatives:  # the next plan the pass weighed, before giving up on lowering
+                scheme, plans = alternatives.pop(0)
+                notes.append(f"{failed}; next: {scheme}")
+                continue
+            built = build(all_fp32(plans, f"auto: the lowered plan failed ({type(exc).__name__})"))
+            notes.append(f"{failed}; built at fp32 instead")
+            break
+    if auto and race is not None and count_lowered(plans):
+        built = _faster_than_fp32(build, built, plans, alternatives, race, notes)
     built.report.notes = list(dict.fromkeys([*built.report.notes, *notes]))
     return built
 
 
-def _within_budget(build: BuildStep, plans: dict[str, LayerPlan], notes: list[str]) -> tuple[Built, dict[str, LayerPlan]]:
-    """The built model and the plan it holds."""
-    current: dict[str, LayerPlan] | None = None  # the passes' own decision first
+def _within_budget(build: BuildStep, plans: dict[str, LayerPlan], notes: list[str],
+                   decided: bool = True) -> tuple[Built, dict[str, LayerPlan]]:
+    """The built model and the plan it holds; `decided`: `plans` is the passes' own decision."""
+    current: dict[str, LayerPlan] | None = None if decided else plans  # None: the passes' own decision
     for share in (*BACK_OFF_SHARES, None):
         try:
             return build(current), dict(current or plans)
@@ -89,10 +101,12 @@ def _within_budget(build: BuildStep, plans: dict[str, LayerPlan], notes: list[st
             lowered = count_lowered(layers)
             if share is None or not lowered:
                 raise
-            current, raised = most_sensitive_to_fp32(
-                layers, share, f"back to fp32: the plan with {lowered} lowered layers missed the budget once built")
+            to = float_fallback(layers)
+            current, raised = most_sensitive_raised(
+                layers, share, f"back to {to or 'fp32'}: the plan with {lowered} lowered layers missed the budget once built", to)
             notes.append(f"precision: the plan with {lowered} lowered layers missed the budget once built "
-                         f"({exc.what[:200]}); its {raised} most sensitive lowered layers went back to fp32 and it was rebuilt")
+                         f"({exc.what[:200]}); its {raised} most sensitive "
+                         f"{f'{Scheme.INT8_STATIC} layers went to {to}' if to else 'lowered layers went back to fp32'} and it was rebuilt")
     raise AssertionError("unreachable")  # the last share re-raises
 
 
@@ -160,9 +174,21 @@ def all_fp32(plans: LayerPlans, reason: str) -> dict[str, LayerPlan]:
     return {name: p.at_fp32(reason) if p.scheme != Scheme.FP32 else p for name, p in plans.items()}
 
 
-def most_sensitive_to_fp32(plans: LayerPlans, share: float, reason: str) -> tuple[dict[str, LayerPlan], int]:
+def float_fallback(plans: LayerPlans) -> Scheme | None:
+    """The float scheme a plan mixing static int8 with it backs off to (its most sensitive int8
+    layers go there, so the plan stays one its backend builds), else None: back to fp32."""
+    schemes = {p.scheme for p in plans.values()}
+    floats = schemes & {Scheme.BF16, Scheme.FP16}
+    return next(iter(floats)) if Scheme.INT8_STATIC in schemes and len(floats) == 1 else None
+
+
+def most_sensitive_raised(plans: LayerPlans, share: float, reason: str,
+                          to: Scheme | None = None) -> tuple[dict[str, LayerPlan], int]:
     """The most sensitive `share` of the lowered layers (by the error each caused alone), at
-    least one, back at fp32 with `reason`; returns the new plans and how many went back."""
-    lowered = sorted((p for p in plans.values() if p.scheme != Scheme.FP32), key=lambda p: -(p.error or 0.0))
-    chosen = {p.node for p in lowered[:max(1, math.ceil(share * len(lowered)))]} if lowered else set()
-    return {name: p.at_fp32(reason) if name in chosen else p for name, p in plans.items()}, len(chosen)
+    least one, raised with `reason`: back at fp32, or with `to` (a float scheme) the plan's
+    static int8 layers moved to it. Returns the new plans and how many were raised."""
+    candidates = [p for p in plans.values() if (p.scheme == Scheme.INT8_STATIC if to else p.scheme != Scheme.FP32)]
+    candidates.sort(key=lambda p: -(p.error or 0.0))
+    chosen = {p.node for p in candidates[:max(1, math.ceil(share * len(candidates)))]} if candidates else set()
+    raise_ = (lambda p: p.at_float(to, reason)) if to else (lambda p: p.at_fp32(reason))
+    return {name: raise_(p) if name in chosen else p for name, p in plans.items()}, len(chosen)

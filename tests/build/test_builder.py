@@ -55,7 +55,7 @@ def test_a_build_with_other_layer_plans_decides_builds_and_reports_exactly_those
     first = build.build()
     assert {row["node"]: row["scheme"] for row in first.report.precision} == {n: str(p.scheme) for n, p in decided.items()}
     assert any(p.scheme == Scheme.INT8_STATIC for p in decided.values())
-    backed_off, raised = precision_search.most_sensitive_to_fp32(decided, 0.5, "back to fp32: test")
+    backed_off, raised = precision_search.most_sensitive_raised(decided, 0.5, "back to fp32: test")
     again = build.build(backed_off)
     rows = {row["node"]: row for row in again.report.precision}
     assert {n: r["scheme"] for n, r in rows.items()} == {n: str(p.scheme) for n, p in backed_off.items()}

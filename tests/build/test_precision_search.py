@@ -67,6 +67,41 @@ def test_a_plan_that_misses_the_budget_once_built_is_rebuilt_with_its_most_sensi
     assert any("its 2 most sensitive lowered layers went back to fp32 and it was rebuilt" in n for n in built.report.notes)
 
 
+def _mixed(int8: int = 6, bf16: int = 2) -> dict[str, LayerPlan]:
+    plans = _plans(Scheme.INT8_STATIC, int8 + bf16)
+    return {name: p.at_float(Scheme.BF16, "int8 missed; bf16 fits") if i >= int8 else p
+            for i, (name, p) in enumerate(plans.items())}
+
+
+def test_a_mixed_int8_and_bf16_plan_that_misses_the_budget_moves_its_most_sensitive_int8_layers_to_bf16():
+    first = _mixed()  # l0..l5 int8, l6 and l7 bf16
+    build = FakeBuild(first, lambda plans, call: VerificationError("cosine 0.99") if call == 1 else None)
+    built = build_plan(build, Choice(first), auto=True, fp32_fallback=False)
+    rebuilt = build.calls[1]
+    assert _lowered(rebuilt) == set(first)  # every layer stays lowered: the backend builds only such mixes
+    moved = {name for name, p in rebuilt.items() if p.scheme == Scheme.BF16} - {"l6", "l7"}
+    assert moved == {"l5", "l4"}  # a quarter of the 6 int8 layers, rounded up, the most sensitive first
+    assert all(rebuilt[n].input_range is None and "back to bf16" in rebuilt[n].reason for n in moved)
+    assert any("2 most sensitive int8-static layers went to bf16" in n for n in built.report.notes)
+
+
+def test_auto_builds_the_next_alternative_when_the_chosen_plan_misses_the_budget_after_backing_off():
+    first, second = _mixed(), _plans(Scheme.INT8_STATIC)
+    build = FakeBuild(first, lambda plans, call: VerificationError("cosine 0.98") if Scheme.BF16 in
+                      {p.scheme for p in plans.values()} else None)
+    built = build_plan(build, Choice(first, [(Scheme.INT8_STATIC, second)]), auto=True)
+    assert built.scheme() == "int8-static" and built.plans == second
+    assert len(build.calls) == 4  # the mix, twice backed off, then the alternative
+    assert any("no backend built the plan with 8 lowered layers" in n and n.endswith("next: int8-static")
+               for n in built.report.notes)
+
+
+def test_only_a_plan_mixing_int8_with_one_float_scheme_backs_off_to_that_scheme():
+    assert precision_search.float_fallback(_mixed()) == Scheme.BF16
+    assert precision_search.float_fallback(_plans(Scheme.INT8_STATIC)) is None
+    assert precision_search.float_fallback(_plans(Scheme.BF16)) is None
+
+
 def test_the_back_off_grows_then_the_last_miss_is_final_for_an_explicit_precision():
     first = _plans(Scheme.INT8_STATIC)
     build = FakeBuild(first, lambda plans, call: VerificationError("cosine 0.9"))
@@ -184,6 +219,6 @@ def test_a_lowered_plan_within_the_minimum_lead_of_fp32_is_a_tie_and_fp32_is_kep
     assert kept.scheme() == "int8-static"
 
 
-def test_most_sensitive_to_fp32_takes_at_least_one_layer():
-    plans, raised = precision_search.most_sensitive_to_fp32(_plans(Scheme.FP16, 3), 0.1, "why")
+def test_most_sensitive_raised_takes_at_least_one_layer():
+    plans, raised = precision_search.most_sensitive_raised(_plans(Scheme.FP16, 3), 0.1, "why")
     assert raised == 1 and _lowered(plans) == {"l0", "l1"} and plans["l2"].reason == "why"
