@@ -91,6 +91,10 @@ class LayerPlan:
             changes = {"sparsity": None, "sparsity_reason": f"kept dense: back at fp32 ({reason})", **changes}
         return replace(self, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None, bias_shift=None, **changes)
 
+    def at_float(self, scheme: Scheme, reason: str) -> "LayerPlan":
+        """This layer at float `scheme` (bf16, fp16), with no integer lowering left on it."""
+        return replace(self, scheme=scheme, reason=reason, input_range=None, group_size=None, bias_shift=None)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["scheme"] = self.scheme.value

@@ -372,6 +372,44 @@ def test_openvino_runs_a_static_int8_plan_on_int8_kernels_within_the_int8_tolera
     torch.testing.assert_close(loaded(x), compiled(x))
 
 
+class OutlierMlp(nn.Module):
+    """The middle layer's input carries one huge feature its weights ignore: a per-tensor int8
+    scale sized for it rounds the rest to zero, so int8 cannot take that layer; bf16 can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 64)
+        with torch.no_grad():
+            self.a.bias[0] = 1000.0
+            self.b.weight[:, 0] = 0.0
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_openvino_runs_a_plan_mixing_int8_and_bf16_layers_on_both_kernels_within_the_budget(tmp_path):
+    pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    model, x = OutlierMlp().eval(), torch.randn(16, 64)
+    calibration = [torch.randn(16, 64) for _ in range(4)]
+    budget = kiln.Budget(min_cosine=0.999)
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="openvino", calibration=calibration, accuracy_budget=budget,
+                             time_against_fp32=False)
+    schemes = {row["node"]: row["scheme"] for row in compiled.report.precision}
+    assert set(schemes.values()) == {"int8-static", "bf16"} and schemes["linear_1"] == "bf16", schemes
+    assert "int8-static for" in compiled.report.precision_summary and "bf16 for" in compiled.report.precision_summary
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    assert "inference precision bf16" in detail and "by the inference hint" in detail, detail
+    runtime = compiled.engines["p0"].compiled.get_runtime_model()
+    kernels = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+               for op in runtime.get_ordered_ops()}
+    assert {("FullyConnected", "u8"), ("FullyConnected", "bf16")} <= kernels, kernels
+    with torch.no_grad():
+        assert output_error(compiled(x), model(x))[0] >= budget.min_cosine
+    loaded = kiln.load(compiled.save(tmp_path / "mixed.kiln"))  # the bf16 hint comes back with the engine
+    torch.testing.assert_close(loaded(x), compiled(x))
+
+
 def test_openvino_refuses_a_dynamic_int8_plan_and_names_the_backends_that_run_it(net):
     pytest.importorskip("openvino")
     with pytest.raises(kiln.BackendError) as info:  # nothing built: no warning about what was built

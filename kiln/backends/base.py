@@ -63,10 +63,17 @@ class CapabilityTable:
     coverage: Callable[[Node], Support] | None = None  # the runtime's own per-node answer; None: every op
     # Whether this machine can run the device at all (e.g. a GPU profile on a CPU-only host).
     device_ready: Callable[[DeviceSpec], str | None] | None = None
+    # The sets of precisions one partition's plan may combine (int8 layers with bf16 ones, say),
+    # per device kind; a plan of one precision below fp32 (beside fp32 layers) needs no entry.
+    mixes: Mapping[DeviceKind, frozenset[frozenset[Precision]]] = field(default_factory=dict)
 
     def runs(self, kind: DeviceKind, precision: Precision) -> bool:
         """Whether kiln lowers `precision` to this backend's kernels on `kind` devices."""
         return precision in self.precisions.get(kind, frozenset())
+
+    def runs_mixed(self, kind: DeviceKind, precisions: frozenset[Precision]) -> bool:
+        """Whether kiln lowers a plan combining `precisions` (each below fp32) in one partition."""
+        return frozenset(precisions) in self.mixes.get(kind, frozenset())
 
     def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32, check_ready: bool = True) -> Support:
         """Whether `node` runs on `device` at `precision`; check_ready=False asks the table alone,

@@ -35,3 +35,9 @@ def get(name: str):
 def lowering(names: tuple[str, ...], device: DeviceSpec, precision: Precision) -> list[str]:
     """Those of backends `names` whose capability table lowers `precision` on `device`'s kind."""
     return [name for name in names if get(name).capabilities.runs(device.kind, precision)]
+
+
+def mixing(names: tuple[str, ...], device: DeviceSpec, precisions: frozenset[Precision]) -> list[str]:
+    """Those of backends `names` that lower a plan combining `precisions` in one partition on
+    `device`'s kind."""
+    return [name for name in names if get(name).capabilities.runs_mixed(device.kind, precisions)]

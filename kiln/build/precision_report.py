@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections import Counter
 from dataclasses import replace
 
 from kiln.errors import UnprovenAccuracyWarning, VerificationError
@@ -29,10 +30,14 @@ def record_plan(plan: PartitionPlan, opts: CompileOptions, report: Report, calib
     report.precision = [{k: v for k, v in layer.to_dict().items() if k != "bias_shift"} for layer in layers]
     lowered = [layer for layer in layers if layer.precision is not Precision.FP32]
     requested = opts.precision.value
-    schemes = sorted({str(layer.scheme) for layer in lowered})
-    if lowered:
-        report.precision_summary = (f"precision={requested}: {', '.join(schemes)} for {len(lowered)} of {len(layers)} layers "
+    counts = Counter(str(layer.scheme) for layer in lowered)
+    if len(counts) == 1:
+        report.precision_summary = (f"precision={requested}: {next(iter(counts))} for {len(lowered)} of {len(layers)} layers "
                                     f"within the budget ({opts.accuracy_budget.describe()}); the rest fp32")
+    elif counts:  # a mix: int8 where it fits, bf16 for the layers int8 would not keep within the budget
+        mix = " and ".join(f"{scheme} for {count}" for scheme, count in counts.most_common())
+        report.precision_summary = (f"precision={requested}: {mix} of {len(layers)} layers within the budget "
+                                    f"({opts.accuracy_budget.describe()})" + ("; the rest fp32" if len(lowered) < len(layers) else ""))
     else:
         report.precision_summary = f"precision={requested}: every layer fp32" + (f" ({len(layers)} weighted layers)" if layers else "")
     if not opts.auto and opts.precision is not Precision.FP32 and len(lowered) < len(layers):

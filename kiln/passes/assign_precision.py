@@ -10,7 +10,11 @@ least sensitive layers lowered together while the accuracy budget holds.
     precision=X        every eligible layer at X, except those the budget cannot afford
     precision="auto"   per candidate the device and a tried backend run (integer types only
                        with calibration data), the layers that fit the budget; the candidate
-                       that saves the most estimated time wins
+                       that saves the most estimated time wins. One more candidate mixes two:
+                       the int8 plan with the layers int8 left at fp32 tried at bf16 (or fp16)
+                       on top, where a tried backend builds such a mix; it is kept only when it
+                       lowers every layer (OpenVINO builds it under its bf16 hint, which runs
+                       every layer int8 leaves at bf16)
 
 A model that already carries Q/DQ or fake-quant nodes (quantisation-aware training, PT2E)
 is honoured as it is: nothing is re-quantised.
@@ -33,7 +37,7 @@ from kiln.passes.context import PassContext
 from kiln.passes.result import PassResult, Skip
 from kiln.placement.cost_model import shape_of
 from kiln.precision.capability import FLOATS_BELOW_FP32, device_runs
-from kiln.ir import DECISION_META, LAYER_META, LayerPlan, Scheme
+from kiln.ir import DECISION_META, LAYER_META, SCHEME_PRECISION, LayerPlan, Scheme
 from kiln.precision.sensitivity import Analysis
 from kiln.types import NodeDecision, Precision
 
@@ -93,6 +97,8 @@ def assign_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     analysis = Analysis(gm, [_plain(node, "") for node in layers.values()], *measurement_samples(ctx), opts.calibration_observer,
                         _metric_drop(gm, ctx))
     outcomes = [(scheme, _try_scheme(gm, analysis, layers, scheme, ctx, kept)) for scheme in schemes]
+    if (mixed := _int8_with_float_rest(analysis, layers, outcomes, ctx, kept)) is not None:
+        outcomes.append(mixed)  # after the single schemes: outcomes[0] stays the fastest single one
     ranked = sorted(outcomes, key=lambda o: -_saving(layers, o[1], ctx))
     plans = ranked[0][1]
     if not any(p.scheme != Scheme.FP32 for p in plans.values()):
@@ -207,6 +213,37 @@ def _try_scheme(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sc
     for name, reason in held.items():
         plans[name] = plans[name].at_fp32(reason, error=final_error if name == final else 0.0)
     return plans
+
+
+def _int8_with_float_rest(analysis: Analysis, layers: dict[str, Node], outcomes: list[tuple[str, dict[str, LayerPlan]]],
+                          ctx: PassContext, kept: dict[str, str]) -> tuple[str, dict[str, LayerPlan]] | None:
+    """Under "auto": the static int8 plan with the layers it left at fp32 lowered to a float
+    scheme instead, as far as the budget allows on top of the int8 layers. Proposed only where a
+    tried backend builds the mix, and only when it lowers every layer: the backend that builds
+    it (OpenVINO) runs it under the float scheme's inference hint, which takes every layer int8
+    leaves. Layers the user keeps at fp32 rule it out."""
+    opts, device = ctx.options, ctx.profile.primary
+    int8 = dict(outcomes).get(Scheme.INT8_STATIC)
+    if not opts.auto or kept or int8 is None:
+        return None
+    base = {name: plan for name, plan in int8.items() if plan.scheme != Scheme.FP32}
+    rest = [name for name, plan in int8.items() if plan.scheme == Scheme.FP32]
+    if not base or not rest:
+        return None
+    for scheme, _ in outcomes:
+        if scheme not in (Scheme.BF16, Scheme.FP16):
+            continue
+        if any(layers[name].target is MOE_EXPERTS and scheme not in EXPERT_TYPES for name in rest) or \
+                not registry.mixing(opts.backends_for(device), device, frozenset({Precision.INT8, SCHEME_PRECISION[scheme]})):
+            continue
+        plans, _ = analysis.spend(opts.accuracy_budget.tightened(SPEND_FRACTION), scheme, rest, opts.int4_group_size,
+                                  work={name: float(_macs(layers[name])) for name in rest}, base=base)
+        if any(plan.scheme == Scheme.FP32 for plan in plans.values()):
+            return None
+        for name in rest:  # say why int8 did not take it, then why the float scheme did
+            plans[name] = dataclasses.replace(plans[name], reason=f"{int8[name].reason}; {plans[name].reason}")
+        return f"{Scheme.INT8_STATIC}+{scheme}", plans
+    return None
 
 
 def _final_layer(gm: GraphModule, layers: dict[str, Node]) -> str | None:

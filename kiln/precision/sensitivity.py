@@ -219,10 +219,14 @@ class Analysis:
         return max(errors, default=0.0)
 
     def spend(self, budget: Budget, scheme: str, eligible: list[str], group_size: int,
-              work: dict[str, float] | None = None) -> tuple[dict[str, LayerPlan], Measurement]:
+              work: dict[str, float] | None = None,
+              base: dict[str, LayerPlan] | None = None) -> tuple[dict[str, LayerPlan], Measurement]:
         """Lower the least sensitive of `eligible` to `scheme` while `budget` allows; returns every
         layer's plan (lowered or not, each with its solo error and reason) and the measurement.
-        `work` (layer -> its share of the compute, e.g. multiply-adds) orders the second pass."""
+        `work` (layer -> its share of the compute, e.g. multiply-adds) orders the second pass.
+        `base` (layer -> plan) is lowered already: every configuration measured includes it, and
+        the result keeps it (a mixed plan: the layers int8 could not take, tried at bf16)."""
+        base = dict(base or {})
         trials = []
         self.measured = Progress(f"precision: {scheme} plans measured on {len(self.samples)} samples", unit=" plans")
         progress = Progress(f"precision: {scheme} sensitivity", len(eligible), " layers")
@@ -232,17 +236,17 @@ class Analysis:
             progress.advance()
         progress.finish()
         trials.sort(key=lambda t: t[0])
-        count = self._longest_prefix(trials, budget)
+        count = self._longest_prefix(trials, budget, base)
         rank = {plan.node: index + 1 for index, (_, plan) in enumerate(trials)}
         chosen = {plan.node: plan for _, plan in trials[:count]}
         rest = sorted(trials[count:], key=lambda t: -(work or {}).get(t[1].node, 0.0))  # stable: ties stay by error
         second = set()
         for _, plan in rest[:SECOND_PASS_TRIES] if count else ():
-            m = self.measure({**chosen, plan.node: plan})
+            m = self.measure({**base, **chosen, plan.node: plan})
             if budget.allows(m.cosine, m.rel_error, m.metric_drop):
                 chosen[plan.node] = plan
                 second.add(plan.node)
-        result = {name: layer for name, layer in self.layers.items()}
+        result = {name: base.get(name, layer) for name, layer in self.layers.items()}
         for error, plan in trials:
             where = f"sensitivity rank {rank[plan.node]} of {len(trials)}"
             if plan.node in chosen:
@@ -252,13 +256,13 @@ class Analysis:
             else:
                 result[plan.node] = replace(self.layers[plan.node], error=error,
                                             reason=f"{scheme} would exceed the budget ({where}, alone: rel. error {error:.3g})")
-        final = self.measure(chosen) if chosen else Measurement(1.0, 0.0)
+        final = self.measure({**base, **chosen}) if chosen or base else Measurement(1.0, 0.0)
         self.measured.finish()
         return result, final
 
-    def _longest_prefix(self, trials: list, budget: Budget) -> int:
+    def _longest_prefix(self, trials: list, budget: Budget, base: dict[str, LayerPlan]) -> int:
         def fits(count: int) -> bool:
-            m = self.measure({plan.node: plan for _, plan in trials[:count]})
+            m = self.measure({**base, **{plan.node: plan for _, plan in trials[:count]}})
             return budget.allows(m.cosine, m.rel_error, m.metric_drop)
 
         if not trials or fits(len(trials)):

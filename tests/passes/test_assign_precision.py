@@ -116,7 +116,9 @@ def test_auto_keeps_a_small_kernel_over_a_large_image_a_candidate(run_pass):
     # 3x3 kernels from 3 to 8 channels: 216 weights, but 27 multiply-adds for each of the 127k
     # outputs over a 128x128 image (3.4M): an image model's first convolutions do much work
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    run, _ = _run(run_pass, model=model, calibrate=True, shape=(1, 3, 128, 128), accuracy_budget=Budget(min_cosine=0.99))
+    # (on ONNX Runtime, which builds no int8 and bf16 mix: a mix would take the small layer at bf16)
+    run, _ = _run(run_pass, model=model, calibrate=True, shape=(1, 3, 128, 128), accuracy_budget=Budget(min_cosine=0.99),
+                  backend="onnxruntime")
     plans = _plans(run)
     assert plans["conv2d"].scheme == Scheme.INT8_STATIC, plans["conv2d"].reason
     assert plans["conv2d_1"].scheme == Scheme.FP32  # 32 weights, 0.5M multiply-adds
@@ -147,6 +149,31 @@ def test_the_most_sensitive_layer_stays_fp32_when_the_budget_cannot_afford_it(ru
     assert plans["linear"].scheme == Scheme.INT8_DYNAMIC  # no calibration: activations quantised per call
     assert plans["linear_1"].error > plans["linear"].error
     assert any(s.node == "linear_1" for s in result.skipped)
+
+
+def test_auto_tries_bf16_on_top_of_int8_for_the_layers_int8_cannot_take_where_a_backend_builds_the_mix(run_pass):
+    run, result = _run(run_pass, model=Outlier(), calibrate=True, shape=(2, 48), backend="openvino")
+    plans = _plans(run)
+    assert plans["linear_2"].scheme == Scheme.INT8_STATIC
+    assert plans["linear"].scheme == plans["linear_1"].scheme == Scheme.BF16  # every layer lowered: the mix is built so
+    assert "int8-static would exceed the budget" in plans["linear_1"].reason and "bf16 keeps the budget" in plans["linear_1"].reason
+    # the single-scheme plans stay behind it, for the precision search to build if the mix fails
+    alternatives = dict(result.decided["alternatives"])
+    assert alternatives[Scheme.INT8_STATIC]["linear_1"].scheme == Scheme.FP32
+
+
+def test_no_mix_is_proposed_where_no_tried_backend_builds_one(run_pass):
+    run, result = _run(run_pass, model=Outlier(), calibrate=True, shape=(2, 48), backend="onnxruntime")
+    plans = _plans(run)
+    assert plans["linear_1"].scheme == Scheme.FP32 and {p.scheme for p in plans.values()} == {Scheme.FP32, Scheme.INT8_STATIC}
+    assert all("+" not in str(scheme) for scheme, _ in result.decided["alternatives"])
+
+
+def test_no_mix_is_proposed_when_the_user_keeps_a_layer_at_fp32(run_pass):
+    run, result = _run(run_pass, model=Outlier(), calibrate=True, shape=(2, 48), backend="openvino", keep_fp32=("c",))
+    for plans in (_plans(run), *(other for _, other in result.decided["alternatives"])):
+        assert plans["linear_2"].scheme == Scheme.FP32
+        assert not {Scheme.INT8_STATIC, Scheme.BF16} <= {p.scheme for p in plans.values()}
 
 
 def test_a_looser_budget_lowers_more_layers(run_pass):
