@@ -77,11 +77,12 @@ class Budget:
             return False
         return True
 
-    def tightened(self, fraction: float) -> "Budget":
-        """The same budget with only `fraction` of each allowance: the error 1 - cosine, the
-        relative error and the metric drop. Planning spends this much, leaving headroom for
-        inputs the plan was not measured on."""
-        return Budget(None if self.min_cosine is None else 1 - (1 - self.min_cosine) * fraction,
+    def tightened(self, fraction: float, cosine_fraction: float | None = None) -> "Budget":
+        """The same budget with only `fraction` of each allowance: the error 1 - cosine (or
+        `cosine_fraction` of it), the relative error and the metric drop. Planning spends this
+        much, leaving headroom for inputs the plan was not measured on."""
+        cosine_fraction = fraction if cosine_fraction is None else cosine_fraction
+        return Budget(None if self.min_cosine is None else 1 - (1 - self.min_cosine) * cosine_fraction,
                       None if self.max_rel_error is None else self.max_rel_error * fraction,
                       self.metric, self.dataset, self.max_metric_drop * fraction)
 

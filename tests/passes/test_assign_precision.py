@@ -301,3 +301,13 @@ def test_auto_candidates_follow_the_profile_and_need_calibration_for_integers():
     assert auto_candidates(cpu, ("onnxruntime",), calibrated=False) == []
     h100 = load("h100").primary
     assert Precision.FP8 in auto_candidates(h100, h100.backends, calibrated=False)
+
+
+def test_static_int8_spends_half_of_a_cosine_allowance_and_other_schemes_most_of_it():
+    from kiln.passes.assign_precision import INT8_STATIC_COSINE_FRACTION, SPEND_FRACTION, _spendable
+
+    budget = Budget(min_cosine=0.99, max_rel_error=0.1)
+    int8, bf16 = _spendable(budget, Scheme.INT8_STATIC), _spendable(budget, Scheme.BF16)
+    assert int8.min_cosine == pytest.approx(1 - 0.01 * INT8_STATIC_COSINE_FRACTION)
+    assert bf16.min_cosine == pytest.approx(1 - 0.01 * SPEND_FRACTION)
+    assert int8.max_rel_error == bf16.max_rel_error == pytest.approx(0.1 * SPEND_FRACTION)
