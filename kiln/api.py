@@ -141,7 +141,7 @@ def _precision_choice(decided: pipeline.PipelineRun) -> precision_search.Choice:
     chosen = decided.decided.get("assign_precision", {})
     # assign_sparsity's plans are assign_precision's with each layer's 2:4 decision added
     plans = decided.decided.get("assign_sparsity", chosen).get("plans", {})
-    return precision_search.Choice(dict(plans), list(chosen.get("alternatives", [])))
+    return precision_search.Choice(dict(plans), list(chosen.get("alternatives", [])), bool(chosen.get("race_runner_up")))
 
 
 def _race(captured: Captured, opts: CompileOptions) -> precision_search.Race:

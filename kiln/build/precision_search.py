@@ -15,8 +15,11 @@ fake in tests) that re-decides, builds and verifies a plan, returning the compil
    both interleaved; keep the lowered plan only when it is faster here by more than MIN_LEAD,
    in that race and again in a second race (a burst of other load during one race must not
    decide: a tie goes to fp32, the more accurate plan). A plan that loses makes way for the
-   next alternative, built and timed the same way; fp32 is kept when none wins. Every build is
-   verified; the losers' chosen candidates stay in the report as slower.
+   next alternative, built and timed the same way; fp32 is kept when none wins. A winning plan
+   whose runner-up was estimated to save nearly as much (assign_precision's CLOSE_ESTIMATE) is
+   raced against the runner-up too, and kept only when more than MIN_LEAD faster in both races
+   (a tie goes to the runner-up, which saves less and so is the more accurate). Every build is verified; the losers' chosen candidates stay in the report as
+   slower.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class Choice:
 
     plans: dict[str, LayerPlan]
     alternatives: list[tuple[Scheme, dict[str, LayerPlan]]] = field(default_factory=list)
+    # the first alternative's estimated saving is close to the plan's: time both when the plan wins
+    race_runner_up: bool = False
 
 
 def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: bool = True,
@@ -65,10 +70,10 @@ def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: b
     """Build `choice` as the module docstring says; `race` set means time against fp32."""
     notes: list[str] = []
     alternatives = list(choice.alternatives)
-    plans = choice.plans
+    plans, decided = choice.plans, True  # decided: still the passes' own plan (not an alternative)
     while True:
         try:
-            built, plans = _within_budget(build, plans, notes, decided=plans is choice.plans)
+            built, plans = _within_budget(build, plans, notes, decided=decided)
             break
         except BUILD_FAILURES as exc:
             lowered = count_lowered(plans)
@@ -77,14 +82,15 @@ def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: b
             failed = (f"precision=auto: no backend built the plan with {lowered} lowered layers within the budget "
                       f"({exc.what[:300]})")
             if alternatives:  # the next plan the pass weighed, before giving up on lowering
-                scheme, plans = alternatives.pop(0)
+                (scheme, plans), decided = alternatives.pop(0), False
                 notes.append(f"{failed}; next: {scheme}")
                 continue
             built = build(all_fp32(plans, f"auto: the lowered plan failed ({type(exc).__name__})"))
             notes.append(f"{failed}; built at fp32 instead")
             break
     if auto and race is not None and count_lowered(plans):
-        built = _faster_than_fp32(build, built, plans, alternatives, race, notes)
+        built = _faster_than_fp32(build, built, plans, alternatives, race, notes,
+                                  race_runner_up=choice.race_runner_up and decided)
     built.report.notes = list(dict.fromkeys([*built.report.notes, *notes]))
     return built
 
@@ -111,9 +117,11 @@ def _within_budget(build: BuildStep, plans: dict[str, LayerPlan], notes: list[st
 
 
 def _faster_than_fp32(build: BuildStep, lowered: Built, plans: dict[str, LayerPlan],
-                      alternatives: list[tuple[Scheme, dict[str, LayerPlan]]], race: Race, notes: list[str]) -> Built:
+                      alternatives: list[tuple[Scheme, dict[str, LayerPlan]]], race: Race, notes: list[str],
+                      race_runner_up: bool = False) -> Built:
     """Keep a lowered plan only if it runs faster than fp32 here: the profile's peak figures that
-    chose it are estimates, and a runtime's low-precision kernels can lose to its fp32 ones."""
+    chose it are estimates, and a runtime's low-precision kernels can lose to its fp32 ones. With
+    `race_runner_up`, a winning plan is also timed against the first alternative, built too."""
     try:
         fp32 = build(all_fp32(plans, "auto: fp32 measured against the lowered plan"))
     except BUILD_FAILURES as exc:
@@ -127,7 +135,10 @@ def _faster_than_fp32(build: BuildStep, lowered: Built, plans: dict[str, LayerPl
                    f"(timed interleaved here; kept only when at least {MIN_LEAD:.0%} faster in two races)")
         if wins:
             notes.append(f"{verdict}; the lowered plan kept")
-            return _with_losers(lowered, [*losers, (fp32, f"at fp32: slower than the {schemes} plan here")])
+            losers.append((fp32, f"at fp32: slower than the {schemes} plan here"))
+            if race_runner_up and alternatives:
+                lowered = _faster_of_two(build, lowered, schemes, alternatives[0], race, notes, losers)
+            return _with_losers(lowered, losers)
         losers.append((lowered, f"with the {schemes} plan: not faster than fp32 here"))
         notes.append(f"{verdict}; fp32 kept" if not alternatives else f"{verdict}; next: {alternatives[0][0]}")
         if not alternatives:
@@ -138,6 +149,26 @@ def _faster_than_fp32(build: BuildStep, lowered: Built, plans: dict[str, LayerPl
         except BUILD_FAILURES as exc:
             notes.append(f"precision=auto: the {scheme} plan failed ({exc.what[:200]}); fp32 kept")
             return _with_losers(fp32, losers)
+
+
+def _faster_of_two(build: BuildStep, chosen: Built, schemes: str, runner_up: tuple[Scheme, dict[str, LayerPlan]],
+                   race: Race, notes: list[str], losers: list[tuple[Built, str]]) -> Built:
+    """`chosen` when it runs more than MIN_LEAD faster than the runner-up plan in two races, else
+    the runner-up: a tie goes to it, as the plan saving less estimated time is the more accurate."""
+    scheme, plans = runner_up
+    try:
+        other = build(plans)
+    except BUILD_FAILURES as exc:
+        notes.append(f"precision=auto: the runner-up {scheme} plan failed ({exc.what[:200]}); the {schemes} plan kept")
+        return chosen
+    wins, timings = _beats(race, chosen, other)
+    notes.append(f"precision=auto: the {schemes} plan ran {timings.replace('fp32', 'the runner-up ' + str(scheme) + ' plan')} "
+                 f"(its estimated saving was close); {f'the {schemes} plan kept' if wins else f'the {scheme} plan kept'}")
+    if wins:
+        losers.append((other, f"with the {scheme} plan: slower than the {schemes} plan here"))
+        return chosen
+    losers.append((chosen, f"with the {schemes} plan: not faster than the {scheme} plan here"))
+    return other
 
 
 def _beats(race: Race, lowered: Built, fp32: Built) -> tuple[bool, str]:

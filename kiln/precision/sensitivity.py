@@ -224,8 +224,9 @@ class Analysis:
         """Lower the least sensitive of `eligible` to `scheme` while `budget` allows; returns every
         layer's plan (lowered or not, each with its solo error and reason) and the measurement.
         `work` (layer -> its share of the compute, e.g. multiply-adds) orders the second pass.
-        `base` (layer -> plan) is lowered already: every configuration measured includes it, and
-        the result keeps it (a mixed plan: the layers int8 could not take, tried at bf16)."""
+        `base` (layer -> plan) is lowered already: every configuration measured includes it, a
+        layer of `eligible` lowered to `scheme` replacing its base plan, and the result keeps the
+        base plan of every layer `scheme` does not take (a mix: int8 on top of every layer bf16)."""
         base = dict(base or {})
         trials = []
         self.measured = Progress(f"precision: {scheme} plans measured on {len(self.samples)} samples", unit=" plans")
@@ -253,6 +254,10 @@ class Analysis:
                 corrected = "; bias corrected" if plan.bias_shift is not None else ""
                 added = f"; added after the first {count}, the budget still holding" if plan.node in second else ""
                 result[plan.node] = replace(plan, error=error, reason=f"{scheme} keeps the budget; {where}{added}{corrected}")
+            elif plan.node in base:  # stays as the base has it, with why `scheme` did not take it
+                kept = base[plan.node]
+                result[plan.node] = replace(kept, reason=f"{kept.reason}; {scheme} on top would exceed the budget "
+                                                         f"({where}, alone: rel. error {error:.3g})")
             else:
                 result[plan.node] = replace(self.layers[plan.node], error=error,
                                             reason=f"{scheme} would exceed the budget ({where}, alone: rel. error {error:.3g})")

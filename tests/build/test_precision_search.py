@@ -183,6 +183,34 @@ def test_auto_builds_the_next_precision_when_the_first_plan_measures_slower_than
     assert chosen == ["bf16"]  # one chosen engine per partition, the losers reported slower
 
 
+def test_a_winning_plan_whose_runner_up_was_estimated_close_is_timed_against_it_and_the_faster_kept():
+    first, second = _mixed(), _plans(Scheme.BF16, 8)
+    # races: mix vs fp32 (won twice), then the bf16 runner-up vs the mix (won twice)
+    race = _race((0.6e-3, 1.0e-3), (0.6e-3, 1.0e-3), (0.6e-3, 0.5e-3))
+    built = build_plan(FakeBuild(first), Choice(first, [(Scheme.BF16, second)], race_runner_up=True), auto=True, race=race)
+    assert built.scheme() == "bf16" and race.calls == 3  # the lost race is not re-timed
+    verdict = next(n for n in built.report.notes if "runner-up" in n)
+    assert "plan ran 0.60 ms, the runner-up bf16 plan 0.50 ms" in verdict and verdict.endswith("the bf16 plan kept")
+    statuses = sorted((c.backend, c.status) for c in built.report.candidates)
+    assert statuses == [("bf16", "chosen"), ("bf16,int8-static", "slower"), ("fp32", "slower")]
+
+
+def test_a_tie_with_the_runner_up_goes_to_the_runner_up_and_a_clear_win_keeps_the_plan():
+    first, second = _mixed(), _plans(Scheme.BF16, 8)
+    lead = precision_search.MIN_LEAD
+    for mix_s, scheme in ((1.0e-3 * (1 - lead / 2), "bf16"), (1.0e-3 * (1 - 2 * lead), "bf16,int8-static")):
+        race = _race((0.5e-3, 1.0e-3), (0.5e-3, 1.0e-3), (mix_s, 1.0e-3))
+        choice = Choice(first, [(Scheme.BF16, second)], race_runner_up=True)
+        assert build_plan(FakeBuild(first), choice, auto=True, race=race).scheme() == scheme
+
+
+def test_a_runner_up_estimated_far_behind_is_not_built():
+    first, second = _mixed(), _plans(Scheme.BF16, 8)
+    build = FakeBuild(first)
+    built = build_plan(build, Choice(first, [(Scheme.BF16, second)]), auto=True, race=_race((0.6e-3, 1.0e-3)))
+    assert built.scheme() == "bf16,int8-static" and len(build.calls) == 2  # the plan and fp32
+
+
 def test_when_every_alternative_loses_fp32_is_kept_and_a_failed_alternative_is_reported():
     first, second = _plans(Scheme.INT8_STATIC), _plans(Scheme.BF16)
     build = FakeBuild(first, lambda plans, call: BackendUnavailable("bf16 refused") if call == 3 else None)

@@ -103,7 +103,7 @@ def test_decide_only_passes_report_the_nodes_they_annotated_and_what_they_decide
     ops = sum(n.op == "call_function" for n in run.gm.graph.nodes)
     assert not by_name["assign_precision"].changed and by_name["assign_precision"].annotated == ops
     assert not by_name["place_on_devices"].changed and by_name["place_on_devices"].annotated == ops
-    assert set(done.decided["assign_precision"]) == {"plans", "alternatives"}
+    assert set(done.decided["assign_precision"]) == {"plans", "alternatives", "race_runner_up"}
 
 
 def test_pipeline_rejects_a_pass_that_loses_shape_meta(run_pass):
