@@ -78,6 +78,7 @@ AUTO_MIN_MACS = 1_000_000
 # A runner-up plan whose estimated saving is at least this share of the chosen plan's is built
 # and timed against it: the peak-figure estimate misses conversions and converter overheads.
 CLOSE_ESTIMATE = 0.8
+TOO_SMALL = "too small"  # how a layer's reason begins when "auto" leaves it at fp32 for its size
 KEPT_BY_USER = "kept fp32 by keep_fp32"  # how a layer's reason begins when the user held it at fp32
 SCHEME_FOR = {Precision.BF16: Scheme.BF16, Precision.FP16: Scheme.FP16, Precision.FP8: Scheme.FP8,
               Precision.INT4: Scheme.INT4_WEIGHT}
@@ -226,7 +227,7 @@ def _eligible(gm: GraphModule, analysis: Analysis, layers: dict[str, Node], sche
             held[name] = "int4 weight-only kernels take linear layers only"
         elif opts.auto and attr_value(gm, node.args[_weight_arg(node)]).numel() < AUTO_MIN_WEIGHTS \
                 and _macs(node) < AUTO_MIN_MACS:
-            held[name] = (f"too small for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights "
+            held[name] = (f"{TOO_SMALL} for {scheme} to pay (fewer than {AUTO_MIN_WEIGHTS} weights "
                           f"and {AUTO_MIN_MACS // 10**6}M multiply-adds)")
         else:
             eligible.append(name)
@@ -254,7 +255,7 @@ def _int8_over_float(gm: GraphModule, analysis: Analysis, layers: dict[str, Node
         floats = found.get(scheme)
         if floats is None or not registry.mixing(opts.backends_for(device), device, frozenset({Precision.INT8, SCHEME_PRECISION[scheme]})):
             continue
-        small = {name for name, plan in floats.items() if plan.scheme == Scheme.FP32 and plan.reason.startswith("too small")}
+        small = {name for name, plan in floats.items() if plan.scheme == Scheme.FP32 and plan.reason.startswith(TOO_SMALL)}
         if any(plan.scheme == Scheme.FP32 and name not in small for name, plan in floats.items()):
             return None  # the budget keeps a layer from the float scheme, which the hint would lower anyway
         base = {name: dataclasses.replace(analysis.lowered(analysis.layers[name], scheme, opts.int4_group_size),
