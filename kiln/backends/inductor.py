@@ -30,7 +30,8 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, export_partition)
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, OpSupport, export_partition,
+                                place_engine_file)
 from kiln.ir import PartitionGraph
 from kiln.backends.inductor_precision import lowered_program
 from kiln.backends.inductor_sparsity import to_semi_structured
@@ -228,7 +229,7 @@ class InductorEngine:
 
     def save(self, directory: Path, stem: str) -> EngineEntry:
         target = directory / f"{stem}.pt2"
-        shutil.copyfile(self.package_path, target)
+        place_engine_file(self.package_path, target)
         return EngineEntry(self.backend, [target.name], {"torch": torch.__version__, **self.meta, "summary": self.summary})
 
 

@@ -48,7 +48,6 @@ import logging
 import operator
 import queue
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -57,7 +56,8 @@ from typing import ClassVar
 import torch
 from torch.fx import Node
 
-from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition)
+from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition,
+                                place_engine_file)
 from kiln.ir import PartitionGraph
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
@@ -332,8 +332,8 @@ class OpenVinoEngine:
 
     def save(self, directory: Path, stem: str) -> EngineEntry:
         xml, binary = directory / f"{stem}.xml", directory / f"{stem}.bin"
-        shutil.copyfile(self.xml_path, xml)
-        shutil.copyfile(self.xml_path.with_suffix(".bin"), binary)
+        place_engine_file(self.xml_path, xml)
+        place_engine_file(self.xml_path.with_suffix(".bin"), binary)
         return EngineEntry(self.backend, [xml.name, binary.name], {**self.meta(), "summary": self.summary})
 
 

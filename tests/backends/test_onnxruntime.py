@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from backends.conftest import make_partition
 from kiln.backends.onnxruntime import OnnxRuntimeBackend
 from kiln.hardware_profiles import load
 from kiln.types import Precision
@@ -52,11 +53,25 @@ def test_onnxruntime_engine_saves_and_loads_to_the_same_outputs(convnet_partitio
     out_dir = tmp_path / "saved"
     out_dir.mkdir()
     entry = engine.save(out_dir, "p0")
-    assert entry.files == ["p0.onnx"] and entry.backend == "onnxruntime"
+    assert entry.files == ["p0.onnx", "p0.onnx.data"] and entry.backend == "onnxruntime"
     reloaded = backend.load(out_dir, entry, settings)
     x = torch.randn(3, 3, 8, 8)
     for a, b in zip(engine(x), reloaded(x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_onnxruntime_engine_keeps_its_weights_beside_the_graph_and_saves_copies(settings, tmp_path):
+    """The weights live in '<name>.data' (ORT maps them instead of parsing one protobuf). A save
+    outside the build folder copies both files, so the artifact shares nothing with the build."""
+    graph, _ = make_partition(torch.nn.Linear(256, 256).eval(), (torch.randn(2, 256),))
+    engine = backend.compile(graph, settings)
+    weights = engine.model_path.with_name(engine.model_path.name + ".data")
+    assert weights.stat().st_size >= 256 * 256 * 4 > engine.model_path.stat().st_size
+    out_dir = tmp_path.parent / (tmp_path.name + "-saved")
+    out_dir.mkdir()
+    entry = engine.save(out_dir, "p0")
+    for name in entry.files:
+        assert (out_dir / name).stat().st_nlink == 1
 
 
 
@@ -81,7 +96,6 @@ class _SelfAttention(torch.nn.Module):
 def test_onnxruntime_lowers_into_fused_ops_only_when_fusion_is_on(fuse, tmp_path):
     from dataclasses import replace
 
-    from backends.conftest import make_partition
     from kiln.backends.base import BackendSettings
 
     graph, _ = make_partition(_SelfAttention().eval(), (torch.randn(2, 8, 32),))

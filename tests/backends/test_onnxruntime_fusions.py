@@ -82,6 +82,16 @@ def test_ort_fuses_the_bias_add_and_erf_gelu_of_a_linear_into_bias_gelu(settings
     assert ops == {"MatMul": 1, "BiasGelu": 1}
 
 
+def test_a_fused_graph_that_changes_the_answer_is_rebuilt_from_a_fresh_unfused_export(settings, monkeypatch):
+    # the rules rewrite the exported graph in place, so the fallback exports the partition again
+    from kiln.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "_fusion_changed_answers", lambda engine, partition: "output 'y': max abs error 1")
+    engine, _ = _compile(Mlp(nn.GELU()), (torch.randn(2, 4, 16),), settings)
+    assert "changed the graph's answer" in engine.summary and "unfused graph used" in engine.summary
+    assert "BiasGelu" not in engine.summary
+
+
 class ConvBnRelu(nn.Module):
     def __init__(self):
         super().__init__()
