@@ -199,15 +199,16 @@ def _quick_hit(model, compiled: CompiledModel, example_inputs, example_kwargs, o
     """A hit found by the fingerprint, returned without capture once it agrees with the model on
     the example call; None (the compile goes on to capture and the full key) where it does not."""
     report = compiled.report
+    checked = "not verified again (verify=False)"
     if opts.verify:
         with stage("verify", timings):
             args, kwargs = normalize_call(example_inputs, example_kwargs)
-            if not agrees_on_example(model, compiled, args, kwargs, opts, report):
+            if (sample := agrees_on_example(model, compiled, args, kwargs, opts, report)) is None:
                 return None
+            checked = f"verified again against the model on {sample}"
     report.notes = [n for n in report.notes if not n.startswith(("stored in the compile cache", "loaded from the compile cache"))]
     report.notes.append("loaded from the compile cache by the model's fingerprint (code, state, weights, input shapes), "
-                        "without capture; verified again on the example inputs; passes and backend decisions are those of "
-                        "the original build")
+                        f"without capture; {checked}; passes and backend decisions are those of the original build")
     precision_report.warn_if_unproven(report)
     _finish_report(report, opts, timings)
     return compiled

@@ -129,6 +129,44 @@ def test_a_repeat_compile_is_found_by_the_fingerprint_without_capture(tmp_path):
     assert again.report.verification and all(v["ok"] for v in again.report.verification)
 
 
+def test_a_fingerprint_hit_calls_the_model_on_one_row_of_a_batched_example(tmp_path):
+    model, x = _model(), torch.randn(4, 8)
+    _optimize(model, x, tmp_path)
+    again = _optimize(model, x, tmp_path)
+    assert _hit(again) and any("on the first of the example's 4 rows" in note for note in again.report.notes)
+
+
+class MixesRows(nn.Module):
+    """Each output row depends on the whole batch: one row alone answers differently."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.linear(x - x.mean(0))
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.linear(x).reshape(4, 3)  # fails on one row
+
+
+@pytest.mark.parametrize("model", [MixesRows(), FixedBatch()], ids=["mixes rows", "fixed batch"])
+def test_a_fingerprint_hit_whose_model_cannot_be_checked_on_one_row_checks_the_whole_example(model, tmp_path):
+    x = torch.randn(4, 8)
+    _optimize(model.eval(), x, tmp_path)
+    again = _optimize(model, x, tmp_path)
+    assert _hit(again) and any("against the model on the example inputs" in note for note in again.report.notes)
+    torch.testing.assert_close(again(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
+
+
 def test_a_fingerprint_leading_to_another_model_s_build_is_caught_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(kiln.api, "model_fingerprint", lambda *args: "the same for every model")
     x = torch.randn(2, 8)

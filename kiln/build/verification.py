@@ -45,23 +45,47 @@ def verify_against_eager(model, compiled, captured: Captured, draws, synthetic: 
                                 where=f"model {report.model}, backends {', '.join(compiled.backends.values())}", fix=fix)
 
 
-def agrees_on_example(model, compiled, args: tuple, kwargs: dict, opts: CompileOptions, report: Report) -> bool:
+def agrees_on_example(model, compiled, args: tuple, kwargs: dict, opts: CompileOptions, report: Report) -> str | None:
     """A compile-cache hit found by the model's fingerprint, checked on the example call alone
-    (the build it came from was verified on every draw): True when the cached engine answers
-    like `model` within the precision's tolerance, or the budget for a lowered plan."""
+    (the build it came from was verified on every draw): the cached engine must answer like
+    `model` within the precision's tolerance, or the budget for a lowered plan. Where every input
+    and output leads with the same batch size, the model is called on the first row only and
+    checked against the engine's first row (one row's eager cost, not the batch's); the whole
+    call is checked where that sample cannot run or disagrees. Returns what was checked, or None
+    when the engine disagrees."""
     budget = opts.accuracy_budget if report.lowered else None
     precision = precision_report.lowest_precision(report)
     try:
         got = list(compiled.run_flat(check_call(compiled.input_spec, args, kwargs)))
     except KilnError:  # the call does not fit the cached spec: not this model's build
+        return None
+
+    def agrees(got_, want) -> bool:
+        if len(got_) != len(want):
+            return False
+        checks = worst_checks(compiled.plan.output_names, [(got_, want)], precision, budget, frozenset())
+        if all(c.ok for c in checks):
+            report.verification = [c.to_dict() for c in checks]
+            report.verified_draws = report.verified_calibration = 0
+            return True
         return False
+
+    if (rows := _batch_rows(args, kwargs, got)) > 1:
+        first = pytree.tree_map(lambda x: x[:1] if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        try:
+            with torch.no_grad():
+                want = [x for x in pytree.tree_leaves(plain_containers(model(*first[0], **first[1]))) if x is not None]
+        except Exception:  # the model does not run on one row (a fixed batch in its code): check the whole call
+            want = None
+        if want is not None and agrees([g[:1] for g in got], want):
+            return f"the first of the example's {rows} rows"
     with torch.no_grad():
         want = [x for x in pytree.tree_leaves(plain_containers(model(*args, **kwargs))) if x is not None]
-    if len(got) != len(want):
-        return False
-    checks = worst_checks(compiled.plan.output_names, [(got, want)], precision, budget, frozenset())
-    if not all(c.ok for c in checks):
-        return False
-    report.verification = [c.to_dict() for c in checks]
-    report.verified_draws = report.verified_calibration = 0
-    return True
+    return "the example inputs" if agrees(got, want) else None
+
+
+def _batch_rows(args: tuple, kwargs: dict, outputs: list[torch.Tensor]) -> int:
+    """The batch size every input tensor and every output leads with, or 0 where they do not share one."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)] + list(outputs)
+    sizes = {x.shape[0] if x.dim() else 0 for x in tensors}
+    return sizes.pop() if tensors and len(sizes) == 1 else 0
