@@ -123,8 +123,10 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         built.engines[partition.name] = selection.engine
         built.candidates.extend(selection.candidates)
         ops = op_counts(graph.gm)
+        timed = next((r.median_ms for r in selection.candidates if r.status == "chosen" and r.median_ms is not None), None)
         built.partitions.append(PartitionRecord(partition.name, partition.device, selection.backend, sum(ops.values()), ops,
-                                                partition.estimated_ms, _median_ms(selection.engine, graph.example_inputs)))
+                                                partition.estimated_ms,
+                                                timed if timed is not None else _median_ms(selection.engine, graph.example_inputs)))
     return built
 
 
