@@ -16,7 +16,7 @@ import torch
 
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine
-from kiln.build.timing import SETTLE_SECONDS, confirm, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
+from kiln.build.timing import SETTLE_SECONDS, TIE_FRACTION, confirm, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
 from kiln.ir import DECISION_META, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.progress import heartbeat
@@ -111,11 +111,12 @@ def _fastest(built: list[_Built], inputs: tuple[torch.Tensor, ...], measure_seco
     first = time_engines(engines, inputs, measure_seconds * len(built))
     for median, candidate in zip(first.medians(), built):
         candidate.record.median_ms = median * 1000
-    if len(built) == 2 and first.decided():
-        # two engines timed alone and told apart beyond the noise: a re-timing of the same pair
-        # would only repeat it (BERT-base: 4 to 6 s of a 35 s compile)
+    if len(built) == 2 and (first.decided() or first.tied()):
+        # two engines timed alone, told apart beyond the noise or tied: a re-timing of the same
+        # pair would only repeat it (BERT-base: 4 to 6 s of a 35 s compile)
         winner = built[first.ranking()[0]]
-        return winner, ", apart beyond the noise" + (" once timed longer" if first.extended else "")
+        how = "apart beyond the noise" if first.decided() else f"within {TIE_FRACTION:.0%} of each other, a tie"
+        return winner, f", {how}" + (" once timed longer" if first.extended else "")
     confirmed = confirm(engines, inputs, first, 2 * measure_seconds)
     winner, runner_up = built[confirmed.winner], built[confirmed.runner_up]
     winner.record.median_ms, runner_up.record.median_ms = (m * 1000 for m in confirmed.medians)

@@ -31,6 +31,12 @@ def test_default_leaves_out_a_candidate_recorded_slower_than_the_winner_with_the
     assert "effort='max'" in plan.left_out["inductor"]
 
 
+def test_default_leaves_out_a_candidate_recorded_5_percent_slower_or_more():
+    # default promises an engine within 5% of what max picks; a candidate 5% behind cannot beat that
+    plan = plan_candidates(NAMES, "measure", "default", _recorded(onnxruntime=1.06, inductor=1.31, openvino=1.0))
+    assert plan.order == ("openvino",) and set(plan.left_out) == {"onnxruntime", "inductor"}
+
+
 def test_default_builds_a_candidate_this_host_never_measured():
     plan = plan_candidates(NAMES, "measure", "default", _recorded(onnxruntime=1.0, openvino=1.5))
     assert plan.order == ("onnxruntime", "inductor") and set(plan.left_out) == {"openvino"}

@@ -53,10 +53,18 @@ def test_engines_far_apart_are_timed_for_the_budget_and_no_longer():
 
 def test_engines_within_the_noise_of_each_other_get_more_rounds_up_to_the_extension():
     machine = FakeMachine()
-    timed = machine.time([machine.engine(1.00e-3, 0.4), machine.engine(1.01e-3, 0.4)], budget=0.2)
-    assert timed.extended
+    timed = machine.time([machine.engine(1.00e-3, 0.3), machine.engine(1.10e-3, 0.3)], budget=0.2)
+    assert timed.extended and not timed.tied()
     spent = machine.now - 2 * 2 * 1e-3  # less the warm-up calls
     assert 0.2 * 1.5 < spent <= 0.2 * timing.EXTENSION + 0.2  # past the budget, and stopped near the extension
+
+
+def test_engines_tied_within_two_percent_are_not_timed_past_the_budget():
+    # whichever of the two is taken, the choice is within 2% of the other: more rounds would not pay
+    machine = FakeMachine()
+    timed = machine.time([machine.engine(1.000e-3, 0.05), machine.engine(1.005e-3, 0.05)], budget=0.2)
+    assert timed.tied() and not timed.extended
+    assert machine.now - 2 * 2 * 1e-3 < 0.2 + 0.2  # the budget and at most the round that spent it
 
 
 def test_rounds_stop_once_the_extra_rounds_separate_the_two_fastest():
