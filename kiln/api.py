@@ -71,23 +71,24 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
             quick, hit = _quick_lookup(cache, model, example_inputs, example_kwargs, dynamic, prof, opts)
         if hit is not None and (found := _quick_hit(model, hit, example_inputs, example_kwargs, opts, timings)) is not None:
             return found
-    with stage("capture", timings):
-        captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form, _no_moe_dispatch(prof, opts))
-    with stage("calibration", timings):
-        ctx = _pass_context(prof, opts, captured)
-    if cache is not None:
-        with stage("cache", timings):
-            key = cache_key(captured.gm, captured.input_spec.to_dict(), captured.output_structure, prof.digest, opts.cache_fields())
-            hit = cache.get(key)
-        if hit is not None:
-            verified = _verified_cache_hit(model, hit, captured, ctx, timings, key)
-            if quick is not None:
-                cache.remember(quick, key)
-            return verified
-    report = _new_report(model, prof, captured)
-    if (bypass := opts.cache_bypass_reason()) is not None and opts.cache:
-        report.notes.append(bypass)
-    with _build_workers(opts, prof) as workers:
+    workers = _build_workers(opts, prof)  # may start a child importing while the model is captured
+    try:
+        with stage("capture", timings):
+            captured = capture(model, example_inputs, example_kwargs, dynamic, opts.moe_form, _no_moe_dispatch(prof, opts))
+        with stage("calibration", timings):
+            ctx = _pass_context(prof, opts, captured)
+        if cache is not None:
+            with stage("cache", timings):
+                key = cache_key(captured.gm, captured.input_spec.to_dict(), captured.output_structure, prof.digest, opts.cache_fields())
+                hit = cache.get(key)
+            if hit is not None:
+                verified = _verified_cache_hit(model, hit, captured, ctx, timings, key)
+                if quick is not None:
+                    cache.remember(quick, key)
+                return verified
+        report = _new_report(model, prof, captured)
+        if (bypass := opts.cache_bypass_reason()) is not None and opts.cache:
+            report.notes.append(bypass)
         with stage("passes", timings):
             decided = pipeline.run(captured.gm, ctx)
         report.passes = decided.records
@@ -96,16 +97,18 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
         timed = opts.auto and opts.times_against_fp32(prof.select)
         compiled = precision_search.build_plan(builder.build, _precision_choice(decided), auto=opts.auto,
                                                fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None)
-    precision_report.check_requested_kept(compiled.report, opts)
-    precision_report.warn_if_unproven(compiled.report)
-    _finish_report(compiled.report, opts, timings)
-    if cache is not None and opts.verify:  # only verified builds are reused
-        with stage("cache store", timings):
-            if cache.put(key, compiled) is not None:
-                compiled.report.notes.append(f"stored in the compile cache as {key[:16]}")
-                if quick is not None:
-                    cache.remember(quick, key)
-    return compiled
+        precision_report.check_requested_kept(compiled.report, opts)
+        precision_report.warn_if_unproven(compiled.report)
+        _finish_report(compiled.report, opts, timings)
+        if cache is not None and opts.verify:  # only verified builds are reused
+            with stage("cache store", timings):
+                if cache.put(key, compiled) is not None:
+                    compiled.report.notes.append(f"stored in the compile cache as {key[:16]}")
+                    if quick is not None:
+                        cache.remember(quick, key)
+        return compiled
+    finally:
+        workers.close()
 
 
 def _no_moe_dispatch(profile: Profile, opts: CompileOptions) -> str:
@@ -164,10 +167,17 @@ def _finish_report(report: Report, opts: CompileOptions, timings: dict[str, floa
 
 
 def _build_workers(opts: CompileOptions, profile: Profile) -> WorkerPool:
-    """Child processes for isolated candidate builds, started by each selection as it learns
-    which candidates it builds (started during the passes instead, their imports slowed the
-    precision analysis more than they saved)."""
-    return WorkerPool(opts.backends_for(profile.primary), opts.build_memory_mb)
+    """Child processes for isolated candidate builds, mostly started by each selection as it
+    learns which candidates it builds: started during a precision analysis, their imports slowed
+    it more than they saved. A compile that will measure several backends with no analysis to
+    run starts one before capture, so the first candidate's child has its imports (3.5 s of
+    torch, kiln and the backends' libraries) done by the time its build begins."""
+    pool = WorkerPool(opts.backends_for(profile.primary), opts.build_memory_mb)
+    several = opts.backend is None and len(opts.backends_for(profile.primary)) > 1
+    measured = (opts.select or profile.select) == "measure" and opts.effort != "fast"
+    if several and measured and opts.isolate is not False and opts.precision is Precision.FP32:
+        pool.expect(1, ahead=1)
+    return pool
 
 
 def _host_record(opts: CompileOptions) -> HostRecord:

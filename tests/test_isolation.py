@@ -69,3 +69,21 @@ def test_the_overall_time_budget_skips_candidates_not_yet_started(misbehaving):
         _compile(["hanging"], build_timeout_s=3, time_budget_s=2)
     message = str(info.value)
     assert "hanging: failed" in message and "onnxruntime: skipped" in message and "time_budget_s" in message
+
+
+@pytest.mark.parametrize("options, ahead", [
+    ({"precision": "fp32"}, 1),  # several backends measured, no analysis to slow: one child imports during capture
+    ({"precision": "fp32", "effort": "fast"}, 0),  # one candidate, built in this process
+    ({"precision": "fp32", "backend": "onnxruntime"}, 0),
+    ({"precision": "fp32", "isolate": False}, 0),
+    ({}, 0),  # precision="auto": the children's imports would slow its analysis
+], ids=["fp32", "fast", "forced backend", "isolate off", "auto"])
+def test_a_compile_that_will_build_in_children_starts_one_before_capture(options, ahead):
+    from kiln.api import _build_workers
+    from kiln.hardware_profiles import load
+
+    pool = _build_workers(kiln.CompileOptions(**options), load("cpu-x86"))
+    try:
+        assert len(pool._idle) == ahead
+    finally:
+        pool.close()
