@@ -103,7 +103,11 @@ def child(task: dict) -> dict:
 
 def run_child(task: dict, timeout: float = 1800) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(task)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    # Inductor keeps compiled graphs in a cache under /tmp across processes: each child gets an
+    # empty one, so torch.compile's first call and kiln's Inductor candidate are timed cold
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as inductor_cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
