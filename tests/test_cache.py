@@ -148,12 +148,7 @@ class MixesRows(nn.Module):
         return self.linear(x - x.mean(0))
 
 
-class FixedBatch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = nn.Linear(8, 3)
-
+class FixedBatch(MixesRows):
     def forward(self, x):
         return self.linear(x).reshape(4, 3)  # fails on one row
 

@@ -87,3 +87,16 @@ def test_a_compile_that_will_build_in_children_starts_one_before_capture(options
         assert len(pool._idle) == ahead
     finally:
         pool.close()
+
+
+def test_a_worker_started_ahead_is_stopped_when_the_build_runs_in_this_process():
+    from kiln.build.isolate import WorkerPool
+
+    pool = WorkerPool(("onnxruntime",))
+    try:
+        pool.expect(1, ahead=1)
+        (started,) = pool._idle
+        pool.release_idle()
+        assert not pool._idle and started.process.poll() is not None
+    finally:
+        pool.close()

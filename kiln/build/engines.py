@@ -106,6 +106,8 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
         pool = workers if workers is not None or not in_child else WorkerPool(names, opts.build_memory_mb)
         if in_child:
             pool.expect(len(candidates.order), ahead=parallel + 1)
+        elif pool is not None:
+            pool.release_idle()  # one started before capture, and this partition builds in this process
         log.info("building partition %s on %s: candidates %s (%s, effort %s%s)", partition.name, device.name,
                  ", ".join(candidates.order), candidates.mode, opts.effort, ", each in a child process" if in_child else "")
         try:

@@ -142,13 +142,20 @@ class WorkerPool:
                                        env=_child_env(), preexec_fn=_limit_memory(self.memory_mb) if self.memory_mb else None)
         return _Worker(process, log_path)
 
-    def close(self) -> None:
+    def release_idle(self) -> None:
+        """Stop the workers started ahead and not taken (a selection that builds in this process
+        after all): their imports would take a core from the build. Later jobs start their own."""
         with self._lock:
-            self._closed = True
             idle, self._idle = self._idle, []
+            self._expected = 0
         for worker in idle:
             worker.process.kill()
             worker.process.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.release_idle()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "WorkerPool":
