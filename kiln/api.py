@@ -22,6 +22,7 @@ from kiln import cache as compile_cache
 from kiln import hardware_profiles
 from kiln.build import precision_report, precision_search, preflight
 from kiln.build.builder import Builder, record_placement
+from kiln.build.effort import RecordedRaces
 from kiln.build.host_record import HostRecord
 from kiln.build.isolate import WorkerPool
 from kiln.build.inputs import flat_calibration, inputs_to_check, metric_score, verification_draws
@@ -96,7 +97,8 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
                           None if opts.time_budget_s is None else start + opts.time_budget_s, workers, _host_record(opts))
         timed = opts.auto and opts.times_against_fp32(prof.select)
         compiled = precision_search.build_plan(builder.build, _precision_choice(decided), auto=opts.auto,
-                                               fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None)
+                                               fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None,
+                                               history=_race_history(opts, captured))
         precision_report.check_requested_kept(compiled.report, opts)
         precision_report.warn_if_unproven(compiled.report)
         _finish_report(compiled.report, opts, timings)
@@ -178,6 +180,13 @@ def _build_workers(opts: CompileOptions, profile: Profile) -> WorkerPool:
     if several and measured and opts.isolate is not False and opts.precision is Precision.FP32:
         pool.expect(1, ahead=1)
     return pool
+
+
+def _race_history(opts: CompileOptions, captured: Captured) -> RecordedRaces:
+    """Races of lowered plans against fp32 on this host: always stored; trusted to skip one only at
+    effort="default" when the user did not ask for the race (time_against_fp32=True)."""
+    trusted = opts.effort == "default" and opts.time_against_fp32 is None
+    return RecordedRaces(_host_record(opts), captured.gm, trusted)
 
 
 def _host_record(opts: CompileOptions) -> HostRecord:

@@ -352,6 +352,36 @@ def test_auto_with_a_forced_backend_still_times_its_lowered_plan_against_fp32_on
     assert untimed.report.lowered and not any("timed interleaved" in n for n in untimed.report.notes)
 
 
+def test_a_plan_this_host_recorded_well_ahead_of_fp32_is_not_raced_again_at_the_default_effort(net):
+    import json
+
+    import kiln.cache
+
+    model, x = net
+    options = dict(backend="onnxruntime", calibration=CALIBRATION, isolate=False, cache=False,
+                   accuracy_budget=kiln.Budget(min_cosine=0.995))
+    first = kiln.optimize(model, "cpu-x86", x, **options)
+    assert any("timed interleaved" in n for n in first.report.notes)
+    # the race is in the host record whichever way it went; make it a clear win for the plan
+    path = kiln.cache.default_dir() / "host-record.json"
+    record = json.loads(path.read_text())
+    (family,) = record["races"]
+    for race in record["races"][family].values():
+        race["fp32_ms"] = 10 * race["lowered_ms"]
+    path.write_text(json.dumps(record))
+
+    trusted = kiln.optimize(model, "cpu-x86", x, **options)
+    assert trusted.report.lowered and not any("timed interleaved" in n for n in trusted.report.notes)
+    skipped = next(n for n in trusted.report.notes if "was not timed against fp32" in n)
+    assert "10.00x" in skipped and "effort='max' does" in skipped
+    assert [c.status for c in trusted.report.candidates] == ["chosen"]  # no fp32 build
+    with torch.no_grad():
+        assert output_error(trusted(draw(5)), model(draw(5)))[0] >= 0.995
+    for again in (dict(effort="max"), dict(time_against_fp32=True)):  # these always race
+        raced = kiln.optimize(model, "cpu-x86", x, **{**options, **again})
+        assert any("timed interleaved" in n for n in raced.report.notes), again
+
+
 def test_openvino_runs_a_static_int8_plan_on_int8_kernels_within_the_int8_tolerance(net, tmp_path):
     pytest.importorskip("openvino")
     model, x = net

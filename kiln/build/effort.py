@@ -10,19 +10,31 @@
 
 A forced backend, an eager partition, or a profile that selects by preference has nothing to
 leave out: its candidates are tried as before.
+
+precision="auto" times its lowered plan against an fp32 build of the model (precision_search).
+At effort="default" that fp32 build and its races are left out where this host raced the same
+plan on a graph of the same kind before and fp32 ran RACE_SKIP_FACTOR or more of its time
+(RecordedRaces); effort="max", or time_against_fp32=True, always races.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
-from kiln.build.host_record import Recorded
+import torch
+
+from kiln.build.host_record import HostRecord, Recorded, plan_kind
+from kiln.ir import LayerPlan
 
 # A candidate measured this much slower than the winner is left out: effort="default" promises
 # an engine within 5% of the one effort="max" picks, and the record is an interleaved timing
 # (a few percent of noise). At 1.10, ONNX Runtime recorded at 1.05-1.09x OpenVINO on MiniLM
 # and BERT-base was rebuilt on every compile, 10-15 s each time, and lost every time.
 SKIP_FACTOR = 1.05
+# fp32 recorded this much slower than a lowered plan is not built to race it again at
+# effort="default": well past the races' own 3% minimum lead and their few percent of noise.
+RACE_SKIP_FACTOR = 1.10
 
 
 @dataclass(frozen=True)
@@ -71,3 +83,23 @@ def _fastest_predicted(names: tuple[str, ...], recorded: dict[str, Recorded]) ->
     else:
         why = f"{first} is the device's first preference (this host has no measurement for a graph of this kind yet)"
     return CandidatePlan("prefer", order, fallback=True, why_first=f"effort='fast' builds one candidate; {why}")
+
+
+class RecordedRaces:
+    """precision_search's race history on this host (precision_search.RaceHistory): every race
+    of a plan against fp32 is stored; `trusted` (effort="default") reads them back."""
+
+    def __init__(self, record: HostRecord, gm: torch.fx.GraphModule, trusted: bool):
+        self.record, self.gm, self.trusted = record, gm, trusted
+
+    def known_win(self, plans: Mapping[str, LayerPlan]) -> str | None:
+        if not self.trusted:
+            return None
+        race = self.record.lookup_race(plan_kind(self.gm, plans))
+        if race is None or race.fp32_factor < RACE_SKIP_FACTOR:
+            return None
+        return (f"{race.describe()}; effort='default' does not race a plan recorded {RACE_SKIP_FACTOR:.2f}x or more "
+                "faster than fp32 again (effort='max' does)")
+
+    def store(self, plans: Mapping[str, LayerPlan], lowered_s: float, fp32_s: float) -> None:
+        self.record.store_race(plan_kind(self.gm, plans), lowered_s * 1e3, fp32_s * 1e3)

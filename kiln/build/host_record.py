@@ -10,10 +10,15 @@ ignored and replaced.
 A kind of graph is its set of op types, the precision of its layers and its size in
 multiply-adds (powers of two); a graph of the same ops and precision within SIZE_OCTAVES of a
 recorded size counts as the same kind, so MiniLM at batch 8 reads what MiniLM at batch 1 ran.
+
+It also keeps precision="auto"'s races: how a lowered plan ran against the model's fp32 build,
+per plan (which layer took which scheme) on a kind of graph. effort="default" reads them to skip
+the fp32 build and its races where this host measured the same plan clearly faster before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,9 +27,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
+
+import torch
 
 from kiln.host import host_fingerprint, usable_cores
-from kiln.ir import PartitionGraph
+from kiln.ir import LayerPlan, PartitionGraph
 from kiln.placement.cost_model import count_flops
 from kiln.version import library_versions
 
@@ -51,11 +59,43 @@ class GraphKind:
 
 
 def graph_kind(graph: PartitionGraph) -> GraphKind:
-    nodes = [n for n in graph.gm.graph.nodes if n.op == "call_function"]
-    ops = tuple(sorted({str(n.target).replace("aten.", "").split(".")[0] for n in nodes}))
-    flops = sum(count_flops(graph.gm, n) for n in nodes)
     precisions = "+".join(sorted({layer.scheme.value for layer in graph.precision.layers})) or "fp32"
-    return GraphKind(ops, precisions, int(round(math.log2(max(flops / 2, 1.0)))))
+    return _kind(graph.gm, precisions)
+
+
+def plan_kind(gm: torch.fx.GraphModule, plans: Mapping[str, LayerPlan]) -> GraphKind:
+    """The kind of a whole graph under a precision plan: its "precision" names the plan itself
+    (a digest of which layer took which scheme), as two plans of the same schemes can lower
+    a few layers or nearly all of them."""
+    schemes = sorted({p.scheme.value for p in plans.values()})
+    digest = hashlib.sha256(json.dumps(sorted((name, p.scheme.value) for name, p in plans.items())).encode()).hexdigest()
+    return _kind(gm, f"plan {'+'.join(schemes)} {digest[:16]}")
+
+
+def _kind(gm: torch.fx.GraphModule, precision: str) -> GraphKind:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    ops = tuple(sorted({str(n.target).replace("aten.", "").split(".")[0] for n in nodes}))
+    flops = sum(count_flops(gm, n) for n in nodes)
+    return GraphKind(ops, precision, int(round(math.log2(max(flops / 2, 1.0)))))
+
+
+@dataclass(frozen=True)
+class RecordedRace:
+    """A lowered plan's last race against fp32 on a kind of graph."""
+
+    lowered_ms: float
+    fp32_ms: float
+    when: str
+    size: int
+
+    @property
+    def fp32_factor(self) -> float:
+        """fp32's time over the lowered plan's: above 1, the plan won."""
+        return self.fp32_ms / self.lowered_ms
+
+    def describe(self) -> str:
+        return (f"on this host this plan ran {self.lowered_ms:.2f} ms against fp32's {self.fp32_ms:.2f} ms "
+                f"({self.fp32_factor:.2f}x) on a graph of this kind (measured {self.when})")
 
 
 @dataclass(frozen=True)
@@ -88,7 +128,7 @@ class HostRecord:
         return {"host": host_fingerprint(), "cores": usable_cores(), "versions": library_versions()}
 
     def _empty(self) -> dict:
-        return {"identity": self._identity(), "kinds": {}}
+        return {"identity": self._identity(), "kinds": {}, "races": {}}
 
     def _read(self) -> dict:
         try:
@@ -97,18 +137,37 @@ class HostRecord:
             return self._empty()
         if not isinstance(data, dict) or data.get("identity") != self._identity() or not isinstance(data.get("kinds"), dict):
             return self._empty()  # another host or other versions: nothing in it applies here
+        if not isinstance(data.get("races"), dict):
+            data["races"] = {}  # a record written before races were kept
         return data
 
     def lookup(self, kind: GraphKind) -> dict[str, Recorded]:
         """backend -> its measurement on the nearest recorded size of `kind`'s family."""
-        sizes = self._data["kinds"].get(kind.family, {})
-        near = [int(s) for s in sizes if abs(int(s) - kind.size) <= SIZE_OCTAVES]
-        if not near:
+        found = _nearest(self._data["kinds"].get(kind.family, {}), kind.size)
+        if found is None:
             return {}
-        size = min(near, key=lambda s: (abs(s - kind.size), -s))
-        entry = sizes[str(size)]
+        size, entry = found
         return {name: Recorded(name, m["factor"], m["median_ms"], m["build_seconds"], m["when"], size)
                 for name, m in entry.items()}
+
+    def lookup_race(self, kind: GraphKind) -> RecordedRace | None:
+        """The last race of `kind`'s plan against fp32, at the nearest recorded size."""
+        found = _nearest(self._data["races"].get(kind.family, {}), kind.size)
+        if found is None:
+            return None
+        size, race = found
+        return RecordedRace(race["lowered_ms"], race["fp32_ms"], race["when"], size)
+
+    def store_race(self, kind: GraphKind, lowered_ms: float, fp32_ms: float) -> None:
+        """Record how `kind`'s plan ran against fp32 (median ms of each, timed interleaved)."""
+        if self.path is None:
+            return
+        races = self._data["races"]
+        races.setdefault(kind.family, {})[str(kind.size)] = {
+            "lowered_ms": round(lowered_ms, 4), "fp32_ms": round(fp32_ms, 4), "when": time.strftime("%Y-%m-%d")}
+        while len(races) > MAX_KINDS:
+            races.pop(next(iter(races)))
+        self._write()
 
     def store(self, kind: GraphKind, measured: dict[str, tuple[float, float]]) -> None:
         """Record one selection: backend -> (median ms, build seconds), two or more timed together."""
@@ -136,3 +195,12 @@ class HostRecord:
             os.replace(staging, self.path)
         except OSError as exc:  # the record only saves time; a compile never fails for it
             log.warning("could not write %s: %s", self.path, exc)
+
+
+def _nearest(sizes: dict[str, dict], size: int) -> tuple[int, dict] | None:
+    """(size, entry) of the recorded size nearest `size` within SIZE_OCTAVES (the larger on a tie)."""
+    near = [int(s) for s in sizes if abs(int(s) - size) <= SIZE_OCTAVES]
+    if not near:
+        return None
+    nearest = min(near, key=lambda s: (abs(s - size), -s))
+    return nearest, sizes[str(nearest)]

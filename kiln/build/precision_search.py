@@ -19,7 +19,8 @@ fake in tests) that re-decides, builds and verifies a plan, returning the compil
    whose runner-up was estimated to save nearly as much (assign_precision's CLOSE_ESTIMATE) is
    raced against the runner-up too, and kept only when more than MIN_LEAD faster in both races
    (a tie goes to the runner-up, which saves less and so is the more accurate). Every build is verified; the losers' chosen candidates stay in the report as
-   slower.
+   slower. Each race against fp32 is stored in a RaceHistory (the host record); where it knows
+   the plan clearly won here before (effort="default"), neither fp32 nor a race is run.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ BuildStep = Callable[[LayerPlans | None], Built]
 Race = Callable[[Built, Built], tuple[float, float]]
 
 
+class RaceHistory(Protocol):
+    """What this host measured in earlier races of a plan against fp32 (kiln.build.effort.RecordedRaces)."""
+
+    def known_win(self, plans: LayerPlans) -> str | None:
+        """Why racing `plans` against fp32 can be left out (a clear win recorded here), or None."""
+
+    def store(self, plans: LayerPlans, lowered_s: float, fp32_s: float) -> None:
+        """Record a race of `plans` against fp32 (seconds per call of each)."""
+
+
 @dataclass
 class Choice:
     """What assign_precision decided: its plan, and under "auto" the other precisions' plans
@@ -66,8 +77,9 @@ class Choice:
 
 
 def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: bool = True,
-               race: Race | None = None) -> Built:
-    """Build `choice` as the module docstring says; `race` set means time against fp32."""
+               race: Race | None = None, history: RaceHistory | None = None) -> Built:
+    """Build `choice` as the module docstring says; `race` set means time against fp32, and
+    `history` what this host measured in such races before."""
     notes: list[str] = []
     alternatives = list(choice.alternatives)
     plans, decided = choice.plans, True  # decided: still the passes' own plan (not an alternative)
@@ -90,7 +102,7 @@ def build_plan(build: BuildStep, choice: Choice, *, auto: bool, fp32_fallback: b
             break
     if auto and race is not None and count_lowered(plans):
         built = _faster_than_fp32(build, built, plans, alternatives, race, notes,
-                                  race_runner_up=choice.race_runner_up and decided)
+                                  race_runner_up=choice.race_runner_up and decided, history=history)
     built.report.notes = list(dict.fromkeys([*built.report.notes, *notes]))
     return built
 
@@ -118,10 +130,18 @@ def _within_budget(build: BuildStep, plans: dict[str, LayerPlan], notes: list[st
 
 def _faster_than_fp32(build: BuildStep, lowered: Built, plans: dict[str, LayerPlan],
                       alternatives: list[tuple[Scheme, dict[str, LayerPlan]]], race: Race, notes: list[str],
-                      race_runner_up: bool = False) -> Built:
+                      race_runner_up: bool = False, history: RaceHistory | None = None) -> Built:
     """Keep a lowered plan only if it runs faster than fp32 here: the profile's peak figures that
     chose it are estimates, and a runtime's low-precision kernels can lose to its fp32 ones. With
     `race_runner_up`, a winning plan is also timed against the first alternative, built too."""
+    if history is not None and (known := history.known_win(plans)) is not None:
+        schemes = ", ".join(sorted({str(p.scheme) for p in plans.values() if p.scheme != Scheme.FP32}))
+        notes.append(f"precision=auto: the lowered plan ({count_lowered(plans)} layers, {schemes}) was not timed against "
+                     f"fp32, which was not built: {known}; the lowered plan kept")
+        if race_runner_up and alternatives:  # the record knows this plan against fp32, not against its runner-up
+            losers: list[tuple[Built, str]] = []
+            return _with_losers(_faster_of_two(build, lowered, schemes, alternatives[0], race, notes, losers), losers)
+        return lowered
     try:
         fp32 = build(all_fp32(plans, "auto: fp32 measured against the lowered plan"))
     except BUILD_FAILURES as exc:
@@ -130,7 +150,9 @@ def _faster_than_fp32(build: BuildStep, lowered: Built, plans: dict[str, LayerPl
     losers: list[tuple[Built, str]] = []
     while True:
         schemes = ", ".join(sorted({str(p.scheme) for p in plans.values() if p.scheme != Scheme.FP32}))
-        wins, timings = _beats(race, lowered, fp32)
+        wins, timings, last = _beats(race, lowered, fp32)
+        if history is not None:
+            history.store(plans, *last)
         verdict = (f"precision=auto: the lowered plan ({count_lowered(plans)} layers, {schemes}) ran {timings} "
                    f"(timed interleaved here; kept only when at least {MIN_LEAD:.0%} faster in two races)")
         if wins:
@@ -161,7 +183,7 @@ def _faster_of_two(build: BuildStep, chosen: Built, schemes: str, runner_up: tup
     except BUILD_FAILURES as exc:
         notes.append(f"precision=auto: the runner-up {scheme} plan failed ({exc.what[:200]}); the {schemes} plan kept")
         return chosen
-    wins, timings = _beats(race, chosen, other)
+    wins, timings, _ = _beats(race, chosen, other)
     notes.append(f"precision=auto: the {schemes} plan ran {timings.replace('fp32', 'the runner-up ' + str(scheme) + ' plan')} "
                  f"(its estimated saving was close); {f'the {schemes} plan kept' if wins else f'the {scheme} plan kept'}")
     if wins:
@@ -171,16 +193,17 @@ def _faster_of_two(build: BuildStep, chosen: Built, schemes: str, runner_up: tup
     return other
 
 
-def _beats(race: Race, lowered: Built, fp32: Built) -> tuple[bool, str]:
+def _beats(race: Race, lowered: Built, fp32: Built) -> tuple[bool, str, tuple[float, float]]:
     """Whether `lowered` runs more than MIN_LEAD faster than `fp32` in a race and in a second
-    race after it (run only when the first is won), and the timings as text."""
+    race after it (run only when the first is won), the timings as text, and the last race's
+    (lowered, fp32) seconds."""
     texts = []
     for _ in range(2):
         lowered_s, fp32_s = race(lowered, fp32)
         texts.append(f"{lowered_s * 1e3:.2f} ms, fp32 {fp32_s * 1e3:.2f} ms")
         if lowered_s >= fp32_s * (1 - MIN_LEAD):
-            return False, "; re-timed: ".join(texts)
-    return True, "; re-timed: ".join(texts)
+            return False, "; re-timed: ".join(texts), (lowered_s, fp32_s)
+    return True, "; re-timed: ".join(texts), (lowered_s, fp32_s)
 
 
 def _with_losers(kept: Built, losers: list[tuple[Built, str]]) -> Built:

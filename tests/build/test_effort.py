@@ -126,3 +126,22 @@ def test_fast_effort_builds_one_candidate(tmp_path):
     statuses = {c.backend: c.status for c in compiled.report.candidates}
     assert statuses == {"onnxruntime": "chosen", "openvino": "skipped"}
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_effort_trusts_a_recorded_race_only_from_the_skip_factor_up(tmp_path):
+    import torch
+    from torch import nn
+
+    from kiln.build.effort import RACE_SKIP_FACTOR, RecordedRaces
+    from kiln.build.host_record import HostRecord
+    from kiln.ir import LayerPlan, Scheme
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)))
+    plans = {"l0": LayerPlan("l0", "linear", "w0", Scheme.INT8_STATIC)}
+    record = HostRecord.beside(tmp_path)
+    RecordedRaces(record, gm, trusted=False).store(plans, lowered_s=1.0e-3, fp32_s=1.0e-3 * RACE_SKIP_FACTOR)
+    assert RecordedRaces(record, gm, trusted=False).known_win(plans) is None  # effort="max" races anyway
+    known = RecordedRaces(record, gm, trusted=True).known_win(plans)
+    assert f"({RACE_SKIP_FACTOR:.2f}x)" in known and "effort='default' does not race" in known
+    RecordedRaces(record, gm, trusted=True).store(plans, lowered_s=1.0e-3, fp32_s=1.0e-3 * (RACE_SKIP_FACTOR - 0.02))
+    assert RecordedRaces(record, gm, trusted=True).known_win(plans) is None  # too close to trust: raced again

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import kiln
-from kiln.build.host_record import SIZE_OCTAVES, GraphKind, HostRecord, graph_kind
+from kiln.build.host_record import SIZE_OCTAVES, GraphKind, HostRecord, graph_kind, plan_kind
+from kiln.ir import LayerPlan, Scheme
 
 KIND = GraphKind(("addmm", "gelu"), "fp32", 20)
 
@@ -59,3 +60,27 @@ def test_a_graph_kind_names_its_ops_precision_and_size():
     large = graph_kind(kiln.plan(model, "cpu-x86", (torch.randn(64, 16),), precision="fp32").plan.partitions[0].graph)
     assert "gelu" in small.ops and small.precision == "fp32"
     assert small.family == large.family and large.size - small.size == 5  # 32x the multiply-adds
+
+
+def test_a_race_against_fp32_reads_back_for_the_same_plan_only(tmp_path):
+    model = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)))
+    plans = {"l0": LayerPlan("l0", "linear", "w0", Scheme.BF16), "l1": LayerPlan("l1", "linear", "w1", Scheme.FP32)}
+    HostRecord.beside(tmp_path).store_race(plan_kind(model, plans), lowered_ms=2.0, fp32_ms=3.0)
+    again = HostRecord.beside(tmp_path)
+    race = again.lookup_race(plan_kind(model, plans))
+    assert race.fp32_factor == 1.5 and "2.00 ms against fp32's 3.00 ms (1.50x)" in race.describe()
+    other_plan = {**plans, "l1": LayerPlan("l1", "linear", "w1", Scheme.BF16)}  # same schemes, one more layer lowered
+    assert again.lookup_race(plan_kind(model, other_plan)) is None
+    assert again.lookup(plan_kind(model, plans)) == {}  # races and backend selections are kept apart
+
+
+def test_a_record_written_before_races_were_kept_reads_as_having_none(tmp_path):
+    HostRecord.beside(tmp_path).store(KIND, {"onnxruntime": (2.0, 5.0), "openvino": (3.0, 1.5)})
+    path = tmp_path / "host-record.json"
+    data = json.loads(path.read_text())
+    del data["races"]
+    path.write_text(json.dumps(data))
+    record = HostRecord.beside(tmp_path)
+    assert record.lookup(KIND) and record.lookup_race(KIND) is None
+    record.store_race(KIND, 1.0, 2.0)
+    assert HostRecord.beside(tmp_path).lookup_race(KIND).fp32_factor == 2.0

@@ -247,6 +247,46 @@ def test_a_lowered_plan_within_the_minimum_lead_of_fp32_is_a_tie_and_fp32_is_kep
     assert kept.scheme() == "int8-static"
 
 
+class FakeHistory:
+    """A race history that knows the plans in `wins` won clearly here, and keeps every race stored."""
+
+    def __init__(self, wins=()):
+        self.wins, self.stored = [dict(w) for w in wins], []
+
+    def known_win(self, plans):
+        return "recorded 1.50x" if dict(plans) in self.wins else None
+
+    def store(self, plans, lowered_s, fp32_s):
+        self.stored.append((_lowered(plans), lowered_s, fp32_s))
+
+
+def test_a_plan_the_host_recorded_well_ahead_of_fp32_is_kept_without_building_fp32_or_racing():
+    first = _plans(Scheme.BF16)
+    build, race = FakeBuild(first), _race((2.0e-3, 1.0e-3))  # a race would keep fp32
+    built = build_plan(build, Choice(first), auto=True, race=race, history=FakeHistory([first]))
+    assert built.scheme() == "bf16" and race.calls == 0 and len(build.calls) == 1
+    note = next(n for n in built.report.notes if "not timed against fp32" in n)
+    assert "(8 layers, bf16)" in note and "recorded 1.50x" in note and note.endswith("the lowered plan kept")
+
+
+def test_every_race_against_fp32_is_stored_with_its_last_timing_and_an_unknown_plan_is_raced():
+    first, second = _plans(Scheme.INT8_STATIC), _plans(Scheme.BF16)
+    history = FakeHistory([second])  # known, but only reached as an alternative after a lost race
+    race = _race((2.0e-3, 1.0e-3), (0.5e-3, 1.0e-3), (0.6e-3, 1.0e-3))
+    built = build_plan(FakeBuild(first), Choice(first, [(Scheme.BF16, second)]), auto=True, race=race, history=history)
+    assert built.scheme() == "bf16" and race.calls == 3
+    assert history.stored == [(set(first), 2.0e-3, 1.0e-3), (set(second), 0.6e-3, 1.0e-3)]
+
+
+def test_a_known_plan_whose_runner_up_was_estimated_close_is_still_raced_against_the_runner_up():
+    first, second = _mixed(), _plans(Scheme.BF16, 8)
+    race = _race((0.6e-3, 0.5e-3))  # the runner-up wins
+    built = build_plan(FakeBuild(first), Choice(first, [(Scheme.BF16, second)], race_runner_up=True), auto=True,
+                       race=race, history=FakeHistory([first]))
+    assert built.scheme() == "bf16" and race.calls == 1
+    assert sorted((c.backend, c.status) for c in built.report.candidates) == [("bf16", "chosen"), ("bf16,int8-static", "slower")]
+
+
 def test_most_sensitive_raised_takes_at_least_one_layer():
     plans, raised = precision_search.most_sensitive_raised(_plans(Scheme.FP16, 3), 0.1, "why")
     assert raised == 1 and _lowered(plans) == {"l0", "l1"} and plans["l2"].reason == "why"
