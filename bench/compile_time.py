@@ -132,7 +132,7 @@ def run_case(model: str, batch: int, precisions: list[str], efforts: list[str], 
         rows, artifacts = {}, {}
         for label in EFFORT_ROWS:
             effort = "default" if label.startswith("default") else label
-            if effort not in efforts:
+            if effort not in efforts or label.endswith("first on host") and "first on host" not in efforts:
                 continue
             cache_dir = work / f"cache-{label.replace(', ', '-').replace(' ', '-')}"
             if label in ("default", "fast") and (host / "host-record.json").is_file():
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", default="fp32,auto")
     parser.add_argument("--efforts", default="fast,default,max")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-first-on-host", action="store_true",
+                        help="leave out the 'default, first on host' row (every candidate built, as at max)")
     parser.add_argument("--hits-only", action="store_true",
                         help="per case and precision, one effort='fast' compile, then only its cache hit and kiln.load + "
                              "first call (for a quiet re-measurement of those columns)")
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     efforts = [e.strip() for e in args.efforts.split(",") if e.strip()]
+    if not args.no_first_on_host:
+        efforts.append("first on host")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     cases = []

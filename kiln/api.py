@@ -93,12 +93,13 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
         with stage("passes", timings):
             decided = pipeline.run(captured.gm, ctx)
         report.passes = decided.records
+        host_record = _host_record(opts)
         builder = Builder(model, captured, prof, ctx, verification_draws(captured, opts, ctx.calibration), report, timings,
-                          None if opts.time_budget_s is None else start + opts.time_budget_s, workers, _host_record(opts))
+                          None if opts.time_budget_s is None else start + opts.time_budget_s, workers, host_record)
         timed = opts.auto and opts.times_against_fp32(prof.select)
         compiled = precision_search.build_plan(builder.build, _precision_choice(decided), auto=opts.auto,
                                                fp32_fallback=opts.fp32_fallback, race=_race(captured, opts) if timed else None,
-                                               history=_race_history(opts, captured))
+                                               history=_race_history(opts, captured, host_record))
         precision_report.check_requested_kept(compiled.report, opts)
         precision_report.warn_if_unproven(compiled.report)
         _finish_report(compiled.report, opts, timings)
@@ -182,11 +183,11 @@ def _build_workers(opts: CompileOptions, profile: Profile) -> WorkerPool:
     return pool
 
 
-def _race_history(opts: CompileOptions, captured: Captured) -> RecordedRaces:
+def _race_history(opts: CompileOptions, captured: Captured, record: HostRecord) -> RecordedRaces:
     """Races of lowered plans against fp32 on this host: always stored; trusted to skip one only at
     effort="default" when the user did not ask for the race (time_against_fp32=True)."""
     trusted = opts.effort == "default" and opts.time_against_fp32 is None
-    return RecordedRaces(_host_record(opts), captured.gm, trusted)
+    return RecordedRaces(record, captured.gm, trusted)
 
 
 def _host_record(opts: CompileOptions) -> HostRecord:

@@ -162,6 +162,7 @@ class HostRecord:
         """Record how `kind`'s plan ran against fp32 (median ms of each, timed interleaved)."""
         if self.path is None:
             return
+        self._data = self._read()  # what other records (another compile, or this one's selections) wrote since
         races = self._data["races"]
         races.setdefault(kind.family, {})[str(kind.size)] = {
             "lowered_ms": round(lowered_ms, 4), "fp32_ms": round(fp32_ms, 4), "when": time.strftime("%Y-%m-%d")}
@@ -175,6 +176,7 @@ class HostRecord:
             return
         best = min(ms for ms, _ in measured.values())
         when = time.strftime("%Y-%m-%d")
+        self._data = self._read()  # what other records (another compile, or this one's races) wrote since
         family = self._data["kinds"].setdefault(kind.family, {})
         entry = family.setdefault(str(kind.size), {})
         for name, (ms, seconds) in measured.items():

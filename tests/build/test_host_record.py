@@ -84,3 +84,13 @@ def test_a_record_written_before_races_were_kept_reads_as_having_none(tmp_path):
     assert record.lookup(KIND) and record.lookup_race(KIND) is None
     record.store_race(KIND, 1.0, 2.0)
     assert HostRecord.beside(tmp_path).lookup_race(KIND).fp32_factor == 2.0
+
+
+def test_two_records_of_one_file_keep_each_other_s_measurements(tmp_path):
+    # a compile's selections and its races, or two compiles at once, each hold the file open
+    selections, races = HostRecord.beside(tmp_path), HostRecord.beside(tmp_path)
+    selections.store(KIND, {"onnxruntime": (2.0, 5.0), "openvino": (3.0, 1.5)})
+    races.store_race(KIND, 1.0, 2.0)
+    selections.store(GraphKind(KIND.ops, "bf16", KIND.size), {"onnxruntime": (1.0, 5.0), "openvino": (3.0, 1.5)})
+    again = HostRecord.beside(tmp_path)
+    assert again.lookup(KIND) and again.lookup(GraphKind(KIND.ops, "bf16", KIND.size)) and again.lookup_race(KIND)

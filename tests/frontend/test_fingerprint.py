@@ -56,6 +56,30 @@ def test_weights_buffers_state_mode_and_call_each_change_it():
     assert _fp(model, dynamic={"x": {0: "batch"}}) != base
 
 
+def test_weights_hashed_on_several_threads_change_it_wherever_a_byte_changes(monkeypatch):
+    from kiln.frontend import fingerprint
+
+    monkeypatch.setattr(fingerprint, "PARALLEL_BYTES", 1)  # a small model hashed in one run per core
+    monkeypatch.setattr(fingerprint.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    base = _fp(model, torch.randn(2, 8))
+    assert base is not None and _fp(model, torch.randn(2, 8)) == base
+    for layer in (model[0], model[3], model[5]):  # one in each thread's run
+        with torch.no_grad():
+            layer.bias[-1] += 1e-6
+        assert _fp(model, torch.randn(2, 8)) != base
+        with torch.no_grad():
+            layer.bias[-1] -= 1e-6
+        assert _fp(model, torch.randn(2, 8)) == base
+    # the same bytes moved from one tensor to the next (the runs' borders) still change it
+    with torch.no_grad():
+        first, second = model[2].bias.clone(), model[3].bias.clone()
+        model[2].bias.copy_(second)
+        model[3].bias.copy_(first)
+    assert _fp(model, torch.randn(2, 8)) != base
+
+
 def test_a_change_to_the_model_s_source_file_changes_it(tmp_path):
     source = tmp_path / "fingerprinted_model.py"
 
