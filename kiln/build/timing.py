@@ -34,6 +34,12 @@ Z_SEPARATED = 2.0
 # between engines either of which keeps effort="default"'s promise of 5% within the best.
 TIE_FRACTION = 0.02
 
+# Engines whose calls all take this long are timed one call per block, with no untimed call
+# first: a call this long is its own average over the jitter a block's median smooths, and the
+# first call after a switch of engine costs a fraction of it. Three rounds of GPT-2's two fp32
+# candidates (170 ms a call) took 6 s at four calls a block, where the 1 s budget asked for 2.
+LONG_CALL_SECONDS = 0.05
+
 Clock = Callable[[], float]
 Pause = Callable[[float], None]
 
@@ -92,12 +98,20 @@ def time_engines(engines: Sequence[Callable], inputs: tuple[torch.Tensor, ...], 
     rounds; while the two fastest are within the noise, go on up to EXTENSION x the budget.
     Runtimes leave worker threads spinning after a call (ONNX Runtime's intra-op pool) that
     take the cores the next engine runs on, so each block starts after SETTLE_SECONDS of quiet
-    and one untimed call: each engine is timed as if alone."""
+    and one untimed call: each engine is timed as if alone. Engines of LONG_CALL_SECONDS or
+    more a call are timed one call a block, with no untimed call."""
     clock = clock or time.perf_counter
     pause = pause or time.sleep  # looked up per call: tests replace time.sleep
+    warm = []
     for engine in engines:
-        for _ in range(2):
-            engine(*inputs)
+        engine(*inputs)
+        begin = clock()
+        engine(*inputs)
+        warm.append(clock() - begin)
+    if min(warm) >= LONG_CALL_SECONDS:  # one call per block, none untimed (see LONG_CALL_SECONDS)
+        block, untimed = 1, False
+    else:
+        untimed = True
     timed = Timed([[] for _ in engines], calls=[[] for _ in engines])
     start = clock()
     rounds = 0
@@ -105,7 +119,8 @@ def time_engines(engines: Sequence[Callable], inputs: tuple[torch.Tensor, ...], 
         for engine, blocks, calls in zip(engines, timed.blocks, timed.calls):
             if len(engines) > 1:
                 pause(SETTLE_SECONDS)
-            engine(*inputs)
+            if untimed:
+                engine(*inputs)
             samples = []
             for _ in range(block):
                 begin = clock()

@@ -51,6 +51,21 @@ def test_engines_far_apart_are_timed_for_the_budget_and_no_longer():
     assert rounds == pytest.approx(1.0 / one_round, abs=1)
 
 
+def test_slow_engines_are_timed_one_call_a_block_so_the_budget_holds_more_rounds():
+    machine = FakeMachine()
+    slow = timing.LONG_CALL_SECONDS * 3
+    timed = machine.time([machine.engine(slow, 0.02), machine.engine(2 * slow, 0.02)], budget=2.0)
+    assert timed.decided() and timed.ranking() == [0, 1]
+    assert all(len(calls) == len(blocks) for calls, blocks in zip(timed.calls, timed.blocks))  # one timed call a block
+    one_round = 2 * timing.SETTLE_SECONDS + slow + 2 * slow  # no untimed call
+    assert len(timed.blocks[0]) == pytest.approx(2.0 / one_round, abs=1) and len(timed.blocks[0]) > timing.MIN_ROUNDS
+    spent = machine.now - 2 * (slow + 2 * slow)  # less the warm-up calls
+    assert spent < 2.0 + one_round  # the budget, not the minimum rounds, bounds it
+    # one fast engine among them keeps the blocks of three
+    mixed = machine.time([machine.engine(1e-3), machine.engine(slow)], budget=0.5)
+    assert len(mixed.calls[0]) == 3 * len(mixed.blocks[0])
+
+
 def test_engines_within_the_noise_of_each_other_get_more_rounds_up_to_the_extension():
     machine = FakeMachine()
     timed = machine.time([machine.engine(1.00e-3, 0.3), machine.engine(1.10e-3, 0.3)], budget=0.2)
