@@ -62,6 +62,21 @@ def test_bf16_and_fp16_weights_stay_within_a_step_of_their_values_and_keep_each_
     assert torch.equal(float_grid(rounded, dtype), rounded)  # values already in the type stay
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float_grid_moves_as_many_weights_as_a_wide_row_lost_steps(dtype):
+    # each weight of a 1024-wide row sits 0.4 of a step off a value of the type: rounding to
+    # nearest loses about 410 steps, many more weights than the first top-k looks at
+    low = torch.full((3, 1024), 1.5).to(dtype)  # 1.5: a step is the same size either side
+    step = float(torch.nextafter(low[0, 0], torch.tensor(2.0, dtype=dtype)).float() - 1.5)
+    weight = low.float() + 0.4 * step * torch.tensor([[1.0], [-1.0], [0.0]])  # above, below, exact
+    rounded = float_grid(weight, dtype)
+    moves = (rounded - 1.5) / step
+    assert (moves == 1).sum(dim=1).tolist() == [410, 0, 0] and (moves == -1).sum(dim=1).tolist() == [0, 410, 0]
+    assert bool((moves.abs() <= 1).all())
+    lost = ((rounded - weight).double().sum(dim=1) / step).abs()
+    assert bool((lost <= 0.5).all())  # each row's sum within half a step
+
+
 def test_fp8_scales_per_tensor_so_large_weights_survive():
     weight = torch.tensor([[1000.0, -500.0, 3.0]])
     rounded = fake_weight(weight, Scheme.FP8)
