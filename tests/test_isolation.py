@@ -100,3 +100,20 @@ def test_a_worker_started_ahead_is_stopped_when_the_build_runs_in_this_process()
         assert not pool._idle and started.process.poll() is not None
     finally:
         pool.close()
+
+
+def test_a_candidate_that_cannot_build_here_does_not_count_toward_building_in_children(caplog):
+    import logging
+    from dataclasses import replace
+
+    pytest.importorskip("openvino")
+    profile = kiln.hardware_profiles.load("cpu-x86")
+    profile = replace(profile, devices={"cpu": replace(profile.primary, backends=("onnxruntime", "openvino"))})
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU()).eval()
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        # kiln's ONNX Runtime path does not lower bf16: OpenVINO is the one candidate to build
+        compiled = kiln.optimize(model, profile, (torch.randn(2, 6),), precision="bf16", select="measure", effort="max",
+                                 cache=False)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("building partition"))
+    assert "candidates onnxruntime, openvino" in line and "child process" not in line
+    assert _record(compiled, "onnxruntime").status == "unsupported" and compiled.backends == {"p0": "openvino"}

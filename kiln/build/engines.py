@@ -15,7 +15,7 @@ from kiln.backends.base import BackendSettings, Engine
 from kiln.build.effort import plan_candidates
 from kiln.build.host_record import HostRecord, graph_kind
 from kiln.build.isolate import PartitionFiles, WorkerPool, build_isolated, op_libraries
-from kiln.build.select import select_engine
+from kiln.build.select import buildable, select_engine
 from kiln.frontend.moe_op import MOE_EXPERTS
 from kiln.hardware_profiles.schema import Profile
 from kiln.host import usable_cores
@@ -92,7 +92,10 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
                                                libraries, choices)
             return engine, checks
 
-        in_child = not eager and isolates(opts, candidates.mode, len(candidates.order))
+        # a candidate that cannot build here (not installed, or an op or precision it does not take)
+        # is only recorded: one left to build is built in this process, with no child to start
+        to_build = candidates.order if eager else buildable(candidates.order, lowered, settings)
+        in_child = not eager and isolates(opts, candidates.mode, len(to_build))
         if in_child and libraries.unimportable:
             in_child = False
             built.notes.append(f"partition {partition.name} was built in this process, not in child processes: its op(s) "
@@ -100,12 +103,12 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
                                "define them in an importable module to build each candidate in isolation")
         # each build itself runs on two or more threads (a C++ compiler's jobs, a graph optimizer, the
         # verification runs), so candidates build side by side only where there are cores for both
-        parallel = max(1, min(usable_cores() // 2, len(candidates.order))) if in_child else 1
+        parallel = max(1, min(usable_cores() // 2, len(to_build))) if in_child else 1
         # one program and one set of verification data for every child (torch.export is not thread-safe: before the builds)
         files = PartitionFiles.write(lowered, partition_draws, references, workdir / f"{partition.name}-inputs") if in_child else None
         pool = workers if workers is not None or not in_child else WorkerPool(names, opts.build_memory_mb)
         if in_child:
-            pool.expect(len(candidates.order), ahead=parallel + 1)
+            pool.expect(max(1, len(to_build)), ahead=parallel + 1)
         elif pool is not None:
             pool.release_idle()  # one started before capture, and this partition builds in this process
         log.info("building partition %s on %s: candidates %s (%s, effort %s%s)", partition.name, device.name,

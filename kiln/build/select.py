@@ -133,6 +133,13 @@ class _Built:
     record: CandidateRecord
 
 
+def buildable(names: tuple[str, ...], partition: PartitionGraph, settings: BackendSettings) -> tuple[str, ...]:
+    """Those of `names` installed here that take every node of `partition`: what a selection
+    will build (the others it records as unavailable or unsupported without building)."""
+    return tuple(name for name in names
+                 if _usable_backend(name, partition, settings, CandidateRecord(partition.name, name, "not tried")) is not None)
+
+
 def _usable_backend(name: str, partition: PartitionGraph, settings: BackendSettings, record: CandidateRecord):
     """The backend object if it is installed and takes every node; else None, with the reason recorded."""
     try:
