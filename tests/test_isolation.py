@@ -120,3 +120,17 @@ def test_a_candidate_that_cannot_build_here_does_not_count_toward_building_in_ch
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("building partition"))
     assert "candidates onnxruntime, openvino" in line and "child process" not in line
     assert _record(compiled, "onnxruntime").status == "unsupported" and compiled.backends == {"p0": "openvino"}
+
+
+def test_the_partition_files_a_child_reads_load_back_and_leave_torch_s_checksum_setting_alone(tmp_path):
+    from kiln.build.isolate import PartitionFiles
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU()).eval()
+    x = torch.randn(2, 6)
+    compiled = kiln.optimize(model, "cpu-x86", (x,), precision="fp32", backend="onnxruntime", cache=False, verify=False)
+    partition = compiled.plan.partitions[0].graph
+    files = PartitionFiles.write(partition, [(x,)], [(model(x),)], tmp_path)
+    assert torch.serialization.get_crc32_options() is True  # the user's setting, restored
+    out = torch.export.load(files.program).module()(x)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, model(x))
+    assert torch.equal(torch.load(files.verify)["draws"][0][0], x)
