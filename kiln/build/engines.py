@@ -125,7 +125,7 @@ def build_engines(plan: PartitionPlan, profile: Profile, opts: CompileOptions, d
                 pool.close()
         if candidates.mode == "measure" and kind is not None:
             host_record.store(kind, {r.backend: (r.median_ms, r.compile_seconds or 0.0) for r in selection.candidates
-                                     if r.median_ms is not None})
+                                     if r.median_ms is not None}, apart=selection.apart)
         partition.backend = selection.backend
         built.engines[partition.name] = selection.engine
         built.candidates.extend(selection.candidates)

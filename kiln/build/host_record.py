@@ -108,9 +108,11 @@ class Recorded:
     build_seconds: float
     when: str  # ISO date of the measurement
     size: int  # the recorded graph's size, log2 multiply-adds
+    apart: bool = False  # that timing put it behind the fastest beyond the noise
 
     def describe(self) -> str:
-        return (f"on this host it ran {self.factor:.2f}x the fastest candidate's time on a graph of this kind "
+        behind = ", behind it beyond the noise" if self.apart else ""
+        return (f"on this host it ran {self.factor:.2f}x the fastest candidate's time{behind} on a graph of this kind "
                 f"(measured {self.when}, built in {self.build_seconds:.1f} s)")
 
 
@@ -147,7 +149,7 @@ class HostRecord:
         if found is None:
             return {}
         size, entry = found
-        return {name: Recorded(name, m["factor"], m["median_ms"], m["build_seconds"], m["when"], size)
+        return {name: Recorded(name, m["factor"], m["median_ms"], m["build_seconds"], m["when"], size, bool(m.get("apart")))
                 for name, m in entry.items()}
 
     def lookup_race(self, kind: GraphKind) -> RecordedRace | None:
@@ -170,8 +172,9 @@ class HostRecord:
             races.pop(next(iter(races)))
         self._write()
 
-    def store(self, kind: GraphKind, measured: dict[str, tuple[float, float]]) -> None:
-        """Record one selection: backend -> (median ms, build seconds), two or more timed together."""
+    def store(self, kind: GraphKind, measured: dict[str, tuple[float, float]], apart: frozenset[str] = frozenset()) -> None:
+        """Record one selection: backend -> (median ms, build seconds), two or more timed together;
+        `apart`: the backends that timing put behind the fastest beyond the noise."""
         if len(measured) < 2 or self.path is None:
             return
         best = min(ms for ms, _ in measured.values())
@@ -181,7 +184,7 @@ class HostRecord:
         entry = family.setdefault(str(kind.size), {})
         for name, (ms, seconds) in measured.items():
             entry[name] = {"factor": round(ms / best, 4), "median_ms": round(ms, 4), "build_seconds": round(seconds, 2),
-                           "when": when}
+                           "when": when, "apart": name in apart}
         family[str(kind.size)] = entry
         kinds = self._data["kinds"]
         while len(kinds) > MAX_KINDS:

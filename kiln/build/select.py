@@ -16,7 +16,7 @@ import torch
 
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine
-from kiln.build.timing import SETTLE_SECONDS, TIE_FRACTION, confirm, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
+from kiln.build.timing import SETTLE_SECONDS, TIE_FRACTION, confirm, separated, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
 from kiln.ir import DECISION_META, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.progress import heartbeat
@@ -39,6 +39,7 @@ class Selection:
     backend: str
     candidates: list[CandidateRecord]
     checks: list[OutputCheck]
+    apart: frozenset[str] = frozenset()  # backends timed slower than the chosen one beyond the noise
 
 
 def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, settings: BackendSettings,
@@ -87,9 +88,9 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
     if timed:
         log.info("timing %d candidates for partition %s, interleaved (about %.0f s)", len(built), partition.name,
                  measure_seconds * len(built))
-        best, confirmation = _fastest(built, partition.example_inputs, measure_seconds)
+        best, confirmation, apart = _fastest(built, partition.example_inputs, measure_seconds)
     else:
-        best, confirmation = built[0], ""
+        best, confirmation, apart = built[0], "", frozenset()
     for candidate in built:
         record = candidate.record
         if candidate is best:
@@ -99,31 +100,37 @@ def select_engine(partition: PartitionGraph, names: tuple[str, ...], mode: str, 
         else:
             record.status = "slower"
             record.reason = f"{record.median_ms / best.record.median_ms:.2f}x the chosen backend's time"
-    return Selection(best.engine, best.record.backend, list(records.values()), best.checks)
+    return Selection(best.engine, best.record.backend, list(records.values()), best.checks, apart)
 
 
-def _fastest(built: list[_Built], inputs: tuple[torch.Tensor, ...], measure_seconds: float) -> tuple[_Built, str]:
-    """The fastest of `built` (each record's median_ms filled in) and a note on how sure that
-    is: the first timing's winner is re-timed against its runner-up alone, and the faster
-    median over both timings wins; where only those two were timed and the first timing told
-    them apart, it decides."""
+def _fastest(built: list[_Built], inputs: tuple[torch.Tensor, ...],
+             measure_seconds: float) -> tuple[_Built, str, frozenset[str]]:
+    """The fastest of `built` (each record's median_ms filled in), a note on how sure that is,
+    and the backends the first timing put behind it beyond the noise: the first timing's winner
+    is re-timed against its runner-up alone, and the faster median over both timings wins;
+    where only those two were timed and the first timing told them apart, it decides."""
     engines = [b.engine for b in built]
     first = time_engines(engines, inputs, measure_seconds * len(built))
     for median, candidate in zip(first.medians(), built):
         candidate.record.median_ms = median * 1000
+
+    def apart_from(winner: int) -> frozenset[str]:
+        return frozenset(b.record.backend for i, b in enumerate(built)
+                         if i != winner and separated(first.blocks[winner], first.blocks[i]))
+
     if len(built) == 2 and (first.decided() or first.tied()):
         # two engines timed alone, told apart beyond the noise or tied: a re-timing of the same
         # pair would only repeat it (BERT-base: 4 to 6 s of a 35 s compile)
-        winner = built[first.ranking()[0]]
+        index = first.ranking()[0]
         how = "apart beyond the noise" if first.decided() else f"within {TIE_FRACTION:.0%} of each other, a tie"
-        return winner, f", {how}" + (" once timed longer" if first.extended else "")
+        return built[index], f", {how}" + (" once timed longer" if first.extended else ""), apart_from(index)
     confirmed = confirm(engines, inputs, first, 2 * measure_seconds)
     winner, runner_up = built[confirmed.winner], built[confirmed.runner_up]
     winner.record.median_ms, runner_up.record.median_ms = (m * 1000 for m in confirmed.medians)
     extended = ", timed longer: the two fastest were within the noise" if first.extended else ""
     flipped = (f"; re-timed against {runner_up.record.backend}, it was faster than the first timing's winner"
                if confirmed.flipped else f"; re-timed against {runner_up.record.backend}")
-    return winner, f"{extended}{flipped}"
+    return winner, f"{extended}{flipped}", apart_from(confirmed.winner)
 
 
 @dataclass

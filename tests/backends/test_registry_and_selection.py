@@ -82,6 +82,7 @@ def test_measure_keeps_the_fastest_verified_candidate_and_records_every_other(fa
     assert "segv-ish" in reasons["crashes"] and "no op foo" in reasons["partial"] and "pip install" in reasons["absent"]
     # only two built and verified, told apart by the first timing: it decides
     assert reasons["fast"].startswith("fastest verified") and "apart beyond the noise" in reasons["fast"]
+    assert chosen.apart == {"slow"}  # what the host record keeps, for effort="default" to leave it out
 
 
 def test_with_three_timed_the_winner_is_re_timed_against_its_runner_up_alone(fakes, convnet_partition, settings):

@@ -37,6 +37,19 @@ def test_default_leaves_out_a_candidate_recorded_5_percent_slower_or_more():
     assert plan.order == ("openvino",) and set(plan.left_out) == {"onnxruntime", "inductor"}
 
 
+def test_default_leaves_out_a_closer_candidate_only_where_its_timing_put_it_behind_beyond_the_noise():
+    def recorded(factor: float, apart: bool) -> dict[str, Recorded]:
+        return {"openvino": Recorded("openvino", 1.0, 10.0, 3.0, "2026-12-07", 20),
+                "onnxruntime": Recorded("onnxruntime", factor, 10.0 * factor, 3.0, "2026-12-07", 20, apart)}
+
+    names = ("onnxruntime", "openvino")
+    behind = plan_candidates(names, "measure", "default", recorded(1.03, apart=True))
+    assert behind.order == ("openvino",) and "behind it beyond the noise" in behind.left_out["onnxruntime"]
+    assert plan_candidates(names, "measure", "default", recorded(1.03, apart=False)).order == names  # within the noise
+    assert plan_candidates(names, "measure", "default", recorded(1.01, apart=True)).order == names  # a tie
+    assert plan_candidates(names, "measure", "fast", recorded(1.03, apart=True)).order == ("openvino", "onnxruntime")
+
+
 def test_default_builds_a_candidate_this_host_never_measured():
     plan = plan_candidates(NAMES, "measure", "default", _recorded(onnxruntime=1.0, openvino=1.5))
     assert plan.order == ("onnxruntime", "inductor") and set(plan.left_out) == {"openvino"}

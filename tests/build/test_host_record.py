@@ -21,6 +21,13 @@ def test_a_stored_selection_reads_back_as_factors_of_the_fastest(tmp_path):
     assert again["openvino"].build_seconds == 1.5 and again["openvino"].median_ms == 3.0
 
 
+def test_a_selection_records_which_candidates_its_timing_put_behind_beyond_the_noise(tmp_path):
+    HostRecord.beside(tmp_path).store(KIND, {"onnxruntime": (2.06, 5.0), "openvino": (2.0, 1.5), "inductor": (2.02, 9.0)},
+                                      apart=frozenset({"onnxruntime"}))
+    again = HostRecord.beside(tmp_path).lookup(KIND)
+    assert again["onnxruntime"].apart and not again["inductor"].apart and not again["openvino"].apart
+
+
 def test_a_single_measurement_is_not_a_comparison_and_is_not_stored(tmp_path):
     HostRecord.beside(tmp_path).store(KIND, {"onnxruntime": (2.0, 5.0)})
     assert HostRecord.beside(tmp_path).lookup(KIND) == {}
