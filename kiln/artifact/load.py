@@ -6,6 +6,7 @@ import hashlib
 import io
 import shutil
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -64,7 +65,12 @@ def read(path: str | Path, threads: int | None = None, expected_digest: str | No
             directory = Path(tempfile.mkdtemp(prefix="kiln-load-"))
             cleanup = lambda: shutil.rmtree(directory, ignore_errors=True)  # noqa: E731
             _extract(path, sizes, directory)
+        # The runtimes' imports (tenths of a second, mostly Python) overlap the checksums (hashing
+        # runs without the GIL); no engine file is read before its checksum passes.
+        importing = threading.Thread(target=_import_backends, args=(manifest,), daemon=True)
+        importing.start()
         entries = _check_files(manifest, directory, path)
+        importing.join()
         _check_no_unlisted_files(manifest, directory, path)
         # Everything that can be parsed is parsed before any engine (native code) loads.
         spec = InputSpec.from_dict(manifest["input_spec"])
@@ -262,6 +268,16 @@ def _check_files(manifest: dict, directory: Path, path: Path) -> dict[str, Engin
             names.append(member.name)
         entries[engine["partition"]] = EngineEntry(engine["backend"], names, engine.get("meta", {}))
     return entries
+
+
+def _import_backends(manifest: dict) -> None:
+    """Import the runtimes the engines name, ahead of loading them. Any failure is left for
+    _load_engines to report with its own message."""
+    try:
+        for name in {e.get("backend") for e in manifest["engines"]}:
+            registry.get(name).available()
+    except Exception:  # noqa: BLE001  (reported where the engine loads)
+        pass
 
 
 def _check_no_unlisted_files(manifest: dict, directory: Path, path: Path) -> None:
