@@ -64,7 +64,6 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
     with stage("profile", timings):
         prof = _profile(profile)
         preflight.check_profile_fits(prof, opts)
-        preflight.check_primary_ready(prof, opts)
     cache = _open_cache(opts)
     quick = None
     if cache is not None:
@@ -72,6 +71,8 @@ def _optimize(model, profile, example_inputs, example_kwargs, dynamic, opts: Com
             quick, hit = _quick_lookup(cache, model, example_inputs, example_kwargs, dynamic, prof, opts)
         if hit is not None and (found := _quick_hit(model, hit, example_inputs, example_kwargs, opts, timings)) is not None:
             return found
+    with stage("profile", timings):  # after the quick hit, which builds nothing (and need not import every runtime)
+        preflight.check_primary_ready(prof, opts)
     workers = _build_workers(opts, prof)  # may start a child importing while the model is captured
     try:
         with stage("capture", timings):
