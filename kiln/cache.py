@@ -11,6 +11,9 @@ An entry is an artifact directory (the same format `CompiledModel.save` writes).
 temporary directory in the cache root and are renamed into place, so a crash never leaves half
 an entry. A hit is loaded through `kiln.load` (checksums first); a corrupt entry is removed
 and rebuilt. The cache keeps under a size cap by evicting the least recently used entries.
+Beside an entry, `<entry>.runtime/` holds what a runtime compiled from its engine files for the
+next hit (OpenVINO's blob: kiln/backends/openvino_kept.py); a new entry is loaded once to fill
+it, and it goes with its entry.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import torch
 from kiln import version
 from kiln.errors import ArtifactError, KilnError
 from kiln.host import host_fingerprint, usable_cores
+from kiln.backends import registry
 from kiln.runtime import load
 
 log = logging.getLogger("kiln")
 
 USED_SUFFIX = ".used"  # a marker beside each entry (inside, it would be an unlisted artifact file)
+RUNTIME_SUFFIX = ".runtime"  # beside each entry: what runtimes compiled from its engine files (BackendSettings.runtime_cache)
 ALIAS_SUFFIX = ".alias"  # a quick key's file, holding the full key it last led to
 
 
@@ -116,11 +121,10 @@ class CompileCache:
         if not (path / "manifest.json").is_file():
             return None
         try:
-            compiled = load(path)
+            compiled = load(path, runtime_cache=_runtime_dir(path))
         except ArtifactError as exc:
             log.warning("compile cache entry %s is unusable (%s); rebuilding", key[:12], exc.what)
-            shutil.rmtree(path, ignore_errors=True)
-            Path(str(path) + USED_SUFFIX).unlink(missing_ok=True)
+            _remove(path)
             return None
         self._mark_used(path)
         return compiled
@@ -137,6 +141,8 @@ class CompileCache:
                 os.replace(staging / "artifact", target)
             except OSError:  # another process stored the same key first; theirs is as good
                 pass
+            else:
+                _keep_compiled(target)
             self._mark_used(target)
         except (OSError, KilnError) as exc:
             log.warning("could not write compile cache entry %s: %s", key[:12], exc)
@@ -155,18 +161,38 @@ class CompileCache:
         """Remove least recently used entries until the cache fits `max_bytes`."""
         entries = []
         for path in self.root.glob("*/*"):
-            if path.is_dir() and not path.name.startswith(".tmp-"):
+            if path.is_dir() and not path.name.startswith(".tmp-") and not path.name.endswith(RUNTIME_SUFFIX):
                 marker = Path(str(path) + USED_SUFFIX)
                 used = marker.stat().st_mtime if marker.exists() else path.stat().st_mtime
-                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                size = sum(f.stat().st_size for p in (path, _runtime_dir(path)) for f in p.rglob("*") if f.is_file())
                 entries.append((used, size, path))
         total = sum(size for _, size, _ in entries)
         removed = []
         for used, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
-            shutil.rmtree(path, ignore_errors=True)
-            Path(str(path) + USED_SUFFIX).unlink(missing_ok=True)
+            _remove(path)
             total -= size
             removed.append(path)
         return removed
+
+
+def _runtime_dir(entry: Path) -> Path:
+    return Path(str(entry) + RUNTIME_SUFFIX)
+
+
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry, ignore_errors=True)
+    shutil.rmtree(_runtime_dir(entry), ignore_errors=True)
+    Path(str(entry) + USED_SUFFIX).unlink(missing_ok=True)
+
+
+def _keep_compiled(entry: Path) -> None:
+    """Load a new entry once where one of its backends keeps what it compiles from the entry's
+    files (Backend.keeps_compiled): the first cache hit then loads as fast as the later ones."""
+    try:
+        backends = {e["backend"] for e in json.loads((entry / "manifest.json").read_text())["engines"]}
+        if any(getattr(registry.get(name), "keeps_compiled", False) for name in backends):
+            load(entry, runtime_cache=_runtime_dir(entry))
+    except (OSError, ValueError, KeyError, KilnError) as exc:  # the entry still serves; its first hit compiles
+        log.warning("could not prepare compile cache entry %s for fast loads: %s", entry.name[:12], exc)

@@ -5,6 +5,7 @@ import importlib.metadata
 import importlib.util
 import sys
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -242,3 +243,45 @@ def test_an_unverified_build_is_not_stored(tmp_path):
     model, x = _model(), torch.randn(2, 8)
     _optimize(model, x, tmp_path, verify=False)
     assert not list(tmp_path.glob("*/*/manifest.json"))
+
+
+def _optimize_openvino(model, x, cache_dir):
+    return kiln.optimize(model, "cpu-x86", (x,), backend="openvino", cache_dir=str(cache_dir))
+
+
+def _entries(root):
+    return [p for p in root.glob("*/*") if p.is_dir() and not p.name.endswith(kiln.cache.RUNTIME_SUFFIX)]
+
+
+def test_an_openvino_entry_is_stored_with_its_compiled_blob_so_the_first_hit_reads_it(tmp_path):
+    pytest.importorskip("openvino")
+    model, x = _model(), torch.randn(2, 8)
+    _optimize_openvino(model, x, tmp_path)
+    (entry,) = _entries(tmp_path)
+    kept = Path(str(entry) + kiln.cache.RUNTIME_SUFFIX)
+    assert list(kept.glob("openvino-*/*.blob"))
+    hit = _optimize_openvino(model, x, tmp_path)
+    assert _hit(hit) and hit.engines["p0"].compiled.get_property("LOADED_FROM_CACHE")
+    torch.testing.assert_close(hit(x), model(x), rtol=FP32.rtol, atol=FP32.atol)
+
+
+def test_an_entry_s_kept_blobs_are_evicted_and_dropped_with_it(tmp_path):
+    pytest.importorskip("openvino")
+    x = torch.randn(2, 8)
+    for seed in range(2):
+        _optimize_openvino(_model(seed), x, tmp_path)
+    assert len(list(tmp_path.glob(f"*/*{kiln.cache.RUNTIME_SUFFIX}"))) == 2
+    removed = CompileCache(tmp_path, max_bytes=0).evict()
+    assert len(removed) == 2  # the entries; their kept blobs are not entries of their own
+    assert not list(tmp_path.glob("*/*/manifest.json")) and not list(tmp_path.glob(f"*/*{kiln.cache.RUNTIME_SUFFIX}"))
+
+    model = _model()
+    _optimize_openvino(model, x, tmp_path)
+    (engine,) = tmp_path.glob("*/*/engines/p0.bin")
+    engine.write_bytes(engine.read_bytes()[:-4] + b"\0\0\0\0")
+    rebuilt = _optimize_openvino(model, x, tmp_path)
+    assert not _hit(rebuilt)
+    (entry,) = _entries(tmp_path)
+    assert len(list(Path(str(entry) + kiln.cache.RUNTIME_SUFFIX).iterdir())) == 1  # one kept folder, for the rebuilt files
+    hit = _optimize_openvino(model, x, tmp_path)
+    assert _hit(hit) and hit.engines["p0"].compiled.get_property("LOADED_FROM_CACHE")

@@ -41,7 +41,8 @@ class LoadedArtifact:
     close: Callable[[], None]
 
 
-def read(path: str | Path, threads: int | None = None, expected_digest: str | None = None) -> LoadedArtifact:
+def read(path: str | Path, threads: int | None = None, expected_digest: str | None = None,
+         runtime_cache: Path | None = None) -> LoadedArtifact:
     """Read an artifact written by CompiledModel.save; raises ArtifactError when it is corrupt,
     tampered with, or needs other versions than the ones installed.
 
@@ -78,7 +79,7 @@ def read(path: str | Path, threads: int | None = None, expected_digest: str | No
         pytree.treespec_loads(manifest["output_structure"])
         if not isinstance(manifest["profile"].get("name"), str):
             raise ValueError("profile name missing")
-        plan, engines = _load_engines(manifest, entries, directory, path, threads)
+        plan, engines = _load_engines(manifest, entries, directory, path, threads, runtime_cache if path.is_dir() else None)
         return LoadedArtifact(plan, engines, spec, manifest["output_structure"], report, manifest["profile"],
                               tuple(manifest.get("output_none_positions", ())), cleanup)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -256,7 +257,7 @@ def _check_versions(manifest: dict, path: Path) -> None:
 def _check_files(manifest: dict, directory: Path, path: Path) -> dict[str, EngineEntry]:
     entries = {}
     for engine in manifest["engines"]:
-        names = []
+        names, checksums = [], []
         for item in engine["files"]:
             member = engine_member(item["path"], where=f"{path}: manifest engines")
             file = directory / member
@@ -266,7 +267,8 @@ def _check_files(manifest: dict, directory: Path, path: Path) -> dict[str, Engin
                 raise ArtifactError(f"engine file {item['path']} does not match its checksum", where=str(path),
                                     fix="the artifact is corrupt or was tampered with; rebuild it from the model")
             names.append(member.name)
-        entries[engine["partition"]] = EngineEntry(engine["backend"], names, engine.get("meta", {}))
+            checksums.append(item["sha256"])
+        entries[engine["partition"]] = EngineEntry(engine["backend"], names, engine.get("meta", {}), tuple(checksums))
     return entries
 
 
@@ -290,7 +292,8 @@ def _check_no_unlisted_files(manifest: dict, directory: Path, path: Path) -> Non
                                 where=str(path), fix="the artifact was edited; rebuild it from the model")
 
 
-def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Path, path: Path, threads: int | None):
+def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Path, path: Path, threads: int | None,
+                  runtime_cache: Path | None):
     plan_data = manifest["plan"]
     partitions, engines = [], {}
     for item in plan_data["partitions"]:
@@ -305,7 +308,8 @@ def _load_engines(manifest: dict, entries: dict[str, EngineEntry], directory: Pa
         if not status.ok:
             raise ArtifactError(f"needs backend {entry.backend!r}, which is unavailable here: {status.reason}", where=str(path),
                                 fix=status.install_hint)
-        settings = BackendSettings(_runtime_device(item["device"], item.get("device_kind")), threads or usable_cores(), directory / "engines")
+        settings = BackendSettings(_runtime_device(item["device"], item.get("device_kind")), threads or usable_cores(), directory / "engines",
+                                   runtime_cache=runtime_cache)
         try:
             engines[item["name"]] = backend.load(directory / "engines", entry, settings)
         except KilnError as exc:

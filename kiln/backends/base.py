@@ -121,6 +121,9 @@ class BackendBase:
     capabilities: ClassVar[CapabilityTable]
     # the libraries a build imports, which a build worker imports ahead (kiln/build/isolate.py)
     build_modules: ClassVar[tuple[str, ...]] = ()
+    # whether its load keeps what it compiled in BackendSettings.runtime_cache, so the compile
+    # cache loads a new entry once to fill it
+    keeps_compiled: ClassVar[bool] = False
 
     def supports(self, node: Node, device: DeviceSpec, precision: Precision = Precision.FP32,
                  check_ready: bool = True) -> Support:
@@ -140,15 +143,21 @@ class BackendSettings:
     fuse: bool = True  # lower into the runtime's fused ops (CompileOptions.fusion)
     autotune: bool = False  # CompileOptions.autotune: search kernel variants at build time
     budget: Budget | None = None
+    # Where a load may keep what its runtime compiled from the engine's files, for the next load
+    # of the same files at the same place (a compile-cache entry's; None for artifacts the user
+    # loads, which may move). Only backends with keeps_compiled use it.
+    runtime_cache: Path | None = None
 
 
 @dataclass
 class EngineEntry:
-    """One engine's files inside the artifact, as the manifest lists them."""
+    """One engine's files inside the artifact, as the manifest lists them (with their sha256s
+    when read from an artifact, checked before the engine loads)."""
 
     backend: str
     files: list[str]
     meta: dict = field(default_factory=dict)
+    sha256: tuple[str, ...] = ()
 
 
 class Engine(Protocol):
@@ -164,6 +173,9 @@ class Backend(Protocol):
     capabilities: ClassVar[CapabilityTable]
     # the libraries a build imports, which a build worker imports ahead (kiln/build/isolate.py)
     build_modules: ClassVar[tuple[str, ...]] = ()
+    # whether its load keeps what it compiled in BackendSettings.runtime_cache, so the compile
+    # cache loads a new entry once to fill it
+    keeps_compiled: ClassVar[bool] = False
 
     def available(self) -> Availability: ...
 

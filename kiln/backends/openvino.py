@@ -58,6 +58,7 @@ from torch.fx import Node
 
 from kiln.backends.base import (Availability, BackendBase, BackendSettings, CapabilityTable, EngineEntry, Support, export_partition,
                                 place_engine_file)
+from kiln.backends.openvino_kept import compile_keeping, kept_folder
 from kiln.ir import PartitionGraph
 from kiln.errors import ArtifactError, BackendError, BackendUnavailable
 from kiln.hardware_profiles.schema import DeviceSpec
@@ -284,9 +285,11 @@ class OpenVinoEngine:
     backend = "openvino"
 
     def __init__(self, model, xml_path: Path, settings: BackendSettings, precision: Precision, device: str,
-                 wiring: Wiring, hint: Precision | None = None):
+                 wiring: Wiring, hint: Precision | None = None, checksums: tuple[str, ...] = ()):
         """`hint`: the inference precision OpenVINO is given, `precision` unless the plan's
-        layers carry their own casts (then f32: the casts say which layers run lower)."""
+        layers carry their own casts (then f32: the casts say which layers run lower).
+        `model` None: compiled from `xml_path` through the blob kept in settings.runtime_cache
+        for files with these `checksums` (kiln.backends.openvino_kept)."""
         import openvino as ov
 
         self.xml_path = xml_path
@@ -298,7 +301,11 @@ class OpenVinoEngine:
         if device == "CPU":  # the thread budget is a CPU plugin property
             config["INFERENCE_NUM_THREADS"] = settings.threads
         try:
-            self.compiled = ov.Core().compile_model(model, device, config)
+            if model is None:
+                folder = kept_folder(settings.runtime_cache, xml_path, checksums, device, config)
+                self.compiled = compile_keeping(ov.Core(), xml_path, device, config, folder)
+            else:
+                self.compiled = ov.Core().compile_model(model, device, config)
         except Exception as exc:
             raise BackendError(f"OpenVINO could not compile the model for {device}: {str(exc).splitlines()[0][:300]}",
                                where=str(xml_path), fix="try backend='onnxruntime', or report the model") from exc
@@ -493,6 +500,7 @@ class OpenVinoBackend(BackendBase):
     name: ClassVar[str] = "openvino"
     build_modules: ClassVar[tuple[str, ...]] = ("openvino", "openvino.frontend.pytorch.fx_decoder")
     capabilities: ClassVar[CapabilityTable] = CAPABILITIES
+    keeps_compiled: ClassVar[bool] = True
 
     def available(self) -> Availability:
         try:
@@ -562,13 +570,15 @@ class OpenVinoBackend(BackendBase):
                                fix="load it on a machine with that device, or rebuild the artifact for this one")
         precision = Precision(entry.meta.get("precision", Precision.FP32.value))
         hint = Precision(entry.meta.get("hint", precision.value))
-        model = ov.Core().read_model(str(xml))
+        # through a kept blob where the files stay put and their checksums were checked
+        keeping = settings.runtime_cache is not None and len(entry.sha256) == len(entry.files)
+        model = None if keeping else ov.Core().read_model(str(xml))
         try:
             wiring = Wiring(tuple(int(i) for i in entry.meta["inputs"]), tuple(int(i) for i in entry.meta["outputs"]))
         except (KeyError, TypeError, ValueError):
             raise ArtifactError("the OpenVINO engine's metadata lacks its input and output wiring", where=str(xml),
                                 fix="rebuild the artifact with this kiln") from None
-        engine = OpenVinoEngine(model, xml, settings, precision, device, wiring, hint)
+        engine = OpenVinoEngine(model, xml, settings, precision, device, wiring, hint, entry.sha256)
         engine.summary = entry.meta.get("summary", "")
         return engine
 

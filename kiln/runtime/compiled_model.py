@@ -93,10 +93,12 @@ class CompiledModel:
         return f"CompiledModel({self.report.model}, profile={self.profile['name']}, partitions=[{parts}])"
 
 
-def load(path: str | Path, threads: int | None = None, expected_digest: str | None = None) -> CompiledModel:
+def load(path: str | Path, threads: int | None = None, expected_digest: str | None = None,
+         runtime_cache: Path | None = None) -> CompiledModel:
     """Load an artifact written by CompiledModel.save, every check on names, sizes, checksums
-    and versions done before any engine loads (kiln.artifact.read says which)."""
-    loaded = artifact.read(path, threads, expected_digest)
+    and versions done before any engine loads (kiln.artifact.read says which, and what
+    runtime_cache is for)."""
+    loaded = artifact.read(path, threads, expected_digest, runtime_cache)
     compiled = CompiledModel(loaded.plan, loaded.engines, loaded.input_spec, loaded.output_structure, loaded.report,
                              loaded.profile, loaded.output_none_positions)
     weakref.finalize(compiled, loaded.close)  # engines may read their files lazily; remove them with the model

@@ -4,12 +4,15 @@ kiln.optimize(..., backend="openvino") on MiniLM and EfficientNet-Lite0 runs in
 tests/models/test_real_models.py with the other backends."""
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from kiln.backends.openvino import OpenVinoBackend
+from kiln.backends.openvino_kept import SEAL, _intact, kept_folder
 from kiln.errors import ArtifactError, BackendError
 from kiln.hardware_profiles import load
 from kiln.types import Precision
@@ -295,3 +298,75 @@ def test_group_norm_of_a_2d_input_is_refused_for_openvinos_missing_kernel():
     norm = lambda graph: next(n for n in graph.gm.graph.nodes if "group_norm" in str(n.target))  # noqa: E731
     assert "no GroupNormalization kernel for a 2-d input" in backend.supports(norm(flat), CPU).reason
     assert backend.supports(norm(image), CPU).ok
+
+
+def _kept_load(graph, settings, tmp_path, runtime_cache):
+    """An engine saved, then loaded as the compile cache loads it: checksummed files that stay put."""
+    saved = tmp_path / "saved"
+    saved.mkdir(exist_ok=True)
+    entry = backend.compile(graph, settings).save(saved, "p0")
+    entry = dataclasses.replace(entry, sha256=tuple(hashlib.sha256((saved / f).read_bytes()).hexdigest() for f in entry.files))
+    return saved, entry, dataclasses.replace(settings, runtime_cache=runtime_cache)
+
+
+def _kept_folders(runtime_cache):
+    return sorted(p for p in runtime_cache.iterdir() if not p.name.startswith(".tmp-")) if runtime_cache.exists() else []
+
+
+def test_a_load_with_a_runtime_cache_keeps_openvino_s_blob_and_the_next_load_reads_it(convnet_partition, settings, tmp_path):
+    graph, _ = convnet_partition
+    runtime_cache = tmp_path / "entry.runtime"
+    saved, entry, kept_settings = _kept_load(graph, settings, tmp_path, runtime_cache)
+    first = backend.load(saved, entry, kept_settings)
+    (folder,) = _kept_folders(runtime_cache)
+    blobs = {b.name: b.stat().st_mtime_ns for b in folder.glob("*.blob")}
+    assert blobs and (folder / SEAL).is_file()
+    second = backend.load(saved, entry, kept_settings)
+    assert not first.compiled.get_property("LOADED_FROM_CACHE") and second.compiled.get_property("LOADED_FROM_CACHE")
+    assert {b.name: b.stat().st_mtime_ns for b in folder.glob("*.blob")} == blobs  # read, not written again
+    x = torch.randn(3, 3, 8, 8)
+    for a, b, c in zip(first(x), second(x), graph.gm(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=TOL.rtol, atol=TOL.atol)
+
+
+@pytest.mark.parametrize("damage", ["a byte of the blob", "a file the seal does not list", "the seal"])
+def test_a_kept_folder_that_does_not_match_its_seal_is_made_again_not_read(convnet_partition, settings, tmp_path, damage):
+    graph, _ = convnet_partition
+    runtime_cache = tmp_path / "entry.runtime"
+    saved, entry, kept_settings = _kept_load(graph, settings, tmp_path, runtime_cache)
+    backend.load(saved, entry, kept_settings)
+    (folder,) = _kept_folders(runtime_cache)
+    (blob,) = folder.glob("*.blob")
+    if damage == "a byte of the blob":
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    elif damage == "a file the seal does not list":
+        (folder / "stray.blob").write_bytes(b"x")
+    else:
+        (folder / SEAL).unlink()
+    assert not _intact(folder)
+    reloaded = backend.load(saved, entry, kept_settings)
+    assert not reloaded.compiled.get_property("LOADED_FROM_CACHE")
+    assert _kept_folders(runtime_cache) == [folder] and _intact(folder)
+    x = torch.randn(2, 3, 8, 8)
+    _assert_close(reloaded(x), graph.gm(x))
+
+
+def test_the_kept_folder_is_one_per_files_place_and_config():
+    base = dict(root=Path("/c/e.runtime"), xml=Path("/c/e/engines/p0.xml"), checksums=("a", "b"), device="CPU",
+                config={"INFERENCE_NUM_THREADS": 2})
+    same = kept_folder(**base)
+    assert kept_folder(**base) == same
+    for change in [dict(checksums=("a", "c")), dict(xml=Path("/c/f/engines/p0.xml")), dict(config={"INFERENCE_NUM_THREADS": 1}),
+                   dict(device="GPU")]:
+        assert kept_folder(**{**base, **change}) != same, change
+
+
+def test_a_load_without_a_runtime_cache_writes_nothing_beside_the_engine(convnet_partition, settings, tmp_path):
+    graph, _ = convnet_partition
+    saved, entry, _ = _kept_load(graph, settings, tmp_path, None)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    backend.load(saved, entry, settings)(torch.randn(1, 3, 8, 8))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
