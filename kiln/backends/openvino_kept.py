@@ -49,10 +49,11 @@ def compile_keeping(core, xml: Path, device: str, config: dict, folder: Path):
         return core.compile_model(str(xml), device, config)
     try:
         compiled = core.compile_model(str(xml), device, {**config, "CACHE_DIR": str(staging), "CACHE_MODE": CACHE_MODE})
-        _seal(staging)
-        os.replace(staging, folder)
-    except OSError as exc:  # another process placed the folder first, or the disk is full: theirs, or none
-        log.debug("could not keep OpenVINO's compiled model in %s: %s", folder, exc)
+        try:
+            _seal(staging)
+            os.replace(staging, folder)
+        except OSError as exc:  # another process placed the folder first, or the disk is full: theirs, or none
+            log.debug("could not keep OpenVINO's compiled model in %s: %s", folder, exc)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return compiled
