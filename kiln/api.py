@@ -26,7 +26,7 @@ from kiln.build.effort import RecordedRaces
 from kiln.build.host_record import HostRecord
 from kiln.build.isolate import WorkerPool
 from kiln.build.inputs import flat_calibration, inputs_to_check, metric_score, verification_draws
-from kiln.build.timing import time_engines
+from kiln.timing import time_engines
 from kiln.build.verification import agrees_on_example, verify_against_eager
 from kiln.cache import CompileCache, cache_key, quick_key
 from kiln.frontend.capture import Captured, capture, keeping_modes

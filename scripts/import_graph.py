@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent / "kiln"
 # the examples and the CLI use as a user would.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "version", "types", "progress", "report"),
-    ("budget", "host", "fx_helpers"),
+    ("budget", "host", "fx_helpers", "timing"),
     ("ir", "options"),
     ("verify",),
     ("hardware_profiles", "frontend", "pruning"),

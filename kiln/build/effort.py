@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 
 from kiln.build.host_record import HostRecord, Recorded, plan_kind
-from kiln.build.timing import TIE_FRACTION
+from kiln.timing import TIE_FRACTION
 from kiln.ir import LayerPlan
 
 # A candidate measured this much slower than the winner is left out: effort="default" promises

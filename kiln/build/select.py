@@ -16,7 +16,7 @@ import torch
 
 from kiln.backends import registry
 from kiln.backends.base import BackendSettings, Engine
-from kiln.build.timing import SETTLE_SECONDS, TIE_FRACTION, confirm, separated, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
+from kiln.timing import SETTLE_SECONDS, TIE_FRACTION, confirm, separated, time_engines  # noqa: F401 (SETTLE_SECONDS: bench/ reads it here)
 from kiln.ir import DECISION_META, PartitionGraph
 from kiln.errors import BackendError, BackendUnavailable, KilnError, VerificationError
 from kiln.progress import heartbeat
@@ -207,6 +207,6 @@ def _unsupported(backend, partition: PartitionGraph, settings: BackendSettings) 
 
 
 def time_interleaved(engines: list, inputs: tuple[torch.Tensor, ...], budget_seconds: float, block: int = 3) -> list[float]:
-    """Median seconds per call of each engine, timed interleaved (kiln/build/timing.py): more
+    """Median seconds per call of each engine, timed interleaved (kiln/timing.py): more
     rounds while the two fastest are within the noise of each other."""
     return time_engines(engines, inputs, budget_seconds, block).medians()

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from kiln import hardware_profiles
 from kiln.api import optimize
-from kiln.build.timing import time_engines
+from kiln.timing import time_engines
 from kiln.pruning import prune
 from kiln.errors import InputMismatch, KilnError, OptionsError
 from kiln.frontend.capture import keeping_modes

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from kiln.build import timing
-from kiln.build.timing import Timed, confirm, median_interval, separated, time_engines
+from kiln import timing
+from kiln.timing import Timed, confirm, median_interval, separated, time_engines
 
 INPUTS = ()
 
