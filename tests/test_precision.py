@@ -402,6 +402,57 @@ def test_openvino_runs_a_static_int8_plan_on_int8_kernels_within_the_int8_tolera
     torch.testing.assert_close(loaded(x), compiled(x))
 
 
+def _engine_hint(compiled) -> str:
+    return compiled.engines["p0"].compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+@pytest.mark.parametrize("faster", ["bf16", "f32"])
+def test_openvino_runs_the_ops_around_an_all_int8_plan_at_whichever_float_times_faster_here(net, tmp_path, monkeypatch, faster):
+    ov = pytest.importorskip("openvino")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 in OpenVINO's CPU plugin")
+    from kiln.backends import openvino as ov_backend
+    from kiln.timing import Timed
+
+    times = {"bf16": [[0.002], [0.001]], "f32": [[0.001], [0.002]]}[faster]  # [f32 build, bf16 build]
+    monkeypatch.setattr(ov_backend, "time_engines", lambda engines, inputs, seconds: Timed(times))
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="openvino", precision="int8", calibration=CALIBRATION,
+                             accuracy_budget=kiln.Budget(min_cosine=0.99))
+    assert {row["scheme"] for row in compiled.report.precision} == {"int8-static"}
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    timed = {"bf16": "1.00 ms a call at bf16, 2.00 at f32", "f32": "2.00 ms a call at bf16, 1.00 at f32"}[faster]
+    assert f"ops around the int8 layers at {faster} ({timed})" in detail, detail
+    assert _engine_hint(compiled) == faster
+    kernels = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+               for op in compiled.engines["p0"].compiled.get_runtime_model().get_ordered_ops()}
+    assert ("Convolution", "u8") in kernels, kernels  # the layers stay int8 either way
+    with torch.no_grad():
+        assert output_error(compiled(x), model(x))[0] >= 0.99
+    loaded = kiln.load(compiled.save(tmp_path / "surroundings.kiln"))  # the hint comes back with the engine
+    assert _engine_hint(loaded) == faster
+    torch.testing.assert_close(loaded(x), compiled(x))
+
+
+@pytest.mark.parametrize("f32_error, bf16_error, kept", [
+    ((0.9990, 0.010), (0.9985, 0.011), True),   # adds 0.0005 of a 0.01 cosine allowance
+    ((0.9990, 0.010), (0.9970, 0.011), False),  # adds 0.002: more than a tenth
+    ((0.9990, 0.010), (0.9995, 0.008), True),   # better than f32
+])
+def test_bf16_around_int8_layers_may_add_a_tenth_of_the_budget_to_the_f32_builds_error(f32_error, bf16_error, kept):
+    from kiln.backends.openvino import _adds_little
+
+    assert _adds_little(kiln.Budget(min_cosine=0.99), f32_error, bf16_error) is kept
+
+
+def test_bf16_around_int8_layers_must_also_keep_within_a_tenth_of_the_relative_error_allowance():
+    from kiln.backends.openvino import _adds_little
+
+    budget = kiln.Budget(min_cosine=0.99, max_rel_error=0.1)
+    assert _adds_little(budget, (0.999, 0.05), (0.999, 0.059))
+    assert not _adds_little(budget, (0.999, 0.05), (0.999, 0.061))
+
+
 class OutlierMlp(nn.Module):
     """The middle layer's input carries one huge feature its weights ignore: a per-tensor int8
     scale sized for it rounds the rest to zero, so int8 cannot take that layer; bf16 can."""
