@@ -434,6 +434,24 @@ def test_openvino_runs_the_ops_around_an_all_int8_plan_at_whichever_float_times_
     torch.testing.assert_close(loaded(x), compiled(x))
 
 
+def test_openvino_keeps_an_int8_plan_with_fp32_layers_at_the_f32_hint_however_bf16_would_time(net, monkeypatch):
+    pytest.importorskip("openvino")
+    from kiln.backends import openvino as ov_backend
+    from kiln.timing import Timed
+
+    monkeypatch.setattr(ov_backend, "time_engines", lambda engines, inputs, seconds: Timed([[0.002], [0.001]]))
+    model, x = net
+    compiled = kiln.optimize(model, "cpu-x86", x, backend="openvino", precision="int8", calibration=CALIBRATION,
+                             keep_fp32=("out",))
+    assert {row["scheme"] for row in compiled.report.precision} == {"int8-static", "fp32"}
+    detail = next(c.detail for c in compiled.report.candidates if c.status == "chosen")
+    assert "ops around the int8 layers" not in detail, detail  # no bf16 build was tried
+    assert _engine_hint(compiled) == "f32"  # the kept layer runs at fp32, as the plan says
+    kernels = {(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+               for op in compiled.engines["p0"].compiled.get_runtime_model().get_ordered_ops()}
+    assert ("FullyConnected", "f32") in kernels and ("FullyConnected", "bf16") not in kernels, kernels
+
+
 @pytest.mark.parametrize("f32_error, bf16_error, kept", [
     ((0.9990, 0.010), (0.9985, 0.011), True),   # adds 0.0005 of a 0.01 cosine allowance
     ((0.9990, 0.010), (0.9970, 0.011), False),  # adds 0.002: more than a tenth

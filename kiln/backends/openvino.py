@@ -444,6 +444,13 @@ def _quantised_onnx(partition: PartitionGraph, settings: BackendSettings):
     return model, list(partition.input_names), lowering
 
 
+def _all_int8(partition: PartitionGraph) -> bool:
+    """Whether the plan puts every layer at static int8: none kept at fp32, whose ops a bf16
+    hint would lower too."""
+    layers = partition.precision.layers
+    return bool(layers) and all(layer.scheme == Scheme.INT8_STATIC for layer in layers)
+
+
 def _int8_surroundings(engine: OpenVinoEngine, partition: PartitionGraph, settings: BackendSettings) -> tuple[OpenVinoEngine, str]:
     """`engine` (an all-int8 plan under the f32 hint), or the same IR under the bf16 hint where
     that holds the budget and runs faster here (module docstring); with what was decided."""
@@ -609,7 +616,7 @@ class OpenVinoBackend(BackendBase):
         ov.save_model(model, str(xml), compress_to_fp16=False)  # fp32 weights stay fp32 in the IR
         del model  # its constants may view the program's tensors; the engine runs the saved IR, as a reload would
         engine = OpenVinoEngine(ov.Core().read_model(str(xml)), xml, settings, settings.precision, device, wiring, hint)
-        if not by_hint and not by_casts and hint is None:  # every layer int8: its surroundings at f32 or bf16
+        if not by_hint and not by_casts and _all_int8(partition):  # its surroundings at f32 or bf16
             engine, surroundings = _int8_surroundings(engine, original, settings)
             lowering += f"; {surroundings}"
         source = (f"torch.export ({lowering})" if by_casts else f"QDQ ONNX ({lowering})" if lowering else "torch.export")
