@@ -312,7 +312,7 @@ def plan(model: torch.nn.Module, profile: str | Path | Profile = "cpu-x86", exam
     report = _new_report(model, prof, captured)
     ctx = _pass_context(prof, opts, captured, plan_only=True)  # the precision pass decides as optimize() would
     report.passes = pipeline.run(captured.gm, ctx).records
-    report.precision = [{k: v for k, v in n.meta[LAYER_META].to_dict().items() if k != "bias_shift"}
+    report.precision = [n.meta[LAYER_META].report_row()
                         for n in captured.gm.graph.nodes if LAYER_META in n.meta]
     planned = partition_graph(captured.gm, prof, captured.input_spec, captured.output_names, captured.example_inputs,
                               export_dynamic_shapes(captured.input_spec), ctx.calibration, opts.calibration_observer)

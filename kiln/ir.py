@@ -70,6 +70,10 @@ class LayerPlan:
     # static int8: per output channel, the mean shift the rounding put on the layer's output over
     # the calibration samples; the lowering subtracts it from the bias (bias correction)
     bias_shift: tuple[float, ...] | None = None
+    # static int8 linear: per input feature, the factor its input is divided by and its weight's
+    # column multiplied by before rounding (smoothing an activation's outlier features into the
+    # weight, as SmoothQuant does), or None; the lowering inserts the division
+    smooth: tuple[float, ...] | None = None
     # structured sparsity (assign_sparsity): the pattern its weight is pruned to ("2:4"), or None;
     # the relative L2 error of the model output with only this layer pruned (on top of its
     # scheme), and why it was or was not pruned
@@ -89,23 +93,29 @@ class LayerPlan:
         since sparse tensor cores take 2:4 weights only at lower precisions."""
         if self.sparsity:
             changes = {"sparsity": None, "sparsity_reason": f"kept dense: back at fp32 ({reason})", **changes}
-        return replace(self, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None, bias_shift=None, **changes)
+        return replace(self, scheme=Scheme.FP32, reason=reason, input_range=None, group_size=None, bias_shift=None, smooth=None,
+                       **changes)
 
     def at_float(self, scheme: Scheme, reason: str) -> "LayerPlan":
         """This layer at float `scheme` (bf16, fp16), with no integer lowering left on it."""
-        return replace(self, scheme=scheme, reason=reason, input_range=None, group_size=None, bias_shift=None)
+        return replace(self, scheme=scheme, reason=reason, input_range=None, group_size=None, bias_shift=None, smooth=None)
+
+    def report_row(self) -> dict:
+        """to_dict without the per-channel vectors (bias correction, smoothing) the lowering reads:
+        the report's precision table says that they were applied, in `reason`."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("bias_shift", "smooth")}
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["scheme"] = self.scheme.value
-        for key in ("input_range", "bias_shift"):
+        for key in ("input_range", "bias_shift", "smooth"):
             data[key] = None if data[key] is None else list(data[key])  # as JSON reads it back
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerPlan":
         data = dict(data)
-        for key in ("input_range", "bias_shift"):
+        for key in ("input_range", "bias_shift", "smooth"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)

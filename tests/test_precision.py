@@ -471,6 +471,39 @@ def test_bf16_around_int8_layers_must_also_keep_within_a_tenth_of_the_relative_e
     assert not _adds_little(budget, (0.999, 0.05), (0.999, 0.061))
 
 
+class OutlierFeatureMlp(nn.Module):
+    """The middle layer's input carries one feature 200x the others, which it reads: a per-tensor
+    int8 scale sized for that feature rounds the rest coarsely unless the input is smoothed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 64)
+        self.register_buffer("scale", torch.cat([torch.tensor([200.0]), torch.ones(127)]))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * self.scale)))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_layer_whose_input_has_an_outlier_feature_runs_int8_smoothed_within_the_budget(backend, tmp_path):
+    pytest.importorskip(backend)
+    torch.manual_seed(0)
+    model, x = OutlierFeatureMlp().eval(), torch.randn(16, 64)
+    calibration = [torch.randn(16, 64) for _ in range(4)]
+    budget = kiln.Budget(min_cosine=0.99)
+    compiled = kiln.optimize(model, "cpu-x86", x, backend=backend, precision="int8", calibration=calibration,
+                             accuracy_budget=budget)
+    rows = {row["node"]: row for row in compiled.report.precision}
+    assert rows["linear_1"]["scheme"] == "int8-static" and "input smoothed into the weight" in rows["linear_1"]["reason"]
+    assert "smooth" not in rows["linear_1"]  # the per-feature vector stays out of the report
+    for seed in range(300, 303):  # held-out inputs
+        held_out = torch.randn(16, 64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert output_error(compiled(held_out), model(held_out))[0] >= budget.min_cosine
+    loaded = kiln.load(compiled.save(tmp_path / "smoothed.kiln"))
+    torch.testing.assert_close(loaded(x), compiled(x))
+
+
 class OutlierMlp(nn.Module):
     """The middle layer's input carries one huge feature its weights ignore: a per-tensor int8
     scale sized for it rounds the rest to zero, so int8 cannot take that layer; bf16 can."""

@@ -27,7 +27,7 @@ def record_plan(plan: PartitionPlan, opts: CompileOptions, report: Report, calib
     _eager_runs_fp32(plan)
     layers = [layer for partition in plan.partitions for layer in partition.graph.precision.layers]
     # the per-channel bias corrections are the lowering's business; the table notes them in the reason
-    report.precision = [{k: v for k, v in layer.to_dict().items() if k != "bias_shift"} for layer in layers]
+    report.precision = [layer.report_row() for layer in layers]
     lowered = [layer for layer in layers if layer.precision is not Precision.FP32]
     requested = opts.precision.value
     counts = Counter(str(layer.scheme) for layer in lowered)

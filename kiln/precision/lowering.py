@@ -8,6 +8,8 @@ rounding the sensitivity analysis measured. A static int8 layer's bias also lose
 `bias_shift` (bias correction); a layer without a bias gets one. Each bf16 or fp16 layer's
 weight is put on its type's values the same way (`schemes.float_grid`), so that the backend's
 own cast to the type (`cast_layers`, ONNX Runtime's fp16 converter, TensorRT) is exact.
+A smoothed static int8 layer (`LayerPlan.smooth`) reads its input times 1/s, a new mul node,
+and its weight's columns are multiplied by s before the rounding, as the analysis simulated.
 
 The result is a new GraphModule. The partition's own tensors are the captured graph's, which
 are the user's model's parameters: they are never written.
@@ -46,6 +48,7 @@ def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             readers[node.target] = list(node.users)
+    divided: dict[tuple, Node] = {}  # (input, divisors) -> the mul node smoothed layers share
     for node in gm.graph.nodes:
         weight = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
         layer = layers.get(getattr(weight, "target", None)) if isinstance(weight, Node) and weight.op == "get_attr" else None
@@ -55,6 +58,9 @@ def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
         if layer.sparsity:
             value = prune(value, layer.sparsity)
         if layer.scheme in INT8:
+            if layer.smooth is not None:
+                value = value * torch.tensor(layer.smooth, dtype=value.dtype)
+                _divide_input(gm, node, layer.smooth, divided)
             value = per_channel_int8(value)
         elif layer.scheme in FLOAT_TYPES:
             value = float_grid(value, FLOAT_TYPES[layer.scheme]).to(value.dtype)
@@ -63,6 +69,21 @@ def with_lowered_weights(graph: PartitionGraph) -> PartitionGraph:
             _correct_bias(gm, node, layer, readers)
     gm.recompile()
     return dataclasses.replace(graph, gm=gm)
+
+
+def _divide_input(gm: GraphModule, node: Node, smooth: tuple[float, ...], divided: dict[tuple, Node]) -> None:
+    """`node` (a linear layer) reads its input times 1/smooth, per input feature; layers reading
+    one input with the same divisors share one mul node (`divided`), so it is quantised once."""
+    source = node.args[0]
+    scaled = divided.get((source, smooth))
+    if scaled is None:  # before the first such layer in graph order, so before every later one
+        inverse = add_constant(gm, node, 1 / torch.tensor(smooth, dtype=torch.float32), "smooth")
+        with gm.graph.inserting_before(node):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (source, inverse))
+        if isinstance(source, Node) and "val" in source.meta:
+            scaled.meta["val"] = source.meta["val"]  # same shape and dtype
+        divided[(source, smooth)] = scaled
+    node.update_arg(0, scaled)
 
 
 def _correct_bias(gm: GraphModule, node: Node, layer: LayerPlan, readers: dict[str, list[Node]]) -> None:

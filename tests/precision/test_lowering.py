@@ -63,6 +63,41 @@ def test_int8_layers_get_rounded_weights_and_corrected_biases_in_a_new_graph_mod
         assert torch.equal(value, before[name]), f"{name} of the partition was written"
 
 
+class TwoReaders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_smoothed_layers_reading_one_input_share_one_division_and_take_their_weights_columns_scaled():
+    torch.manual_seed(0)
+    partition, _ = make_partition(TwoReaders().eval(), (torch.randn(3, 8),))
+    a, b = [n for n in partition.gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.linear")]
+    smooth = tuple(float(v) for v in torch.linspace(0.5, 4.0, 8))
+    plan = PrecisionPlan([LayerPlan(n.name, "linear", str(n.args[1].target), Scheme.INT8_STATIC, input_range=(-2.0, 2.0),
+                                    smooth=smooth) for n in (a, b)])
+    before = {name: value.clone() for name, value in partition.gm.named_parameters()}
+    built = with_lowered_weights(dataclasses.replace(partition, precision=plan))
+    muls = [n for n in built.gm.graph.nodes if n.op == "call_function" and "mul" in str(n.target)]
+    assert len(muls) == 1  # one division, which both layers read: the input is quantised once
+    readers = [n for n in built.gm.graph.nodes if n.name in (a.name, b.name)]
+    assert all(n.args[0] is muls[0] for n in readers)
+    divisor = torch.tensor(smooth)
+    got = dict(built.gm.named_parameters())
+    x = partition.example_inputs[0]
+    want = sum(torch.nn.functional.linear(x * (1 / divisor), per_channel_int8(before[str(n.args[1].target)] * divisor),
+                                          before[str(n.args[2].target)]) for n in (a, b))
+    for n in (a, b):
+        assert torch.equal(got[str(n.args[1].target)], per_channel_int8(before[str(n.args[1].target)] * divisor))
+    with torch.no_grad():
+        torch.testing.assert_close(built.gm(x)[0], want)
+    for name, value in partition.gm.named_parameters():
+        assert torch.equal(value, before[name]), f"{name} of the partition was written"
+
+
 def test_a_plan_without_lowered_layers_builds_from_the_partition_as_it_is():
     partition, conv, fc = _partition_with_plan()
     fp32 = PrecisionPlan([dataclasses.replace(layer, scheme=Scheme.FP32, input_range=None, bias_shift=None)

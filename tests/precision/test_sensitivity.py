@@ -1,5 +1,8 @@
 """The sensitivity analysis: a static int8 layer carries the mean shift its rounding puts on each
-output channel, and the simulation takes it off; spending the budget lowers every layer it affords."""
+output channel, and the simulation takes it off; a layer whose input carries outlier features is
+smoothed; spending the budget lowers every layer it affords."""
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -26,10 +29,12 @@ def test_a_static_int8_layer_carries_the_mean_shift_of_its_rounding_over_the_cal
     model, gm, layer, samples = _layer_over_skewed_inputs()
     analysis = Analysis(gm, [layer], samples[:4], samples[:4], "minmax")
     lowered = analysis.lowered(layer, Scheme.INT8_STATIC, 128)
-    weight = fake_weight(model.weight.detach(), Scheme.INT8_STATIC)
+    # the layer as lowered: its input divided and its weight multiplied where it is smoothed
+    divisor = torch.ones(model.in_features) if lowered.smooth is None else torch.tensor(lowered.smooth)
+    weight = fake_weight(model.weight.detach() * divisor, Scheme.INT8_STATIC)
     with torch.no_grad():
-        diffs = [(nn.functional.linear(fake_input(x, Scheme.INT8_STATIC, lowered.input_range), weight, model.bias)
-                  - model(x)).mean(0) for (x,) in samples[:4]]
+        diffs = [(nn.functional.linear(fake_input(x * (1 / divisor), Scheme.INT8_STATIC, lowered.input_range), weight,
+                                       model.bias) - model(x)).mean(0) for (x,) in samples[:4]]
     torch.testing.assert_close(torch.tensor(lowered.bias_shift), torch.stack(diffs).mean(0))
     assert torch.tensor(lowered.bias_shift).abs().max() > 1e-3  # a real shift, not rounding dust
 
@@ -69,7 +74,9 @@ class _ThreeBranches(nn.Module):
 
 def test_layers_ranked_after_one_the_budget_cannot_afford_are_still_lowered_when_the_budget_holds(monkeypatch):
     from kiln.budget import Budget
+    from kiln.precision import sensitivity
 
+    monkeypatch.setattr(sensitivity, "SMOOTHING_ALPHAS", ())  # smoothing would lift c's outlier; this is about ranking
     model = _ThreeBranches().eval()
     samples = [(torch.randn(4, 64),) for _ in range(4)]
     gm = capture(model, samples[0]).gm
@@ -90,6 +97,56 @@ def test_layers_ranked_after_one_the_budget_cannot_afford_are_still_lowered_when
     assert "added after the first 1" in plans[node["b"]].reason
     assert "would exceed the budget" in plans[node["c"]].reason
     assert budget.allows(measured.cosine, measured.rel_error, measured.metric_drop)
+
+
+def _analysis(model: nn.Module, rows: int, observer: str = "minmax") -> tuple[Analysis, dict[str, str]]:
+    """The analysis of `model` on four random samples, and its layers' node names by module name."""
+    features = next(model.parameters()).shape[1]
+    samples = [(torch.randn(rows, features, generator=torch.Generator().manual_seed(k)),) for k in range(4)]
+    gm = capture(model.eval(), samples[0]).gm
+    layers = [LayerPlan(n.name, "linear", str(n.args[1].target)) for n in gm.graph.nodes
+              if n.op == "call_function" and "linear" in str(n.target)]
+    node = {layer.weight.split(".")[-2]: layer.node for layer in layers}  # "model.a.weight" -> a
+    return Analysis(gm, layers, samples, samples, observer), node
+
+
+def test_a_layer_whose_input_carries_an_outlier_feature_is_smoothed_and_then_keeps_int8():
+    analysis, node = _analysis(_ThreeBranches(), rows=4)
+    lowered = analysis.lowered(analysis.layers[node["c"]], Scheme.INT8_STATIC, 128)
+    assert lowered.smooth is not None and len(lowered.smooth) == 64
+    assert lowered.smooth[0] > 100 * max(lowered.smooth[1:])  # the outlier feature is divided down
+    smoothed = analysis.measure({node["c"]: lowered})
+    plain = analysis.measure({node["c"]: dataclasses.replace(lowered, smooth=None, input_range=analysis.ranges[node["c"]])})
+    assert smoothed.rel_error < 0.02 < 0.2 < plain.rel_error
+    # a and b read x itself, without outliers: smoothing would buy them little, so they are not
+    for name in ("a", "b"):
+        assert analysis.lowered(analysis.layers[node[name]], Scheme.INT8_STATIC, 128).smooth is None
+
+
+class _ThreeReaders(nn.Module):
+    """Query, key and value read one input with one feature 300x the others."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+        self.register_buffer("scale", torch.cat([torch.ones(5), torch.tensor([300.0]), torch.ones(26)]))
+
+    def forward(self, x):
+        h = x * self.scale
+        return self.q(h) * self.k(h), self.v(h)
+
+
+def test_layers_reading_one_input_share_one_smoothing_and_one_range():
+    analysis, _ = _analysis(_ThreeReaders(), rows=8)
+    plans = [analysis.lowered(layer, Scheme.INT8_STATIC, 128) for layer in analysis.layers.values()]
+    assert plans[0].smooth is not None
+    assert all(p.smooth == plans[0].smooth and p.input_range == plans[0].input_range for p in plans)
+
+
+def test_smoothing_is_left_to_the_minmax_observer():
+    analysis, _ = _analysis(_ThreeBranches(), rows=4, observer="percentile")  # its searches see no feature axis
+    assert all(analysis.lowered(layer, Scheme.INT8_STATIC, 128).smooth is None for layer in analysis.layers.values())
 
 
 def test_a_long_analysis_says_how_far_it_is_and_how_long_is_left(monkeypatch, caplog):
