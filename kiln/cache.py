@@ -192,7 +192,7 @@ def _keep_compiled(entry: Path) -> None:
     files (Backend.keeps_compiled): the first cache hit then loads as fast as the later ones."""
     try:
         backends = {e["backend"] for e in json.loads((entry / "manifest.json").read_text())["engines"]}
-        if any(getattr(registry.get(name), "keeps_compiled", False) for name in backends):
+        if any(registry.get(name).keeps_compiled for name in backends):
             load(entry, runtime_cache=_runtime_dir(entry))
     except (OSError, ValueError, KeyError, KilnError) as exc:  # the entry still serves; its first hit compiles
         log.warning("could not prepare compile cache entry %s for fast loads: %s", entry.name[:12], exc)

@@ -119,6 +119,14 @@ def _available_devices() -> tuple[str, ...]:
     return tuple(ov.Core().available_devices)
 
 
+@functools.cache
+def _capabilities(device: str) -> tuple[str, ...]:
+    """The plugin's OPTIMIZATION_CAPABILITIES (precisions it runs), fixed for the process."""
+    import openvino as ov
+
+    return tuple(ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES"))
+
+
 def _op_key(target: torch._ops.OpOverload) -> str:
     # "aten::add.Tensor" in torch's naming -> "aten.add.Tensor", the FX frontend's naming
     return target.name().replace("::", ".") + ("" if "." in target.name() else ".default")
@@ -456,8 +464,7 @@ def _int8_surroundings(engine: OpenVinoEngine, partition: PartitionGraph, settin
     that holds the budget and runs faster here (module docstring); with what was decided."""
     import openvino as ov
 
-    if engine.device != "CPU" or settings.budget is None \
-            or "BF16" not in ov.Core().get_property(engine.device, "OPTIMIZATION_CAPABILITIES"):
+    if engine.device != "CPU" or settings.budget is None or "BF16" not in _capabilities(engine.device):
         return engine, "ops around the int8 layers at f32"
     candidate = OpenVinoEngine(ov.Core().read_model(str(engine.xml_path)), engine.xml_path, settings, engine.precision,
                                engine.device, engine.wiring, Precision.BF16)
@@ -660,9 +667,7 @@ class OpenVinoBackend(BackendBase):
             raise BackendError(f"kiln's OpenVINO backend builds {', '.join(p.value for p in PRECISION_HINTS)}, "
                                f"not {settings.precision.value}", where=f"device {settings.device.name}",
                                fix="choose another precision or backend")
-        import openvino as ov
-
-        capabilities = ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+        capabilities = _capabilities(device)
         if PRECISION_HINTS[settings.precision][1] not in capabilities:
             raise BackendError(f"OpenVINO's {device} plugin does not run {settings.precision.value} here "
                                f"(it offers {', '.join(capabilities)})", where=f"device {settings.device.name}",
