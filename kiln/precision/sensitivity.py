@@ -24,6 +24,8 @@
    (on EfficientNet-Lite0 the prefix stopped at the stem, leaving four wide late convolutions at
    fp32 that cost 0.4 ms and under 0.001 of cosine). Layers still left stay at fp32, with the
    figure that kept them there.
+4. Hold out (`held_out`): a static int8 plan's ranges, smoothing and bias correction derived
+   again from every other calibration sample, measured on the rest, which those ranges never saw.
 """
 
 from __future__ import annotations
@@ -163,11 +165,16 @@ def _best_smoothing(x: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi:
     w_max = weight.abs().amax(0).clamp(min=1e-5)
     for alpha in SMOOTHING_ALPHAS:
         divisor = (x_max ** alpha / w_max ** (1 - alpha)).clamp(min=1e-5)
-        input_range = (min(float((lo * (1 / divisor)).min()), 0.0), max(float((hi * (1 / divisor)).max()), 0.0))
+        input_range = _smoothed_range(lo, hi, divisor)
         candidate = error(divisor, input_range)
         if candidate < best_error:
             best, best_error = (tuple(divisor.tolist()), input_range), candidate
     return best if best_error <= SMOOTHING_GAIN * plain_error else None
+
+
+def _smoothed_range(lo: torch.Tensor, hi: torch.Tensor, divisor: torch.Tensor) -> tuple[float, float]:
+    """The calibrated range of an input whose features (each within [lo_j, hi_j]) are divided by `divisor`."""
+    return min(float((lo * (1 / divisor)).min()), 0.0), max(float((hi * (1 / divisor)).max()), 0.0)
 
 
 @dataclass
@@ -189,8 +196,10 @@ class Analysis:
     def __init__(self, gm: GraphModule, layers: list[LayerPlan], calibration: Samples, samples: Samples, observer: str,
                  metric_drop: MetricDrop | None = None):
         """`calibration` feeds the range observers; `samples` are what configurations are measured on."""
-        self.gm, self.samples, self.metric_drop = gm, list(samples), metric_drop
+        self.gm, self.samples, self.metric_drop, self.observer = gm, list(samples), metric_drop, observer
         self.weights: dict = {}
+        self._solo: dict[tuple, float] = {}
+        self._fold: Analysis | None = None
         observers = {layer.node: Observer(observer) for layer in layers}
         # per-feature input ranges of the linear layers, for smoothing (minmax ranges only)
         self.features: dict[str, tuple] = {layer.node: None for layer in layers if layer.op == "linear"
@@ -292,6 +301,12 @@ class Analysis:
         depends on it run again; every other value comes from the fp32 reference run."""
         if not self.samples:
             return 0.0
+        key = (plan.node, plan.scheme, plan.group_size)  # lowered() derives the rest from these
+        if key not in self._solo:
+            self._solo[key] = self._solo_error(plan)
+        return self._solo[key]
+
+    def _solo_error(self, plan: LayerPlan) -> float:
         node = next(n for n in self.gm.graph.nodes if n.name == plan.node)
         stale, frontier = set(), [node]
         while frontier:
@@ -305,6 +320,27 @@ class Analysis:
         got = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
         errors = [output_error(g, r)[1] for g, r in zip(got, self.references[0]) if r.is_floating_point()]
         return max(errors, default=0.0)
+
+    def held_out(self, config: dict[str, LayerPlan]) -> Measurement | None:
+        """`config` with its static int8 layers calibrated afresh on every other calibration sample
+        (ranges, smoothing, bias correction) and measured on the rest, which their ranges never
+        saw; None with fewer than two calibration samples. A plan's own measurement runs on the
+        samples its ranges came from, which flatters it: values past a calibrated range clip only
+        on inputs it did not see."""
+        if len(self.calibration) < 2:
+            return None
+        if self._fold is None:
+            fold = Analysis(self.gm, [replace(layer, scheme=Scheme.FP32) for layer in self.layers.values()],
+                            self.calibration[0::2], self.calibration[1::2], self.observer, self.metric_drop)
+            # the same smoothing divisors, over the fold's own feature ranges: choosing them again
+            # would look at a held-out sample (the choice runs on the first measured one)
+            fold._smoothing = {name: (divisors, _smoothed_range(*fold.features[name], torch.tensor(divisors)))
+                               for name, (divisors, _) in self._smoothings().items()}
+            self._fold = fold
+        fold = self._fold
+        refolded = {name: fold.lowered(fold.layers[name], Scheme.INT8_STATIC, 0)
+                    if plan.scheme == Scheme.INT8_STATIC else plan for name, plan in config.items()}
+        return fold.measure(refolded)
 
     def spend(self, budget: Budget, scheme: str, eligible: list[str], group_size: int,
               work: dict[str, float] | None = None,

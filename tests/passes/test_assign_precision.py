@@ -313,3 +313,44 @@ def test_static_int8_spends_half_of_a_cosine_allowance_and_other_schemes_most_of
     assert int8.min_cosine == pytest.approx(1 - 0.01 * INT8_STATIC_COSINE_FRACTION)
     assert bf16.min_cosine == pytest.approx(1 - 0.01 * SPEND_FRACTION)
     assert int8.max_rel_error == bf16.max_rel_error == pytest.approx(0.1 * SPEND_FRACTION)
+
+
+class Stack(nn.Module):
+    """Six linear layers with ReLUs between: int8 errors add up as more are lowered."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def _int8_stack(run_pass, samples, budget):
+    torch.manual_seed(0)
+    run = run_pass(Stack().eval(), (torch.randn(8, 64),))
+    opts = CompileOptions(calibration=[s[0] for s in samples], precision="int8", accuracy_budget=budget)
+    run.ctx = PassContext(load("cpu-x86"), opts, run.captured.input_spec, run.inputs, samples)
+    run.apply(assign_precision)
+    return _plans(run)
+
+
+def test_static_int8_spends_most_of_a_cosine_allowance_where_the_plan_holds_on_held_out_samples(run_pass):
+    torch.manual_seed(1)
+    samples = tuple((torch.randn(8, 64),) for _ in range(6))
+    budget = Budget(min_cosine=0.9999)
+    plans = _int8_stack(run_pass, samples, budget)
+    lowered = [p for p in plans.values() if p.scheme == Scheme.INT8_STATIC]
+    assert lowered and all("holds on held-out calibration samples" in p.reason for p in lowered)
+    # half the allowance, what a plan without held-out samples spends, lowers fewer layers
+    halved = _int8_stack(run_pass, samples[:1], budget)
+    assert sum(p.scheme == Scheme.INT8_STATIC for p in halved.values()) < len(lowered)
+
+
+def test_static_int8_spends_half_of_a_cosine_allowance_where_held_out_samples_run_past_its_ranges(run_pass):
+    torch.manual_seed(1)
+    spike = torch.cat([torch.tensor([6.0]), torch.ones(63)])
+    samples = tuple((torch.randn(8, 64) * (spike if k % 2 else 1),) for k in range(6))
+    plans = _int8_stack(run_pass, samples, Budget(min_cosine=0.9999))
+    lowered = [p for p in plans.values() if p.scheme == Scheme.INT8_STATIC]
+    assert lowered and all("half the cosine allowance: the larger plan missed it" in p.reason for p in lowered)

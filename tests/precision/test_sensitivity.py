@@ -213,3 +213,31 @@ def test_a_bf16_layer_simulates_what_its_lowering_runs_bias_included():
     step = float((exact - lowered).abs().max())
     assert step > 0.01  # the bias, rounded to bf16, moves the output by whole bf16 steps of 40
     assert float((simulated - lowered).abs().max()) < 0.1 * step
+
+
+def _layer_whose_odd_samples_run_past_the_even_ones():
+    """A linear layer calibrated on samples where every other one carries feature 0 at 40x."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64, bias=False).eval()
+    spike = torch.cat([torch.tensor([40.0]), torch.ones(63)])
+    samples = [(torch.randn(8, 64) * (spike if k % 2 else 1),) for k in range(6)]
+    gm = capture(model, samples[0]).gm
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    return gm, LayerPlan(node.name, "linear", str(node.args[1].target)), samples
+
+
+def test_held_out_samples_measure_a_static_int8_plan_on_inputs_its_ranges_never_saw():
+    gm, layer, samples = _layer_whose_odd_samples_run_past_the_even_ones()
+    analysis = Analysis(gm, [layer], samples, samples, "minmax")
+    plan = {layer.node: analysis.lowered(layer, Scheme.INT8_STATIC, 0)}
+    own, held = analysis.measure(plan), analysis.held_out(plan)
+    # ranges from the even samples clip the odd samples' spike: far worse than the plan's own figure
+    assert held.rel_error > 10 * own.rel_error and held.cosine < own.cosine
+    assert Analysis(gm, [layer], samples[:1], samples[:1], "minmax").held_out(plan) is None  # nothing to hold out
+
+
+def test_held_out_samples_leave_float_layers_as_planned():
+    gm, layer, samples = _layer_whose_odd_samples_run_past_the_even_ones()
+    analysis = Analysis(gm, [layer], samples, samples, "minmax")
+    bf16 = {layer.node: analysis.lowered(layer, Scheme.BF16, 0)}
+    assert analysis.held_out(bf16).rel_error < 0.01  # bf16 has no range to clip: not re-calibrated as int8
