@@ -68,10 +68,14 @@ SPEND_FRACTION = 0.8
 # at batch 8 with 4 calibration batches, 1 - cosine on held-out sentences was 1.6x the measured
 # figure for a tight plan with three int8 layers, 1.2x for the int8 plan (the relative error,
 # about the square root of 1 - cosine, grew 1.1-1.3x, which SPEND_FRACTION covers). On GPT-2 and
-# BERT-base it was 1.0x. So a static int8 plan spends SPEND_FRACTION of a cosine allowance where
-# it also holds that much on calibration samples its ranges never saw (Analysis.held_out), and
-# INT8_STATIC_COSINE_FRACTION of it otherwise.
+# BERT-base it was 1.0-1.1x. So a static int8 plan spends SPEND_FRACTION of a cosine allowance
+# where, calibrated again on half the calibration samples, it stays within HELD_OUT_FRACTION of
+# the budget on the other half (Analysis.held_out), and INT8_STATIC_COSINE_FRACTION of it
+# otherwise. The held-out figure already pays for the calibration's flattery, so it keeps half the
+# headroom: BERT-base b1's tight plan, packed to 0.8 of the allowance (cosine 0.999922), measured
+# 0.999917 held out, and 0.999914 on eight held-out batches of real sentences.
 INT8_STATIC_COSINE_FRACTION = 0.5
+HELD_OUT_FRACTION = 0.9
 # "auto" leaves a layer at fp32 when it has few weights and does little work: its conversions
 # would cost more than it saves. A small kernel over a large activation (an image model's
 # first convolutions) does much work and stays a candidate.
@@ -289,8 +293,9 @@ def _spendable(budget, scheme: str, held_out: bool = False):
 def _spend(analysis: Analysis, budget, scheme: str, eligible: list[str], group_size: int, work: dict[str, float],
            base: dict[str, LayerPlan] | None = None) -> dict[str, LayerPlan]:
     """`analysis.spend` of `budget`'s spendable part. A static int8 plan first spends as much as
-    other schemes do, and keeps that plan where it holds the same budget on held-out calibration
-    samples (see INT8_STATIC_COSINE_FRACTION); otherwise it spends the smaller part."""
+    other schemes do, and keeps that plan where held-out calibration samples find it within
+    HELD_OUT_FRACTION of `budget` (see INT8_STATIC_COSINE_FRACTION); otherwise it spends the
+    smaller part."""
     safe = _spendable(budget, scheme)
     if scheme != Scheme.INT8_STATIC or len(analysis.calibration) < 2:
         return analysis.spend(safe, scheme, eligible, group_size, work=work, base=base)[0]
@@ -299,11 +304,11 @@ def _spend(analysis: Analysis, budget, scheme: str, eligible: list[str], group_s
     if not any(plan.scheme == scheme for plan in plans.values()):
         return plans  # a smaller allowance lowers nothing either
     held = analysis.held_out({name: plan for name, plan in plans.items() if plan.scheme != Scheme.FP32})
-    if bold.allows(held.cosine, held.rel_error, held.metric_drop):
+    if budget.tightened(HELD_OUT_FRACTION).allows(held.cosine, held.rel_error, held.metric_drop):
         return _noted(plans, scheme, f"the plan holds on held-out calibration samples ({held.text()})")
     plans, _ = analysis.spend(safe, scheme, eligible, group_size, work=work, base=base)
-    return _noted(plans, scheme, f"half the cosine allowance: the larger plan missed it on held-out calibration "
-                                 f"samples ({held.text()})")
+    return _noted(plans, scheme, f"half the cosine allowance: the larger plan went past {HELD_OUT_FRACTION:.0%} of the "
+                                 f"budget on held-out calibration samples ({held.text()})")
 
 
 def _noted(plans: dict[str, LayerPlan], scheme: str, note: str) -> dict[str, LayerPlan]:

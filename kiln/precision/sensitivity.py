@@ -332,6 +332,7 @@ class Analysis:
         if self._fold is None:
             fold = Analysis(self.gm, [replace(layer, scheme=Scheme.FP32) for layer in self.layers.values()],
                             self.calibration[0::2], self.calibration[1::2], self.observer, self.metric_drop)
+            fold.weights = self.weights  # rounded weights depend on the layer, scheme and smoothing alone
             # the same smoothing divisors, over the fold's own feature ranges: choosing them again
             # would look at a held-out sample (the choice runs on the first measured one)
             fold._smoothing = {name: (divisors, _smoothed_range(*fold.features[name], torch.tensor(divisors)))
