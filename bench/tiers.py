@@ -105,6 +105,9 @@ def build_kiln(contender: str, model, inputs, calibration, name):
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unproven-accuracy warning is in the report too
         compiled = kiln.optimize(model, "cpu-x86", inputs, cache=False, **options)
+    for note in compiled.report.notes:  # the precision search's races: what a plan that differs between runs lost
+        if note.startswith("precision=auto"):
+            log(f"  {contender}: {note}")
     backends = ", ".join(sorted(set(compiled.backends.values())))
     return compiled, f"{backends}; {compiled.report.precision_summary}"
 
